@@ -1,0 +1,2 @@
+//! `elkeid-agent` binary.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `elkeid-center` binary.
+fn main() {}
