@@ -1,7 +1,34 @@
-//! Sans-IO core of the Elkeid-compatible agent.
+//! Sans-IO, `no_std` core of the Elkeid-compatible agent.
+//!
+//! Everything here works on byte slices and caller-provided buffers: no
+//! clock, no files, no sockets, no async runtime. The agent drives it.
+//!
+//! # Layout
+//! - [`pb`]: protobuf wire primitives (varints, keys, length-delimited
+//!   fields, skipping unknown fields) with `Incomplete`/`Invalid` errors.
+//! - [`frame`]: the plugin pipe codec: length-prefixed `Record` frames in
+//!   (a real protobuf decode, pass-through when canonical, hostile lengths
+//!   rejected before buffering) and `Task` frames out.
+//! - [`ring`]: the agent's bounded record buffer (fixed slot table + one
+//!   arena, reserved share for agent records, batches with commit/rollback).
+//! - [`payload`]: `Payload` map entry writers (Elkeid number formatting via
+//!   `core::fmt`, no heap) and an allocation-free entry reader.
+//! - [`packet`]: `PackagedData` encoding around a drained batch.
+//!
+//! # Features
+//! - `alloc`: heap-backed helpers ([`frame::FrameDecoder`],
+//!   [`payload::PayloadBuf`], [`ring::Ring::new`],
+//!   [`packet::encode_packet_vec`]).
+//! - `std` (default): implies `alloc`.
 #![no_std]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
+
+pub mod frame;
+pub mod packet;
+pub mod payload;
+pub mod pb;
+pub mod ring;
