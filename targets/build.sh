@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Static release builds of the agent (profile release-small) and the center
+# (profile release) for the shipped musl targets.
+#
+#   bash targets/build.sh <target|all> [agent|center|both]
+#
+# targets: x86_64-unknown-linux-musl aarch64-unknown-linux-musl
+#          armv7-unknown-linux-musleabihf
+# Artifacts (stripped) are copied to target/ship/<target>/{elkeid-agent,elkeid-center}.
+#
+# armv7: rustup has no prebuilt std for armv7 musl, so std is built from
+# source (rust-src) with -Zbuild-std on the pinned stable toolchain, which
+# needs RUSTC_BOOTSTRAP=1 (scoped to that one cargo invocation).
+# Linkers/CC come from .cargo/config.toml; `bash targets/setup.sh` first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=targets/lib.sh
+. targets/lib.sh
+
+want=${1:-all}
+what=${2:-both}
+case "$what" in agent|center|both) ;; *) die "second argument: agent|center|both, got '$what'" ;; esac
+
+build_one() {
+    local t=$1 out
+    cargo_env "$t"
+    out=target/ship/$t
+    mkdir -p "$out"
+
+    if [ "$what" != center ]; then
+        log "$t: elkeid-agent (profile release-small)"
+        env "${CARGO_ENV[@]}" cargo build --profile release-small -p elkeid-agent --bin elkeid-agent \
+            --target "$t" "${CARGO_EXTRA[@]}"
+        install -m 0755 "target/$t/release-small/elkeid-agent" "$out/elkeid-agent"
+        "$(strip_tool "$t")" "$out/elkeid-agent"
+        check_static "$out/elkeid-agent"
+    fi
+    if [ "$what" != agent ]; then
+        log "$t: elkeid-center (profile release)"
+        env "${CARGO_ENV[@]}" cargo build --release -p elkeid-center --bin elkeid-center \
+            --target "$t" "${CARGO_EXTRA[@]}"
+        install -m 0755 "target/$t/release/elkeid-center" "$out/elkeid-center"
+        "$(strip_tool "$t")" "$out/elkeid-center"
+        check_static "$out/elkeid-center"
+    fi
+}
+
+for t in $(expand_targets "$want"); do
+    build_one "$t"
+done
+log "artifacts under target/ship/"

@@ -1,0 +1,77 @@
+# Shared helpers for the targets/*.sh scripts (sourced, not executed).
+# shellcheck shell=bash
+
+TARGETS_ALL="x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"
+
+log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# expand_targets all|<triple> -> list of triples (validated)
+expand_targets() {
+    case "$1" in
+        all) echo "$TARGETS_ALL" ;;
+        x86_64-unknown-linux-musl|aarch64-unknown-linux-musl|armv7-unknown-linux-musleabihf) echo "$1" ;;
+        *) die "unknown target '$1' (one of: all $TARGETS_ALL)" ;;
+    esac
+}
+
+# armv7 musl has no prebuilt std from rustup: std is built from rust-src.
+needs_build_std() { [ "$1" = armv7-unknown-linux-musleabihf ]; }
+
+# cargo arguments/env for a target, as arrays: use
+#   cargo_env "$t"; env "${CARGO_ENV[@]}" cargo build "${CARGO_EXTRA[@]}" ...
+cargo_env() {
+    CARGO_ENV=()
+    CARGO_EXTRA=()
+    if needs_build_std "$1"; then
+        CARGO_ENV=(RUSTC_BOOTSTRAP=1)
+        CARGO_EXTRA=(-Zbuild-std=std,panic_abort)
+    fi
+}
+
+strip_tool() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo strip ;;
+        aarch64-unknown-linux-musl) echo aarch64-linux-gnu-strip ;;
+        armv7-unknown-linux-musleabihf) echo arm-linux-gnueabihf-strip ;;
+        *) die "no strip tool for $1" ;;
+    esac
+}
+
+# uname -m that the binary reports under emulation (the heartbeat `arch`).
+uname_arch() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo x86_64 ;;
+        aarch64-unknown-linux-musl) echo aarch64 ;;
+        armv7-unknown-linux-musleabihf) echo armv7l ;;
+        *) die "no arch for $1" ;;
+    esac
+}
+
+qemu_runner() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "" ;;
+        aarch64-unknown-linux-musl) echo qemu-aarch64-static ;;
+        armv7-unknown-linux-musleabihf) echo qemu-arm-static ;;
+        *) die "no runner for $1" ;;
+    esac
+}
+
+# Fails unless $1 is a static executable: no PT_INTERP, no DT_NEEDED.
+# `file` prints "statically linked" (or "static-pie linked" for the
+# position-independent static executables Rust's musl targets produce).
+check_static() {
+    local f=$1 desc
+    desc=$(file -b "$f")
+    case "$desc" in
+        *"statically linked"*|*"static-pie linked"*) ;;
+        *) die "$f is not static: $desc" ;;
+    esac
+    if LC_ALL=C readelf -lW "$f" | grep -q 'Requesting program interpreter'; then
+        die "$f has a program interpreter"
+    fi
+    if LC_ALL=C readelf -dW "$f" 2>/dev/null | grep -q '(NEEDED)'; then
+        die "$f needs shared libraries"
+    fi
+    log "static ok: $f: $desc"
+}
