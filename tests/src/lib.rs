@@ -7,6 +7,8 @@
 //!   plugins), each owned by the tests that need them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod center;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
