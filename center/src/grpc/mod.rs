@@ -1,0 +1,93 @@
+//! The gRPC side: `/grpc.Transfer/Transfer` and `/grpc.FileExt/Upload`.
+//!
+//! # Layout
+//! - this file: the tonic server (limits, keepalive, compression, TLS).
+//! - `transfer.rs`: the agent stream handler (slot, first packet, pool,
+//!   receive loop, command stream).
+//! - `upload.rs`: `FileExt.Upload` into `DIR/uploads/`.
+//!
+//! Keepalive as Elkeid's center: the server pings after 10 min of silence and
+//! drops the connection when the ping is not answered within 5 s. Elkeid's
+//! `MaxConnectionIdle` (20 min) and ping enforcement (`MinTime` 5 s, GOAWAY
+//! `too_many_pings`) have no tonic equivalent: a client that pings too often is
+//! tolerated (Go agents send no pings at all).
+//!
+//! Compression: snappy (framing format) through `SnappyServerLayer`, which
+//! answers snappy to a snappy client; tonic itself accepts gzip and zstd and
+//! answers in one of them only when the client advertises it in
+//! `grpc-accept-encoding` (a Go agent advertises only snappy, so it gets
+//! snappy or identity).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elkeid_proto::grpc::file_ext_server::FileExtServer;
+use elkeid_proto::grpc::transfer_server::TransferServer;
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::GrpcConfig;
+use crate::pool::Pool;
+use crate::records::Ctx;
+
+pub(crate) mod transfer;
+pub(crate) mod upload;
+
+/// The gRPC server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    /// tonic refused the TLS configuration or the server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Server ping period.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(600);
+/// Ping answer deadline.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `shutdown` resolves.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    cfg: &GrpcConfig,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    pool: Arc<Pool>,
+    ctx: Ctx,
+    uploads: upload::UploadConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), GrpcError> {
+    let max = cfg.max_message_bytes;
+    let transfer = TransferServer::new(transfer::TransferSvc::new(pool, ctx.clone(), cfg.first_packet_timeout))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
+    let files = FileExtServer::new(upload::UploadSvc::new(uploads, ctx))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd);
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    builder
+        .layer(elkeid_proto::snappy::SnappyServerLayer::new().with_max_decompressed(max))
+        .add_service(transfer)
+        .add_service(files)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// `ip:port` of a request's peer, or empty.
+pub(crate) fn peer(addr: Option<SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_default()
+}

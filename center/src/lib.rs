@@ -1,0 +1,265 @@
+//! Elkeid-compatible agent center: gRPC agent streams over mutual TLS, a
+//! connection pool, the HTTP command API, config push, file upload and sinks.
+//!
+//! # Layout
+//! - [`config`]: TOML file + flags + env (the CLI reference is there).
+//! - `pki.rs`: dev PKI and API keys generated on first start.
+//! - `tls.rs`: server TLS material (mTLS, client certificate required).
+//! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
+//! - `pool.rs`: live agent streams, conn limit, conflicts, command delivery.
+//! - `records.rs`: per-record processing (heartbeats, task results, logs).
+//! - `payload.rs`: borrowed decoding of a serialized `Payload`.
+//! - `manager/`: where configs come from and task results go (`local`, `elkeid`).
+//! - `http/`: the axum API with AK/SK auth.
+//! - `metrics.rs`: counters and Prometheus text.
+//! - `sinks/`: the `Sink` trait and the `ndjson`, `null` (and `kafka`) sinks.
+//!
+//! [`run`] wires them: prepare the data dir, bind both listeners, write
+//! `DIR/listen.json` (`{"grpc":"ip:port","http":"ip:port"}`, written to a
+//! temp file and renamed, only after both listeners are bound), serve until
+//! `shutdown` resolves, then stop accepting, close the agent streams, drain
+//! the task results and flush the sinks.
+#![deny(unsafe_code)]
+
+pub mod config;
+mod grpc;
+mod http;
+mod manager;
+mod metrics;
+mod payload;
+mod pki;
+mod pool;
+mod records;
+mod sinks;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use config::{Cli, Config, ConfigError};
+pub use pki::PkiError;
+pub use tls::TlsError;
+
+use crate::config::ManagerKind;
+use crate::manager::{Manager, TaskQueue};
+
+/// Why the center could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A configuration value is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The dev PKI or API keys could not be prepared.
+    #[error("pki: {0}")]
+    Pki(#[from] PkiError),
+    /// TLS material is unreadable or invalid.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        /// Config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error (e.g. address in use).
+        #[source]
+        source: std::io::Error,
+    },
+    /// A data-dir file could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A sink could not start.
+    #[error("sink: {0}")]
+    Sink(String),
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Grpc(#[from] grpc::GrpcError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io { path: path.to_path_buf(), source }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr).await.map_err(|source| RunError::Bind { key, addr, source })
+}
+
+fn write_listen(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Result<(), RunError> {
+    let path = dir.join("listen.json");
+    let tmp = dir.join(format!(".listen.json.tmp{}", std::process::id()));
+    let text = serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() }).to_string();
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Runs the center until `shutdown` resolves; returns after a graceful drain.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), RunError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+
+    // TLS material: configured files, or the generated dev PKI.
+    let tls = if config.grpc.tls {
+        let g = &config.grpc;
+        let (ca, cert, key) = match (&g.ca_file, &g.cert_file, &g.key_file) {
+            (None, None, None) => {
+                let pki = pki::ensure_dev_pki(&dir.join("pki"))?;
+                if !pki.created.is_empty() {
+                    println!("elkeid-center: generated development PKI in {}", dir.join("pki").display());
+                }
+                println!(
+                    "elkeid-center: TLS: CA {} server {} ; agents use {} + {}",
+                    pki.ca_cert.display(),
+                    pki.server_cert.display(),
+                    pki.client_cert.display(),
+                    pki.client_key.display()
+                );
+                (pki.ca_cert, pki.server_cert, pki.server_key)
+            }
+            (Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
+            _ => {
+                let key = if g.ca_file.is_none() {
+                    "grpc.ca_file"
+                } else if g.cert_file.is_none() {
+                    "grpc.cert_file"
+                } else {
+                    "grpc.key_file"
+                };
+                return Err(ConfigError::Invalid {
+                    key,
+                    msg: "grpc.ca_file, grpc.cert_file and grpc.key_file go together".into(),
+                }
+                .into());
+            }
+        };
+        Some(tls::server_config(&ca, &cert, &key)?)
+    } else {
+        println!("elkeid-center: WARNING: gRPC in plaintext mode (--insecure-plaintext): no TLS, no client authentication");
+        None
+    };
+
+    let aksk = if config.http.auth {
+        let (aksk, created) = pki::ensure_api_keys(&config.http.api_keys_file)?;
+        println!(
+            "elkeid-center: HTTP API keys ({}) in {}{}",
+            aksk.len(),
+            config.http.api_keys_file.display(),
+            if created { " (generated)" } else { "" }
+        );
+        aksk
+    } else {
+        println!("elkeid-center: WARNING: HTTP API authentication is off");
+        Default::default()
+    };
+
+    let metrics = Arc::new(metrics::Metrics::default());
+    let sinks = match sinks::build(&config, &metrics).await {
+        Ok(s) => s,
+        Err(sinks::BuildError::Config { key, msg }) => return Err(ConfigError::Invalid { key, msg }.into()),
+        Err(e) => return Err(RunError::Sink(e.to_string())),
+    };
+    if config.sinks.contains(&config::SinkKind::Ndjson) {
+        println!("elkeid-center: records go to {}", config.ndjson.dir.display());
+    }
+    let manager: Arc<dyn Manager> = match config.manager.backend {
+        ManagerKind::Local => {
+            manager::local::LocalManager::start(config.manager.components_file.clone(), dir.join("task-results.ndjson"))
+        }
+        ManagerKind::Elkeid => manager::elkeid::ElkeidManager::new(
+            config.manager.addrs.clone(),
+            config.manager.timeout,
+            config.manager.retries,
+        ),
+    };
+    let (tasks, tasks_done) = TaskQueue::start(manager.clone(), metrics.clone());
+    let pool = pool::Pool::new(config.grpc.conn_limit, config.commands.clone(), metrics.clone());
+    let ctx = records::Ctx { sinks: sinks.clone(), manager, tasks, metrics: metrics.clone() };
+    let uploads_dir = dir.join("uploads");
+    std::fs::create_dir_all(&uploads_dir).map_err(io_err(&uploads_dir))?;
+    let uploads = grpc::upload::UploadConfig { dir: uploads_dir, max_bytes: config.grpc.upload_max_bytes };
+
+    let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;
+    let http_listener = bind("http.addr", config.http.addr).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| RunError::Bind { key: "grpc.addr", addr: config.grpc.addr, source })?;
+    let http_addr = http_listener.local_addr().map_err(|source| RunError::Bind { key: "http.addr", addr: config.http.addr, source })?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let grpc_cfg = config.grpc.clone();
+    let grpc_pool = pool.clone();
+    let grpc_ctx = ctx.clone();
+    let grpc_stop = stopped(stop_rx.clone());
+    let mut grpc_task = tokio::spawn(async move {
+        grpc::serve(grpc_listener, &grpc_cfg, tls, grpc_pool, grpc_ctx, uploads, grpc_stop).await
+    });
+    let state = http::AppState {
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        sinks: sinks.clone(),
+        aksk: Arc::new(aksk),
+        auth: config.http.auth,
+    };
+    let http_stop = stopped(stop_rx.clone());
+    let mut http_task = tokio::spawn(async move {
+        axum::serve(http_listener, http::router(state)).with_graceful_shutdown(http_stop).await
+    });
+    drop(ctx);
+
+    write_listen(&dir, grpc_addr, http_addr)?;
+    println!("elkeid-center: gRPC on {grpc_addr}, HTTP API on {http_addr}");
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %dir.display(), "elkeid-center started");
+
+    // Serve until asked to stop or a server fails.
+    let early = tokio::select! {
+        _ = shutdown => None,
+        r = &mut grpc_task => Some(("grpc", r.map(|r| r.map_err(RunError::from)))),
+        r = &mut http_task => Some(("http", r.map(|r| r.map_err(RunError::Http)))),
+    };
+    tracing::info!("elkeid-center stopping: no new connections, closing agent streams, draining sinks");
+    let _ = stop_tx.send(true);
+    pool.close_all();
+    let mut result = Ok(());
+    if let Some((which, r)) = early {
+        match r {
+            Ok(Err(e)) => result = Err(e),
+            Ok(Ok(())) => tracing::warn!(server = which, "server ended on its own"),
+            Err(e) => tracing::error!(server = which, error = %e, "server task failed"),
+        }
+    }
+    let grace = Duration::from_secs(10);
+    if !grpc_task.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut grpc_task).await;
+    }
+    if !http_task.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut http_task).await;
+    }
+    // Receive loops finish the packet in hand, then unregister.
+    let deadline = tokio::time::Instant::now() + grace;
+    while pool.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    grpc_task.abort();
+    http_task.abort();
+    // Dropping the servers dropped their task-queue handles: the batcher flushes and ends.
+    let _ = tokio::time::timeout(grace, tasks_done).await;
+    sinks.flush().await;
+    let _ = std::fs::remove_file(dir.join("listen.json"));
+    tracing::info!("elkeid-center stopped");
+    result
+}

@@ -1,0 +1,312 @@
+//! The connection pool: one entry per live agent stream, keyed by agent id.
+//!
+//! - `conn_limit` slots (a semaphore) taken before any work on a stream.
+//! - A newer stream with an already registered agent id wins: the old one is
+//!   closed (its response stream ends with `ABORTED`), counted
+//!   (`elkeid_center_agent_conflicts_total`) and logged. Elkeid refused the
+//!   new one instead, locking reconnecting agents out behind half-open streams.
+//! - Commands go through a bounded per-connection queue; [`Pool::post_command`]
+//!   waits `send_timeout` to enqueue and `result_timeout` for the send.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use elkeid_proto::grpc::Command;
+use serde_json::{Map, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CommandConfig;
+use crate::metrics::{Metrics, inc};
+
+/// Why a command was not delivered. The Display strings are Elkeid's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CommandError {
+    /// No stream registered under that id.
+    #[error("agentID not found")]
+    NotFound,
+    /// The per-connection queue stayed full for `send_timeout`.
+    #[error("the sendPool of the agent is full")]
+    Full,
+    /// Queued, but not handed to the transport within `result_timeout`.
+    #[error("the command has been sent but get results timed out")]
+    ResultTimeout,
+    /// The stream ended before the command was sent.
+    #[error("the agent connection closed before the command was sent")]
+    Closed,
+}
+
+/// A command waiting in a connection's queue.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) cmd: Command,
+    /// Fired when the command was handed to the transport.
+    pub(crate) done: Option<oneshot::Sender<()>>,
+}
+
+/// Per-agent plugin details (`name` -> 1001 detail).
+pub(crate) type Plugins = BTreeMap<String, Map<String, Value>>;
+
+/// One registered agent stream.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) agent_id: String,
+    /// Peer `ip:port`.
+    pub(crate) addr: String,
+    /// Registration time, Unix seconds.
+    pub(crate) create_at: i64,
+    /// Unique per registration; tells an old stream from its replacement.
+    pub(crate) generation: u64,
+    tx: mpsc::Sender<Outgoing>,
+    /// Cancelled when the stream must end (replaced, reset, shutdown).
+    pub(crate) closed: CancellationToken,
+    /// Last 1000 detail.
+    pub(crate) detail: Mutex<Option<Map<String, Value>>>,
+    /// 1001 details by plugin name.
+    pub(crate) plugins: Mutex<Plugins>,
+    first_heartbeat_seen: AtomicBool,
+}
+
+impl Conn {
+    /// True exactly once: on the first heartbeat of this connection.
+    pub(crate) fn take_first_heartbeat(&self) -> bool {
+        !self.first_heartbeat_seen.swap(true, Ordering::AcqRel)
+    }
+
+    /// Queues a command without waiting for its delivery (config pushes).
+    pub(crate) fn try_push(&self, cmd: Command) -> Result<(), CommandError> {
+        self.tx.try_send(Outgoing { cmd, done: None }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CommandError::Full,
+            mpsc::error::TrySendError::Closed(_) => CommandError::Closed,
+        })
+    }
+}
+
+/// Keeps a stream registered; unregisters and frees the slot on drop.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    pool: Arc<Pool>,
+    pub(crate) conn: Arc<Conn>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.pool.unregister(&self.conn);
+        self.conn.closed.cancel();
+    }
+}
+
+/// All live agent streams.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    slots: Arc<Semaphore>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    next_generation: AtomicU64,
+    commands: CommandConfig,
+    metrics: Arc<Metrics>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Pool {
+    /// A pool with `conn_limit` slots.
+    pub(crate) fn new(conn_limit: usize, commands: CommandConfig, metrics: Arc<Metrics>) -> Arc<Pool> {
+        Arc::new(Pool {
+            slots: Arc::new(Semaphore::new(conn_limit.min(Semaphore::MAX_PERMITS))),
+            conns: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
+            commands,
+            metrics,
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Conn>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a connection slot without waiting; `None` when at `conn_limit`.
+    pub(crate) fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Registers a stream under `agent_id`, replacing (and closing) any
+    /// previous stream with the same id.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        agent_id: &str,
+        addr: String,
+        permit: OwnedSemaphorePermit,
+    ) -> (Registration, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(self.commands.queue_len);
+        let conn = Arc::new(Conn {
+            agent_id: agent_id.to_string(),
+            addr,
+            create_at: now_unix(),
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+            tx,
+            closed: CancellationToken::new(),
+            detail: Mutex::new(None),
+            plugins: Mutex::new(BTreeMap::new()),
+            first_heartbeat_seen: AtomicBool::new(false),
+        });
+        let old = self.map().insert(agent_id.to_string(), conn.clone());
+        inc(&self.metrics.streams_total);
+        if let Some(old) = old {
+            inc(&self.metrics.conflicts);
+            tracing::warn!(
+                agent_id,
+                old_addr = %old.addr,
+                new_addr = %conn.addr,
+                "agent id already connected: the newer stream replaces the older one"
+            );
+            old.closed.cancel();
+        }
+        (Registration { pool: self.clone(), conn, _permit: permit }, rx)
+    }
+
+    fn unregister(&self, conn: &Arc<Conn>) {
+        let mut map = self.map();
+        if map.get(&conn.agent_id).is_some_and(|c| c.generation == conn.generation) {
+            map.remove(&conn.agent_id);
+        }
+    }
+
+    /// The registered stream of `agent_id`.
+    pub(crate) fn get(&self, agent_id: &str) -> Option<Arc<Conn>> {
+        self.map().get(agent_id).cloned()
+    }
+
+    /// Number of registered streams.
+    pub(crate) fn count(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Registered agent ids, sorted.
+    pub(crate) fn list(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.map().keys().cloned().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// All registered connections, sorted by agent id.
+    pub(crate) fn conns(&self) -> Vec<Arc<Conn>> {
+        let mut v: Vec<Arc<Conn>> = self.map().values().cloned().collect();
+        v.sort_unstable_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        v
+    }
+
+    /// Closes one agent's stream; false if not registered.
+    pub(crate) fn close(&self, agent_id: &str) -> bool {
+        match self.get(agent_id) {
+            Some(c) => {
+                c.closed.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every stream (shutdown).
+    pub(crate) fn close_all(&self) {
+        for c in self.map().values() {
+            c.closed.cancel();
+        }
+    }
+
+    /// Sends a command to one agent as Elkeid's `PostCommand` does: enqueue
+    /// within `send_timeout`, then wait `result_timeout` until it is sent.
+    pub(crate) async fn post_command(&self, agent_id: &str, cmd: Command) -> Result<(), CommandError> {
+        let res = self.post_command_inner(agent_id, cmd).await;
+        if res.is_err() {
+            inc(&self.metrics.failed_commands);
+        }
+        res
+    }
+
+    async fn post_command_inner(&self, agent_id: &str, cmd: Command) -> Result<(), CommandError> {
+        let conn = self.get(agent_id).ok_or(CommandError::NotFound)?;
+        let (done, wait) = oneshot::channel();
+        match tokio::time::timeout(self.commands.send_timeout, conn.tx.send(Outgoing { cmd, done: Some(done) })).await {
+            Err(_) => return Err(CommandError::Full),
+            Ok(Err(_)) => return Err(CommandError::Closed),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout(self.commands.result_timeout, wait).await {
+            Err(_) => Err(CommandError::ResultTimeout),
+            Ok(Err(_)) => Err(CommandError::Closed),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pool(limit: usize, queue: usize) -> Arc<Pool> {
+        Pool::new(
+            limit,
+            CommandConfig {
+                queue_len: queue,
+                send_timeout: Duration::from_secs(2),
+                result_timeout: Duration::from_secs(2),
+            },
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    #[test]
+    fn limit_is_enforced_and_released() {
+        let p = pool(1, 4);
+        let a = p.try_slot().unwrap();
+        assert!(p.try_slot().is_none());
+        drop(a);
+        assert!(p.try_slot().is_some());
+    }
+
+    #[test]
+    fn newer_stream_wins_and_old_unregister_is_harmless() {
+        let p = pool(4, 4);
+        let (old, _rx1) = p.register("a", "1.1.1.1:1".into(), p.try_slot().unwrap());
+        let (new, _rx2) = p.register("a", "1.1.1.1:2".into(), p.try_slot().unwrap());
+        assert!(old.conn.closed.is_cancelled());
+        assert!(!new.conn.closed.is_cancelled());
+        assert_eq!(p.metrics.conflicts.load(Ordering::Relaxed), 1);
+        drop(old);
+        assert_eq!(p.list(), vec!["a".to_string()]);
+        assert_eq!(p.get("a").unwrap().addr, "1.1.1.1:2");
+        drop(new);
+        assert_eq!(p.count(), 0);
+        // both slots are back
+        let _x = p.try_slot().unwrap();
+        let _y = p.try_slot().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_errors() {
+        let p = pool(4, 1);
+        assert_eq!(p.post_command("x", Command::default()).await, Err(CommandError::NotFound));
+        let (_reg, mut rx) = p.register("a", "x".into(), p.try_slot().unwrap());
+        // nobody takes it from the queue: result times out
+        assert_eq!(p.post_command("a", Command::default()).await, Err(CommandError::ResultTimeout));
+        // the queue (len 1) is now full
+        assert_eq!(p.post_command("a", Command::default()).await, Err(CommandError::Full));
+        // a consumer that acknowledges
+        let out = rx.recv().await.unwrap();
+        drop(out);
+        let p2 = p.clone();
+        let h = tokio::spawn(async move { p2.post_command("a", Command::default()).await });
+        let out = rx.recv().await.unwrap();
+        out.done.unwrap().send(()).unwrap();
+        assert_eq!(h.await.unwrap(), Ok(()));
+        assert_eq!(CommandError::Full.to_string(), "the sendPool of the agent is full");
+    }
+}

@@ -1,0 +1,241 @@
+//! Per-packet and per-record processing (spec §5.3).
+//!
+//! - 1000 (agent heartbeat): stored detail on the connection, numeric fields
+//!   as JSON numbers except [`AGENT_STRING_FIELDS`]; on the first heartbeat of
+//!   a connection, a config push from the manager backend (never empty).
+//! - 1001 (plugin heartbeat): per-plugin detail keyed by `name`, numeric
+//!   except `pversion`.
+//! - 2001, 2003, 6000, 5100, 5101, 8010: task results, with
+//!   `"data_type": "<n>"` added, to the batched manager queue.
+//! - 1010, 1011: agent logs, written to the center's log.
+//! - every record, decodable or not: to the sinks.
+//!
+//! Numbers: a value becomes a number when it parses as a finite `f64`
+//! (Rust's float syntax; Go's hex floats such as `0x1p4` stay strings);
+//! integral values below 2^53 are written without a fraction, like Go's JSON.
+
+use std::sync::Arc;
+
+use elkeid_proto::grpc::{Command, PackagedData};
+use serde_json::{Map, Number, Value};
+
+use crate::manager::{Manager, TaskItem, TaskQueue};
+use crate::metrics::{Metrics, inc};
+use crate::pool::Conn;
+use crate::sinks::{PacketBatch, Sinks};
+
+/// 1000 fields that stay strings.
+pub(crate) const AGENT_STRING_FIELDS: [&str; 7] =
+    ["platform_version", "version", "host_serial", "host_id", "host_model", "host_vendor", "cpu_name"];
+/// 1001 fields that stay strings.
+pub(crate) const PLUGIN_STRING_FIELDS: [&str; 1] = ["pversion"];
+/// Data types that are task results for the manager.
+pub(crate) const TASK_TYPES: [i32; 6] = [2001, 2003, 6000, 5100, 5101, 8010];
+
+/// Everything a stream handler needs.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub(crate) sinks: Sinks,
+    pub(crate) manager: Arc<dyn Manager>,
+    pub(crate) tasks: TaskQueue,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").field("sinks", &self.sinks).finish_non_exhaustive()
+    }
+}
+
+/// Current Unix seconds.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A string value as JSON: a number when it parses as a finite float.
+pub(crate) fn numeric(v: &str) -> Value {
+    match v.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && !v.is_empty() && v.trim() == v => {
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                // lossless: |f| < 2^53 and integral
+                #[allow(clippy::cast_possible_truncation)]
+                Value::Number(Number::from(f as i64))
+            } else {
+                Number::from_f64(f).map_or_else(|| Value::String(v.to_string()), Value::Number)
+            }
+        }
+        _ => Value::String(v.to_string()),
+    }
+}
+
+fn detail(fields: &[(&str, &str)], keep: &[&str]) -> Map<String, Value> {
+    let mut m = Map::new();
+    for &(k, v) in fields {
+        let val = if keep.contains(&k) { Value::String(v.to_string()) } else { numeric(v) };
+        m.insert(k.to_string(), val);
+    }
+    m
+}
+
+fn strings(v: &[String]) -> Value {
+    Value::Array(v.iter().map(|s| Value::String(s.clone())).collect())
+}
+
+/// Builds the stored 1000 detail.
+pub(crate) fn agent_detail(fields: &[(&str, &str)], conn: &Conn, pkt: &PackagedData, now: i64) -> Map<String, Value> {
+    let mut m = detail(fields, &AGENT_STRING_FIELDS);
+    m.insert("agent_id".into(), Value::String(pkt.agent_id.clone()));
+    m.insert("agent_addr".into(), Value::String(conn.addr.clone()));
+    m.insert("create_at".into(), Value::Number(conn.create_at.into()));
+    m.insert("intranet_ipv4".into(), strings(&pkt.intranet_ipv4));
+    m.insert("extranet_ipv4".into(), strings(&pkt.extranet_ipv4));
+    m.insert("intranet_ipv6".into(), strings(&pkt.intranet_ipv6));
+    m.insert("extranet_ipv6".into(), strings(&pkt.extranet_ipv6));
+    m.insert("version".into(), Value::String(pkt.version.clone()));
+    m.insert("hostname".into(), Value::String(pkt.hostname.clone()));
+    m.insert("product".into(), Value::String(pkt.product.clone()));
+    m.insert("last_heartbeat_time".into(), Value::Number(now.into()));
+    m
+}
+
+/// Processes one received packet and hands it to the sinks.
+pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData) {
+    let now = now_unix();
+    let m = &ctx.metrics;
+    inc(&m.recv_packets);
+    m.recv_records.fetch_add(pkt.records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let mut counts: Vec<(i32, u64)> = Vec::new();
+    for rec in &pkt.records {
+        match counts.iter_mut().find(|(dt, _)| *dt == rec.data_type) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((rec.data_type, 1)),
+        }
+        let dt = rec.data_type;
+        if !(dt == 1000 || dt == 1001 || dt == 1010 || dt == 1011 || TASK_TYPES.contains(&dt)) {
+            continue;
+        }
+        let fields = match crate::payload::decode(&rec.data) {
+            Ok(f) => f,
+            Err(error) => {
+                inc(&m.payload_errors);
+                tracing::debug!(agent_id = %conn.agent_id, data_type = dt, %error, "record body is not a Payload");
+                continue;
+            }
+        };
+        match dt {
+            1000 => {
+                let d = agent_detail(&fields, conn, &pkt, now);
+                if conn.take_first_heartbeat() {
+                    push_configs(ctx, conn, d.clone());
+                }
+                *conn.detail.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+            }
+            1001 => {
+                let Some(&(_, name)) = fields.iter().rev().find(|(k, _)| *k == "name") else {
+                    inc(&m.payload_errors);
+                    continue;
+                };
+                let mut d = detail(&fields, &PLUGIN_STRING_FIELDS);
+                d.insert("last_heartbeat_time".into(), Value::Number(now.into()));
+                let mut plugins = conn.plugins.lock().unwrap_or_else(|e| e.into_inner());
+                // bounded: a hostile agent cannot grow this without limit
+                if plugins.len() < 256 || plugins.contains_key(name) {
+                    plugins.insert(name.to_string(), d);
+                }
+            }
+            1010 | 1011 => {
+                let map: std::collections::BTreeMap<&str, &str> = fields.iter().copied().collect();
+                tracing::info!(target: "elkeid_center::agent_log", agent_id = %conn.agent_id, data_type = dt, fields = ?map, "agent log");
+            }
+            _ => {
+                let mut f: Map<String, Value> =
+                    fields.iter().map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string()))).collect();
+                f.insert("data_type".into(), Value::String(dt.to_string()));
+                ctx.tasks.push(TaskItem { agent_id: conn.agent_id.clone(), fields: f });
+            }
+        }
+    }
+    m.add_data_types(&counts);
+    let batch = Arc::new(PacketBatch {
+        svr_time: now,
+        tag: ctx.manager.tag(&pkt.agent_id),
+        agent_id: pkt.agent_id,
+        intranet_ipv4: pkt.intranet_ipv4,
+        extranet_ipv4: pkt.extranet_ipv4,
+        intranet_ipv6: pkt.intranet_ipv6,
+        extranet_ipv6: pkt.extranet_ipv6,
+        hostname: pkt.hostname,
+        version: pkt.version,
+        product: pkt.product,
+        records: pkt.records,
+    });
+    ctx.sinks.send(&batch).await;
+}
+
+/// Asks the manager for the agent's components and queues one config
+/// Command; nothing is sent when the list is empty.
+fn push_configs(ctx: &Ctx, conn: &Arc<Conn>, detail: Map<String, Value>) {
+    let manager = ctx.manager.clone();
+    let metrics = ctx.metrics.clone();
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        match manager.configs(&conn.agent_id, &detail).await {
+            Ok(list) if list.is_empty() => {
+                tracing::debug!(agent_id = %conn.agent_id, "no components for agent; nothing pushed");
+            }
+            Ok(list) => {
+                let n = list.len();
+                let cmd = Command { agent_ctrl: 0, task: None, configs: list.into_iter().map(Into::into).collect() };
+                match conn.try_push(cmd) {
+                    Ok(()) => {
+                        inc(&metrics.config_pushes);
+                        tracing::info!(agent_id = %conn.agent_id, components = n, "config push queued");
+                    }
+                    Err(error) => {
+                        inc(&metrics.config_push_failures);
+                        tracing::warn!(agent_id = %conn.agent_id, %error, "config push not queued");
+                    }
+                }
+            }
+            Err(error) => {
+                inc(&metrics.config_push_failures);
+                tracing::warn!(agent_id = %conn.agent_id, %error, "config fetch failed");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_conversion() {
+        assert_eq!(numeric("12"), Value::from(12));
+        assert_eq!(numeric("0.25000000"), Value::from(0.25));
+        assert_eq!(numeric("-3"), Value::from(-3));
+        assert_eq!(numeric("1e3"), Value::from(1000));
+        assert_eq!(numeric("NaN"), Value::from("NaN"));
+        assert_eq!(numeric("inf"), Value::from("inf"));
+        assert_eq!(numeric("1e400"), Value::from("1e400"));
+        assert_eq!(numeric(""), Value::from(""));
+        assert_eq!(numeric(" 5"), Value::from(" 5"));
+        assert_eq!(numeric("10.0.0.1"), Value::from("10.0.0.1"));
+        assert_eq!(serde_json::to_string(&numeric("0.50000000")).unwrap(), "0.5");
+        assert_eq!(serde_json::to_string(&numeric("1700000000.00000000")).unwrap(), "1700000000");
+    }
+
+    #[test]
+    fn kept_strings() {
+        let d = detail(&[("version", "1.0"), ("cpu", "0.5"), ("host_serial", "123")], &AGENT_STRING_FIELDS);
+        assert_eq!(d["version"], Value::from("1.0"));
+        assert_eq!(d["host_serial"], Value::from("123"));
+        assert_eq!(d["cpu"], Value::from(0.5));
+        let p = detail(&[("pversion", "1.7"), ("rss", "100")], &PLUGIN_STRING_FIELDS);
+        assert_eq!(p["pversion"], Value::from("1.7"));
+        assert_eq!(p["rss"], Value::from(100));
+    }
+}
