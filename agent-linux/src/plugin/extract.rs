@@ -393,8 +393,8 @@ pub(crate) mod tests {
 
     #[test]
     fn pax_path_is_used() {
-        let rec = "20 path=pax/name.bin\n";
-        assert_eq!(rec.len(), 20);
+        let rec = "21 path=pax/name.bin\n";
+        assert_eq!(rec.len(), 21);
         let tar = archive(&[
             entry("PaxHeaders/x", b'x', 0o644, rec.as_bytes()),
             entry("short", b'0', 0o644, b"p"),

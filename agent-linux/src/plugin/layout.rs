@@ -143,9 +143,6 @@ mod tests {
         assert_eq!(p.dir, wd.path().join("plugin/collector"));
         assert_eq!(p.exe, wd.path().join("plugin/collector/collector"));
         assert_eq!(p.stderr, wd.path().join("plugin/collector/collector.stderr"));
-        std::fs::create_dir_all(&p.dir).unwrap();
-        std::fs::write(&p.stdout_legacy, b"old").unwrap();
-        std::fs::remove_dir(&p.dir).unwrap();
         p.prepare().unwrap();
         let mode = std::fs::metadata(&p.dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o701);

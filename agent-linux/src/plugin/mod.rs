@@ -1,10 +1,63 @@
-//! Plugin management (owned by agent-plugins; this is a placeholder with the
-//! agreed interface so the crate builds until the real module lands).
+//! Plugin management: config sync, install, run, tasks, heartbeat samples.
+//!
+//! # Layout
+//! - this file: [`PluginManager`] (the desired-set sync, task forwarding,
+//!   1001 snapshots, shutdown), [`PluginContext`], 1010 reporting and the
+//!   abnormal list for the 1000 heartbeat's `state`.
+//! - `layout`: name validation and `<work-dir>/plugin/<name>/` paths.
+//! - `download`: HTTP(S) GET with caps, timeouts and SHA-256 verification.
+//! - `extract`: hardened `tar.gz` extraction.
+//! - `install`: reuse / download / extract into staging, then commit.
+//! - `process`: spawning with the fd 0-5 layout, process-group kill.
+//! - `reader`: record pipes -> ring (back-pressure), task frames -> fd 3.
+//! - `stderr`: size-capped stderr capture.
+//! - `supervisor`: one task per plugin, restart with backoff, stop.
+//!
+//! Config sync semantics: the list is the desired set. New names are
+//! installed and started; a different `version` is downloaded and staged
+//! first, then the old process is stopped and the new files committed (so
+//! a failed download keeps the old version running); names no longer listed
+//! are stopped and their directories deleted. An entry named `elkeid-agent`
+//! is ignored here (self-update is `crate::update`). An **empty list keeps
+//! every plugin** and logs a warning (Elkeid deletes them all, which one bad
+//! manager answer turns into a fleet-wide outage); set
+//! [`PluginContext::empty_config_removes_all`] for Elkeid's behaviour.
 
+pub(crate) mod download;
+pub(crate) mod extract;
+pub(crate) mod install;
+pub(crate) mod layout;
+pub(crate) mod process;
+pub(crate) mod reader;
+pub(crate) mod stderr;
+pub(crate) mod supervisor;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
+use elkeid_core::frame::{TaskRef, encode_task_frame, task_frame_len};
+use elkeid_core::payload::PayloadBuf;
+use elkeid_proto::grpc::{Config, Task};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
 use crate::buffer::Buffer;
+use download::{DownloadConfig, Downloader};
+use layout::Paths;
+use reader::Counters;
+use supervisor::Plugin;
+
+/// Tasks queued per plugin before `send_task` answers "busy".
+pub(crate) const TASK_QUEUE: usize = 16;
+/// Largest encoded Task frame forwarded to a plugin (Go SDK reads ≤ 1 MiB).
+pub(crate) const MAX_TASK_FRAME: usize = 1024 * 1024;
+/// Most abnormal messages kept for the heartbeat.
+const MAX_ABNORMAL: usize = 32;
+/// Data type of agent log records.
+pub(crate) const DT_AGENT_LOG: i32 = 1010;
 
 /// What the plugin manager needs from the agent.
 #[derive(Debug, Clone)]
@@ -13,6 +66,29 @@ pub(crate) struct PluginContext {
     pub(crate) work_dir: PathBuf,
     /// The shared record buffer.
     pub(crate) buffer: Rc<Buffer>,
+    /// Largest record frame body accepted from a plugin.
+    pub(crate) max_frame_len: u32,
+    /// Size at which `<name>.stderr` is rotated.
+    pub(crate) stderr_cap: u64,
+    /// Download limits.
+    pub(crate) download: DownloadConfig,
+    /// Elkeid semantics for an empty config list: stop and delete all.
+    pub(crate) empty_config_removes_all: bool,
+}
+
+impl PluginContext {
+    /// Defaults: 4 MiB frames, 1 MiB stderr, 512 MiB / 15 s / 10 min
+    /// downloads, empty list keeps plugins.
+    pub(crate) fn new(work_dir: PathBuf, buffer: Rc<Buffer>) -> Self {
+        PluginContext {
+            work_dir,
+            buffer,
+            max_frame_len: elkeid_core::frame::DEFAULT_MAX_FRAME_LEN,
+            stderr_cap: 1024 * 1024,
+            download: DownloadConfig::default(),
+            empty_config_removes_all: false,
+        }
+    }
 }
 
 /// Errors of the plugin manager.
@@ -21,6 +97,12 @@ pub(crate) enum PluginError {
     /// No plugin of that name is running.
     #[error("plugin {0} is not running")]
     NotRunning(String),
+    /// The plugin's task queue is full.
+    #[error("plugin {0} is processing tasks, try again later")]
+    Busy(String),
+    /// The task does not fit in a frame a plugin can read.
+    #[error("task for plugin {0} is too large")]
+    TaskTooLarge(String),
 }
 
 /// One running plugin, for 1001 heartbeats.
@@ -38,25 +120,278 @@ pub(crate) struct PluginSnapshot {
     pub(crate) elapsed_secs: f64,
 }
 
-/// The set of running plugins.
+/// State shared by the manager and the plugin tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) buffer: Rc<Buffer>,
+    pub(crate) max_frame_len: u32,
+    pub(crate) stderr_cap: u64,
+    abnormal: RefCell<Vec<String>>,
+}
+
+impl Shared {
+    /// Reports a plugin problem: a 1010 record (level=error), the abnormal
+    /// list, and a local warning.
+    pub(crate) fn report(&self, plugin: &str, version: &str, msg: &str) {
+        tracing::warn!(plugin, pver = version, "{msg}");
+        let mut p = PayloadBuf::new();
+        p.field("level", "error")
+            .field("source", "plugin")
+            .field("msg", msg)
+            .field("plugin", plugin)
+            .field("pver", version);
+        self.buffer.push_agent(DT_AGENT_LOG, unix_now(), p.as_bytes());
+        let mut ab = self.abnormal.borrow_mut();
+        if ab.len() >= MAX_ABNORMAL {
+            ab.remove(0);
+        }
+        ab.push(msg.to_string());
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    plugin: Rc<Plugin>,
+    task: JoinHandle<()>,
+}
+
+/// The set of plugins.
 #[derive(Debug)]
 pub(crate) struct PluginManager {
-    #[allow(dead_code)]
     ctx: PluginContext,
+    shared: Rc<Shared>,
+    downloader: Downloader,
+    plugins: RefCell<BTreeMap<String, Entry>>,
+    sync_lock: tokio::sync::Mutex<()>,
+    shut_down: Cell<bool>,
 }
 
 impl PluginManager {
     pub(crate) fn new(ctx: PluginContext) -> Self {
-        PluginManager { ctx }
+        let shared = Rc::new(Shared {
+            buffer: ctx.buffer.clone(),
+            max_frame_len: ctx.max_frame_len,
+            stderr_cap: ctx.stderr_cap,
+            abnormal: RefCell::new(Vec::new()),
+        });
+        PluginManager {
+            downloader: Downloader::new(ctx.download.clone()),
+            ctx,
+            shared,
+            plugins: RefCell::new(BTreeMap::new()),
+            sync_lock: tokio::sync::Mutex::new(()),
+            shut_down: Cell::new(false),
+        }
     }
-    pub(crate) async fn sync(&self, configs: Vec<elkeid_proto::grpc::Config>) {
-        tracing::warn!(n = configs.len(), "plugin support not built yet");
+
+    /// Problems since the last config sync ("load plugin X failed: ...",
+    /// "plugin X exited with code N unexpectedly", ...): the heartbeat's
+    /// `state` is `abnormal` when non-empty, `state_detail` their JSON list.
+    pub(crate) fn abnormal(&self) -> Vec<String> {
+        self.shared.abnormal.borrow().clone()
     }
-    pub(crate) fn send_task(&self, task: elkeid_proto::grpc::Task) -> Result<(), PluginError> {
-        Err(PluginError::NotRunning(task.object_name))
+
+    /// Records an agent-level problem in the abnormal list (e.g. a failed
+    /// self-update), without a 1010 record.
+    pub(crate) fn set_abnormal(&self, msg: String) {
+        self.shared.abnormal.borrow_mut().push(msg);
     }
+
+    /// Names of the managed plugins (running or waiting to restart).
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.plugins.borrow().keys().cloned().collect()
+    }
+
+    /// The config list is the desired set (see the module docs). Must run
+    /// inside a `LocalSet`. Syncs are serialised.
+    pub(crate) async fn sync(&self, configs: Vec<Config>) {
+        let _guard = self.sync_lock.lock().await;
+        if self.shut_down.get() {
+            return;
+        }
+        self.shared.abnormal.borrow_mut().clear();
+        let mut desired: BTreeMap<String, Config> = BTreeMap::new();
+        for c in configs {
+            if c.name == layout::AGENT_NAME {
+                continue;
+            }
+            if let Err(e) = layout::validate_name(&c.name) {
+                self.shared.report(&c.name, &c.version, &format!("load plugin {:?} failed: {e}", c.name));
+                continue;
+            }
+            desired.insert(c.name.clone(), c);
+        }
+        if desired.is_empty() && !self.ctx.empty_config_removes_all {
+            if !self.plugins.borrow().is_empty() {
+                tracing::warn!(
+                    running = self.plugins.borrow().len(),
+                    "empty plugin config list: keeping the running plugins (set empty_config_removes_all for Elkeid's behaviour)"
+                );
+            }
+            return;
+        }
+        let gone: Vec<String> = self
+            .plugins
+            .borrow()
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove(&name).await;
+        }
+        for (name, cfg) in desired {
+            let same = self
+                .plugins
+                .borrow()
+                .get(&name)
+                .is_some_and(|e| e.plugin.version == cfg.version);
+            if same {
+                continue;
+            }
+            if let Err(msg) = self.load(cfg).await {
+                let version = msg.1;
+                self.shared.report(&name, &version, &format!("load plugin {name} failed: {}", msg.0));
+            }
+        }
+    }
+
+    async fn load(&self, cfg: Config) -> Result<(), (String, String)> {
+        let fail = |e: String| (e, cfg.version.clone());
+        let paths = Paths::new(&self.ctx.work_dir, &cfg.name).map_err(|e| fail(e.to_string()))?;
+        let p2 = paths.clone();
+        tokio::task::spawn_blocking(move || p2.prepare())
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let staged = install::stage(&self.downloader, &paths, &cfg)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        // Upgrade: the old version runs until the new files are ready.
+        if let Some(old) = self.take(&cfg.name) {
+            stop(old).await;
+        }
+        install::commit(&paths, staged).map_err(|e| fail(e.to_string()))?;
+        self.start(cfg, paths);
+        Ok(())
+    }
+
+    fn start(&self, cfg: Config, paths: Paths) {
+        let (tx, rx) = mpsc::channel(TASK_QUEUE);
+        let plugin = Rc::new(Plugin {
+            name: cfg.name.clone(),
+            version: cfg.version,
+            detail: cfg.detail,
+            paths,
+            counters: Counters::default(),
+            pid: Cell::new(None),
+            start_time: Cell::new(0),
+            last_sample: Cell::new(Instant::now()),
+            tasks: tx,
+            stopping: Cell::new(false),
+            stop: Notify::new(),
+        });
+        let task = tokio::task::spawn_local(supervisor::supervise(self.shared.clone(), plugin.clone(), rx));
+        self.plugins.borrow_mut().insert(cfg.name, Entry { plugin, task });
+    }
+
+    fn take(&self, name: &str) -> Option<Entry> {
+        self.plugins.borrow_mut().remove(name)
+    }
+
+    /// Stops `name` and deletes its directory.
+    async fn remove(&self, name: &str) {
+        let Some(e) = self.take(name) else { return };
+        let paths = e.plugin.paths.clone();
+        stop(e).await;
+        let r = tokio::task::spawn_blocking(move || paths.remove()).await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(std::io::Error::other) {
+            tracing::warn!(plugin = name, error = %e, "cannot delete plugin directory");
+        }
+        tracing::info!(plugin = name, "plugin removed");
+    }
+
+    /// Forwards a Task to plugin `task.object_name` as a Task frame on fd 3.
+    pub(crate) fn send_task(&self, task: Task) -> Result<(), PluginError> {
+        let plugins = self.plugins.borrow();
+        let Some(e) = plugins.get(&task.object_name).filter(|e| e.plugin.pid.get().is_some()) else {
+            return Err(PluginError::NotRunning(task.object_name));
+        };
+        let t = TaskRef {
+            data_type: task.data_type,
+            object_name: &task.object_name,
+            data: &task.data,
+            token: &task.token,
+        };
+        let len = task_frame_len(&t);
+        if len > MAX_TASK_FRAME {
+            return Err(PluginError::TaskTooLarge(task.object_name.clone()));
+        }
+        let mut frame = vec![0u8; len];
+        let n = encode_task_frame(&t, &mut frame).map_err(|_| PluginError::TaskTooLarge(task.object_name.clone()))?;
+        frame.truncate(n);
+        e.plugin
+            .tasks
+            .try_send(frame)
+            .map_err(|_| PluginError::Busy(task.object_name.clone()))
+    }
+
+    /// For 1001 heartbeats: one entry per running plugin; counters reset.
     pub(crate) fn snapshot(&self) -> Vec<PluginSnapshot> {
-        Vec::new()
+        let now = Instant::now();
+        self.plugins
+            .borrow()
+            .values()
+            .filter_map(|e| {
+                let p = &e.plugin;
+                let pid = p.pid.get()?;
+                let (rx_cnt, rx_bytes, tx_cnt, tx_bytes) = p.counters.take();
+                let elapsed_secs = now.duration_since(p.last_sample.replace(now)).as_secs_f64();
+                Some(PluginSnapshot {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    pid,
+                    dir: p.paths.dir.clone(),
+                    start_time: p.start_time.get(),
+                    rx_cnt,
+                    rx_bytes,
+                    tx_cnt,
+                    tx_bytes,
+                    elapsed_secs,
+                })
+            })
+            .collect()
     }
-    pub(crate) async fn shutdown(&self) {}
+
+    /// Close pipes, wait 10 s, SIGKILL the process group; all plugins in
+    /// parallel. Later syncs are ignored.
+    pub(crate) async fn shutdown(&self) {
+        let _guard = self.sync_lock.lock().await;
+        self.shut_down.set(true);
+        let all: Vec<Entry> = std::mem::take(&mut *self.plugins.borrow_mut()).into_values().collect();
+        // Signal every plugin first so their grace periods run in parallel.
+        for e in &all {
+            e.plugin.stopping.set(true);
+            e.plugin.stop.notify_one();
+        }
+        for e in all {
+            stop(e).await;
+        }
+    }
+}
+
+/// Asks a plugin task to stop and waits for it.
+async fn stop(e: Entry) {
+    e.plugin.stopping.set(true);
+    e.plugin.stop.notify_one();
+    if let Err(err) = e.task.await {
+        tracing::warn!(plugin = %e.plugin.name, error = %err, "plugin task failed");
+    }
+}
+
+/// Unix seconds now.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

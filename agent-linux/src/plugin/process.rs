@@ -30,6 +30,9 @@ use super::layout::Paths;
 /// Environment variable telling SDKs that fd 5 is the high-priority pipe.
 pub(crate) const HIGH_PRIORITY_ENV: &str = "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE";
 
+/// Highest descriptor number scanned for leaks in the child.
+const MAX_FD_SCAN: libc::rlim_t = 65_536;
+
 /// Pipe size requested for the record pipes (throughput; best effort).
 const RECORD_PIPE_SIZE: i32 = 1024 * 1024;
 
@@ -101,7 +104,8 @@ pub(crate) fn spawn(paths: &Paths, detail: &str) -> io::Result<Spawned> {
 /// clobbered by an earlier `dup2` nor left close-on-exec (`dup2(fd, fd)` is a
 /// no-op that keeps the flag): first copy every source above 9 (the copies
 /// are close-on-exec and vanish at exec), then `dup2` the copies onto 3/4/5,
-/// which clears close-on-exec on the targets only.
+/// which clears close-on-exec on the targets only. Finally any other
+/// descriptor without close-on-exec is closed.
 #[allow(unsafe_code)]
 fn map_fds(cmd: &mut Command, src: [RawFd; 3]) {
     let child_side = move || -> io::Result<()> {
@@ -121,6 +125,27 @@ fn map_fds(cmd: &mut Command, src: [RawFd; 3]) {
             // async-signal-safe, no allocation.
             if unsafe { libc::dup2(fd, target) } < 0 {
                 return Err(io::Error::last_os_error());
+            }
+        }
+        // Descriptors the agent itself inherited without close-on-exec
+        // (from whatever started it) must not reach the plugin: close every
+        // such descriptor above 5. Close-on-exec ones (including std's
+        // exec-error pipe) are left to exec.
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the local struct; async-signal-safe.
+        let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur.min(MAX_FD_SCAN)
+        } else {
+            MAX_FD_SCAN
+        };
+        for fd in 6..max as RawFd {
+            // SAFETY: F_GETFD/close on a descriptor number; an unused number
+            // just fails with EBADF. Both are async-signal-safe.
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                    libc::close(fd);
+                }
             }
         }
         Ok(())
@@ -169,25 +194,34 @@ mod tests {
     /// The real child sees exactly fds 0-5 with the documented targets.
     #[tokio::test(flavor = "current_thread")]
     async fn fd_layout_of_a_real_child() {
-        // `ls -l /proc/self/fd` would list ls's own directory fd as well;
-        // resolve each fd of the shell itself instead.
+        // `ls` also lists the directory it opened to read /proc/self/fd
+        // (a descriptor >= 6 pointing into /proc) and its stdout (the
+        // redirect into fds.txt); everything else is what the plugin got.
+        // Output goes through files: shell redirections of the plugin's own
+        // fds would make the shell keep saved copies.
         let (_wd, paths) = script(
-            "for f in /proc/$$/fd/*; do echo \"${f##*/} $(readlink $f)\"; done >&2; \
-             echo \"pgid=$(cut -d' ' -f5 /proc/$$/stat) pid=$$ cwd=$(pwd) hp=$ELKEID_PLUGIN_HIGH_PRIORITY_PIPE detail=$DETAIL path=${PATH:-unset}\" >&2",
+            "echo \"pgid=$(cut -d' ' -f5 /proc/$$/stat) pid=$$ cwd=$(pwd) hp=$ELKEID_PLUGIN_HIGH_PRIORITY_PIPE detail=$DETAIL path=${PATH:-unset}\" > info.txt\n\
+             ls -l /proc/self/fd > fds.txt",
         );
+        // A descriptor the agent inherited without close-on-exec must not
+        // reach the plugin either.
+        let leaked = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
         let mut sp = spawn(&paths, "").unwrap();
-        let out = read_all(sp.stderr).await;
         sp.child.wait().await.unwrap();
+        drop(leaked);
+        let out = std::fs::read_to_string(paths.dir.join("fds.txt")).unwrap();
+        let info = std::fs::read_to_string(paths.dir.join("info.txt")).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         let fds: Vec<(&str, &str)> = lines
             .iter()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(a, _)| a.parse::<u32>().is_ok())
+            .filter_map(|l| l.split_once(" -> "))
+            .map(|(a, t)| (a.rsplit(' ').next().unwrap(), t))
+            .filter(|(_, t)| !t.starts_with("/proc/"))
             .collect();
         let nums: Vec<&str> = fds.iter().map(|(a, _)| *a).collect();
         assert_eq!(nums, ["0", "1", "2", "3", "4", "5"], "{out}");
+        assert!(fds[1].1.ends_with("fds.txt"), "{out}");
         assert_eq!(fds[0].1, "/dev/null");
-        assert_eq!(fds[1].1, "/dev/null");
         for (_, t) in &fds[2..] {
             assert!(t.starts_with("pipe:["), "{out}");
         }
@@ -196,7 +230,6 @@ mod tests {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), 4, "{out}");
-        let info = lines.last().unwrap();
         assert!(info.contains(&format!("pgid={} pid={}", sp.pid, sp.pid)), "{info}");
         assert!(info.contains(&format!("cwd={}", paths.dir.display())), "{info}");
         assert!(info.contains("hp=1 detail= path="), "{info}");

@@ -1,0 +1,104 @@
+//! Size-capped capture of a plugin's stderr.
+//!
+//! Choice: the child's fd 2 is a pipe that the agent drains into
+//! `<name>.stderr` (Elkeid hands the file itself to the child, which can then
+//! fill the disk). When the file would pass the cap it is renamed to
+//! `<name>.stderr.1` (replacing the previous one) and a fresh file is
+//! started, so a plugin's stderr never takes more than twice the cap on
+//! disk. Each start truncates `<name>.stderr` (as Elkeid does). The drain
+//! ends at EOF, i.e. when the plugin and everything it forked have closed
+//! fd 2. Writes are small appends to the page cache, done inline.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+use tokio::net::unix::pipe;
+
+use super::layout::Paths;
+
+/// Read chunk for the stderr pipe.
+const CHUNK: usize = 4096;
+
+fn open(path: &std::path::Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Copies `rx` into `paths.stderr`, rotating at `cap` bytes. Never fails:
+/// file errors are logged once and the pipe is then drained to nowhere (so
+/// the plugin never blocks on a full stderr pipe).
+pub(crate) async fn drain(rx: pipe::Receiver, paths: Paths, cap: u64) {
+    let mut file = match open(&paths.stderr) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(path = %paths.stderr.display(), error = %e, "cannot open plugin stderr file");
+            None
+        }
+    };
+    let cap = cap.max(CHUNK as u64);
+    let mut written: u64 = 0;
+    let mut buf = [0u8; CHUNK];
+    loop {
+        if rx.readable().await.is_err() {
+            return;
+        }
+        let n = match rx.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
+        let Some(f) = file.as_mut() else { continue };
+        if written + n as u64 > cap {
+            let _ = std::fs::rename(&paths.stderr, &paths.stderr_old);
+            match open(&paths.stderr) {
+                Ok(nf) => *f = nf,
+                Err(e) => {
+                    tracing::warn!(path = %paths.stderr.display(), error = %e, "cannot reopen plugin stderr file");
+                    file = None;
+                    continue;
+                }
+            }
+            written = 0;
+        }
+        if let Err(e) = f.write_all(&buf[..n]) {
+            tracing::warn!(path = %paths.stderr.display(), error = %e, "plugin stderr write failed");
+            file = None;
+            continue;
+        }
+        written += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn rotates_at_cap() {
+        let wd = tempfile::tempdir().unwrap();
+        let paths = Paths::new(wd.path(), "p").unwrap();
+        paths.prepare().unwrap();
+        let (mut tx, rx) = pipe::pipe().unwrap();
+        let task = tokio::spawn(drain(rx, paths.clone(), 10_000));
+        for i in 0..30u8 {
+            tx.write_all(&[b'a' + (i % 26); 1000]).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        let cur = std::fs::metadata(&paths.stderr).unwrap().len();
+        let old = std::fs::metadata(&paths.stderr_old).unwrap().len();
+        assert!(cur <= 10_000 && old <= 10_000, "{cur} {old}");
+        // 30 000 bytes written, at most 2 x cap kept, nothing lost but rotated data.
+        assert!(cur > 0 && old > 10_000 - 4096, "{cur} {old}");
+        // The newest bytes are in the current file.
+        let tail = std::fs::read(&paths.stderr).unwrap();
+        assert_eq!(*tail.last().unwrap(), b'a' + 29 % 26);
+    }
+}
