@@ -583,3 +583,348 @@ pub fn decode_task_frame(
     };
     Ok(Some((decode_task(body)?, LEN_PREFIX + len)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Golden bodies, derived by hand from the spec (§1.3, §4.4):
+    // data_type 1000 = varint e8 07; timestamp 300 = varint ac 02;
+    // Payload {"a": "b"} = 0a 06 | 0a 01 'a' | 12 01 'b'.
+    const PAYLOAD_AB: &[u8] = &[0x0a, 0x06, 0x0a, 0x01, 0x61, 0x12, 0x01, 0x62];
+    const CANONICAL: &[u8] = &[
+        0x08, 0xe8, 0x07, // 1: data_type 1000
+        0x10, 0xac, 0x02, // 2: timestamp 300
+        0x1a, 0x08, 0x0a, 0x06, 0x0a, 0x01, 0x61, 0x12, 0x01, 0x62, // 3: payload
+    ];
+
+    fn frame(body: &[u8]) -> std::vec::Vec<u8> {
+        let mut v = std::vec::Vec::from((body.len() as u32).to_le_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn reencode(rec: &RecordRef<'_>) -> std::vec::Vec<u8> {
+        let mut out = std::vec![0u8; rec.encoded_len()];
+        assert_eq!(rec.encode_to(&mut out), out.len());
+        out
+    }
+
+    #[test]
+    fn canonical_record_passes_through() {
+        let f = frame(CANONICAL);
+        assert_eq!(&f[..4], &[0x10, 0x00, 0x00, 0x00]);
+        let (rec, used) = decode_frame(&f, DEFAULT_MAX_FRAME_LEN).unwrap().unwrap();
+        assert_eq!(used, 20);
+        assert_eq!((rec.data_type, rec.timestamp), (1000, 300));
+        assert_eq!(rec.payload, PAYLOAD_AB);
+        assert!(rec.canonical);
+        assert_eq!(rec.encoded_len(), CANONICAL.len());
+        assert_eq!(reencode(&rec), CANONICAL);
+    }
+
+    #[test]
+    fn zero_data_type_and_timestamp_are_omitted() {
+        // Proto3 omits zeros: only field 3 is left.
+        let body = &CANONICAL[6..];
+        let rec = decode_record(body).unwrap();
+        assert_eq!((rec.data_type, rec.timestamp), (0, 0));
+        assert_eq!(rec.payload, PAYLOAD_AB);
+        assert!(rec.canonical);
+        // Only timestamp omitted.
+        let body = [&CANONICAL[..3], &CANONICAL[6..]].concat();
+        let rec = decode_record(&body).unwrap();
+        assert_eq!((rec.data_type, rec.timestamp), (1000, 0));
+        assert!(rec.canonical);
+    }
+
+    #[test]
+    fn explicit_zero_fields_are_reencoded() {
+        let body = [&[0x08, 0x00, 0x10, 0x00][..], &CANONICAL[6..]].concat();
+        let rec = decode_record(&body).unwrap();
+        assert_eq!((rec.data_type, rec.timestamp), (0, 0));
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), &CANONICAL[6..]);
+    }
+
+    #[test]
+    fn missing_payload_does_not_desync() {
+        // Go's positional reader would eat the next frame's first byte.
+        let body = &CANONICAL[..6];
+        let mut stream = frame(body);
+        stream.extend_from_slice(&frame(CANONICAL));
+        let (rec, used) = decode_frame(&stream, DEFAULT_MAX_FRAME_LEN)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, 10);
+        assert_eq!(
+            (rec.data_type, rec.timestamp, rec.payload),
+            (1000, 300, &[][..])
+        );
+        assert!(rec.canonical);
+        let (next, _) = decode_frame(&stream[used..], DEFAULT_MAX_FRAME_LEN)
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.body, CANONICAL);
+    }
+
+    #[test]
+    fn empty_record_and_empty_payload() {
+        let rec = decode_record(&[]).unwrap();
+        assert_eq!((rec.data_type, rec.timestamp, rec.payload.len()), (0, 0, 0));
+        assert!(rec.canonical);
+        assert_eq!(rec.encoded_len(), 0);
+        let f = [0u8, 0, 0, 0];
+        let (rec, used) = decode_frame(&f, 16).unwrap().unwrap();
+        assert_eq!((used, rec.body.len()), (4, 0));
+
+        // data present but empty: `1a 00`, dropped on re-encoding.
+        let body = [&CANONICAL[..6], &[0x1a, 0x00][..]].concat();
+        let rec = decode_record(&body).unwrap();
+        assert!(rec.payload.is_empty());
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), &CANONICAL[..6]);
+    }
+
+    #[test]
+    fn fields_out_of_order() {
+        let body = [&CANONICAL[6..], &CANONICAL[3..6], &CANONICAL[..3]].concat();
+        let rec = decode_record(&body).unwrap();
+        assert_eq!(
+            (rec.data_type, rec.timestamp, rec.payload),
+            (1000, 300, PAYLOAD_AB)
+        );
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), CANONICAL);
+    }
+
+    #[test]
+    fn unknown_fields_of_every_wire_type_are_skipped() {
+        let unknown: &[u8] = &[
+            0x20, 0x05, // 4: varint 5
+            0x2d, 0x01, 0x02, 0x03, 0x04, // 5: fixed32
+            0x31, 1, 2, 3, 4, 5, 6, 7, 8, // 6: fixed64
+            0x3a, 0x02, 0xab, 0xcd, // 7: bytes
+            0x43, 0x08, 0x01, 0x44, // 8: group { 1: 1 }
+            0x80, 0x01, 0x07, // 16 (two-byte key): varint 7
+        ];
+        let body = [&CANONICAL[..3], unknown, &CANONICAL[3..]].concat();
+        let rec = decode_record(&body).unwrap();
+        assert_eq!(
+            (rec.data_type, rec.timestamp, rec.payload),
+            (1000, 300, PAYLOAD_AB)
+        );
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), CANONICAL);
+    }
+
+    #[test]
+    fn negative_data_type() {
+        // int32 -1 on the wire: sign-extended, ten bytes.
+        let body = [
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ];
+        let rec = decode_record(&body).unwrap();
+        assert_eq!(rec.data_type, -1);
+        assert!(rec.canonical);
+        // A writer that truncated to 32 bits (5 bytes) still decodes as -1,
+        // and is re-encoded the standard way.
+        let rec = decode_record(&[0x08, 0xff, 0xff, 0xff, 0xff, 0x0f]).unwrap();
+        assert_eq!(rec.data_type, -1);
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), body);
+        // A non-minimal varint is not canonical either.
+        let rec = decode_record(&[0x08, 0x81, 0x00]).unwrap();
+        assert_eq!(rec.data_type, 1);
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), [0x08, 0x01]);
+    }
+
+    #[test]
+    fn repeated_fields_merge_like_protobuf() {
+        // Scalars: last one wins.
+        let rec = decode_record(&[0x08, 0x01, 0x08, 0x02]).unwrap();
+        assert_eq!(rec.data_type, 2);
+        assert!(!rec.canonical);
+        assert_eq!(reencode(&rec), [0x08, 0x02]);
+        // Field 3 twice: the payloads concatenate ({"a":"b"} + {"c":"d"}).
+        let body = [
+            0x08, 0x01, //
+            0x1a, 0x08, 0x0a, 0x06, 0x0a, 0x01, 0x61, 0x12, 0x01, 0x62, //
+            0x1a, 0x08, 0x0a, 0x06, 0x0a, 0x01, 0x63, 0x12, 0x01, 0x64,
+        ];
+        let rec = decode_record(&body).unwrap();
+        assert!(!rec.canonical);
+        assert_eq!(rec.payload_len(), 16);
+        assert_eq!(rec.payload_parts().count(), 2);
+        let expected = [
+            0x08, 0x01, 0x1a, 0x10, //
+            0x0a, 0x06, 0x0a, 0x01, 0x61, 0x12, 0x01, 0x62, //
+            0x0a, 0x06, 0x0a, 0x01, 0x63, 0x12, 0x01, 0x64,
+        ];
+        assert_eq!(reencode(&rec), expected);
+    }
+
+    #[test]
+    fn malformed_bodies_are_invalid() {
+        let bad: &[&[u8]] = &[
+            &[0x08],                   // varint missing
+            &[0x1a, 0x05, 0x0a],       // payload runs past the frame
+            &[0x0d, 0, 0, 0, 0],       // data_type as fixed32
+            &[0x1a, 0x02, 0xff, 0xff], // payload is not protobuf
+            &[0x00, 0x01],             // field 0
+            &[0x0f],                   // wire type 7
+            &[0x44],                   // stray end-group
+            &[0x2d, 0x01],             // truncated fixed32
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+        ];
+        for b in bad {
+            assert!(
+                matches!(decode_record(b), Err(FrameError::Invalid(_))),
+                "{b:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_length_is_rejected_before_buffering() {
+        let f = [0xff, 0xff, 0xff, 0xff, 0x08];
+        let err = decode_frame(&f, DEFAULT_MAX_FRAME_LEN).unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::TooLong {
+                declared: u32::MAX,
+                max: DEFAULT_MAX_FRAME_LEN
+            }
+        );
+        assert!(std::format!("{err}").contains("unusable"));
+        // Exactly at the limit is fine (incomplete), one above is not.
+        assert_eq!(decode_frame(&[0x10, 0, 0, 0], 16), Ok(None));
+        assert!(decode_frame(&[0x11, 0, 0, 0], 16).is_err());
+
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        d.push(&f);
+        assert!(matches!(d.next_record(), Err(FrameError::TooLong { .. })));
+        // Nothing was reserved for the 4 GiB body, and the error sticks.
+        assert!(d.capacity() < 64, "capacity {}", d.capacity());
+        d.push(&frame(CANONICAL));
+        assert!(d.next_record().is_err());
+    }
+
+    /// Frames that break the Go agent, back to back.
+    type Decoded = std::vec::Vec<(i32, i64, std::vec::Vec<u8>)>;
+
+    fn nasty_stream() -> (std::vec::Vec<u8>, Decoded) {
+        let bodies: std::vec::Vec<std::vec::Vec<u8>> = std::vec![
+            CANONICAL.into(),
+            CANONICAL[6..].into(),
+            CANONICAL[..6].into(),
+            std::vec![],
+            [&CANONICAL[..6], &[0x1a, 0x00][..]].concat(),
+            [&CANONICAL[6..], &CANONICAL[3..6], &CANONICAL[..3]].concat(),
+            [&CANONICAL[..3], &[0x2d, 1, 2, 3, 4][..], &CANONICAL[3..]].concat(),
+            std::vec![
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+            ],
+        ];
+        let expected = std::vec![
+            (1000, 300, CANONICAL.to_vec()),
+            (0, 0, CANONICAL[6..].to_vec()),
+            (1000, 300, CANONICAL[..6].to_vec()),
+            (0, 0, std::vec![]),
+            (1000, 300, CANONICAL[..6].to_vec()),
+            (1000, 300, CANONICAL.to_vec()),
+            (1000, 300, CANONICAL.to_vec()),
+            (-1, 0, bodies[7].clone()),
+        ];
+        let stream = bodies.iter().flat_map(|b| frame(b)).collect();
+        (stream, expected)
+    }
+
+    fn drain(d: &mut FrameDecoder, out: &mut Decoded) {
+        while let Some(rec) = d.next_record().unwrap() {
+            out.push((rec.data_type, rec.timestamp, reencode(&rec)));
+        }
+    }
+
+    #[test]
+    fn split_at_every_boundary() {
+        let (stream, expected) = nasty_stream();
+        for i in 0..=stream.len() {
+            for j in i..=stream.len() {
+                let mut d = FrameDecoder::new(64);
+                let mut got = std::vec::Vec::new();
+                for chunk in [&stream[..i], &stream[i..j], &stream[j..]] {
+                    d.push(chunk);
+                    drain(&mut d, &mut got);
+                }
+                assert_eq!(got, expected, "split at {i}, {j}");
+                assert_eq!(d.buffered(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn one_byte_at_a_time_through_spare_room() {
+        let (stream, expected) = nasty_stream();
+        let mut d = FrameDecoder::new(64);
+        let mut got = std::vec::Vec::new();
+        for &b in &stream {
+            let spare = d.spare_mut(1);
+            spare[0] = b;
+            d.advance(1);
+            drain(&mut d, &mut got);
+            assert!(d.capacity() <= 4 + 64 + 1, "capacity {}", d.capacity());
+        }
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn task_frame_golden() {
+        // Task {1: 1050 (9a 08), 2: "collector", 3: "" (omitted), 4: "t1"}.
+        let task = TaskRef {
+            data_type: 1050,
+            object_name: "collector",
+            data: "",
+            token: "t1",
+        };
+        let golden = [
+            0x12, 0x00, 0x00, 0x00, // 18 bytes
+            0x08, 0x9a, 0x08, //
+            0x12, 0x09, b'c', b'o', b'l', b'l', b'e', b'c', b't', b'o', b'r', //
+            0x22, 0x02, b't', b'1',
+        ];
+        assert_eq!(task_frame_len(&task), golden.len());
+        let mut out = [0u8; 64];
+        let n = encode_task_frame(&task, &mut out).unwrap();
+        assert_eq!(&out[..n], golden);
+        assert_eq!(
+            decode_task_frame(&golden, 1024),
+            Ok(Some((task, golden.len())))
+        );
+        assert_eq!(decode_task_frame(&golden[..10], 1024), Ok(None));
+        assert!(encode_task_frame(&task, &mut out[..21]).is_err());
+
+        // All-zero task: an empty body.
+        let zero = TaskRef::default();
+        assert_eq!(encode_task_frame(&zero, &mut out), Ok(4));
+        assert_eq!(&out[..4], [0, 0, 0, 0]);
+
+        // Any order, unknown fields, invalid UTF-8 rejected, hostile length.
+        let body = [
+            0x22, 0x01, b'x', 0x2d, 1, 2, 3, 4, 0x1a, 0x01, b'd', 0x08, 0x05,
+        ];
+        let t = decode_task(&body).unwrap();
+        assert_eq!(
+            (t.data_type, t.data, t.token, t.object_name),
+            (5, "d", "x", "")
+        );
+        assert!(decode_task(&[0x1a, 0x01, 0xff]).is_err());
+        assert!(matches!(
+            decode_task_frame(&[0xff, 0xff, 0xff, 0xff], 1 << 20),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+}

@@ -150,3 +150,70 @@ pub fn encode_packet_vec<'r>(
     }
     out.extend_from_slice(meta);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const META: PacketMeta<'static> = PacketMeta {
+        agent_id: "id",
+        intranet_ipv4: &["a", ""],
+        extranet_ipv4: &[],
+        intranet_ipv6: &[],
+        extranet_ipv6: &["b"],
+        hostname: "h",
+        version: "",
+        product: "p",
+    };
+    // Hand-derived: 2 "id" | 3 "a" | 3 "" | 6 "b" | 7 "h" | (8 omitted) | 9 "p".
+    const META_GOLDEN: &[u8] = &[
+        0x12, 0x02, b'i', b'd', 0x1a, 0x01, b'a', 0x1a, 0x00, 0x32, 0x01, b'b', 0x3a, 0x01, b'h',
+        0x4a, 0x01, b'p',
+    ];
+
+    #[test]
+    fn meta_golden() {
+        assert_eq!(meta_len(&META), META_GOLDEN.len());
+        let mut out = [0u8; 64];
+        let n = encode_meta(&META, &mut out).unwrap();
+        assert_eq!(&out[..n], META_GOLDEN);
+        assert!(encode_meta(&META, &mut out[..5]).is_err());
+        assert_eq!(encode_meta(&PacketMeta::default(), &mut out), Ok(0));
+    }
+
+    #[test]
+    fn packet_golden() {
+        let rec: &[u8] = &[0x08, 0xe8, 0x07, 0x10, 0xac, 0x02];
+        let records = [rec, &[][..]];
+        let golden = [
+            &[0x0a, 0x06][..],
+            rec,
+            &[0x0a, 0x00], // an all-zero record is still a record
+            META_GOLDEN,
+        ]
+        .concat();
+        assert_eq!(
+            packet_len(records.iter().copied(), META_GOLDEN),
+            golden.len()
+        );
+        let mut out = [0u8; 64];
+        let n = encode_packet(records.iter().copied(), META_GOLDEN, &mut out).unwrap();
+        assert_eq!(&out[..n], golden);
+        assert!(encode_packet(records.iter().copied(), META_GOLDEN, &mut out[..10]).is_err());
+
+        let mut v = std::vec![0xee];
+        encode_packet_vec(records.iter().copied(), META_GOLDEN, &mut v);
+        assert_eq!(v[0], 0xee);
+        assert_eq!(&v[1..], golden);
+    }
+
+    #[test]
+    fn large_record_length_varint() {
+        let big = std::vec![0u8; 300];
+        // 300 = ac 02
+        let mut v = std::vec::Vec::new();
+        encode_packet_vec(core::iter::once(&big[..]), &[], &mut v);
+        assert_eq!(&v[..3], &[0x0a, 0xac, 0x02]);
+        assert_eq!(record_entry_len(300), 303);
+    }
+}

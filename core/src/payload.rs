@@ -435,3 +435,169 @@ impl<'a> Iterator for Entries<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    fn written(f: impl FnOnce(&mut PayloadWriter<'_>)) -> Vec<u8> {
+        let mut buf = [0u8; 512];
+        let mut w = PayloadWriter::new(&mut buf);
+        f(&mut w);
+        let n = w.finish().unwrap();
+        buf[..n].to_vec()
+    }
+
+    fn value_of(f: impl FnOnce(&mut PayloadWriter<'_>)) -> String {
+        let bytes = written(f);
+        let mut it = entries(&bytes);
+        let (_, v) = it.next().unwrap().unwrap();
+        assert!(it.next().is_none());
+        String::from_utf8(v.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn entry_golden() {
+        // {1: "cpu", 2: "0.5"} inside field 1; empty key and value kept.
+        let got = written(|w| {
+            w.field("cpu", "0.5").field_i64("n", -5).field("", "");
+        });
+        let golden: &[u8] = &[
+            0x0a, 0x0a, 0x0a, 0x03, b'c', b'p', b'u', 0x12, 0x03, b'0', b'.', b'5', //
+            0x0a, 0x07, 0x0a, 0x01, b'n', 0x12, 0x02, b'-', b'5', //
+            0x0a, 0x04, 0x0a, 0x00, 0x12, 0x00,
+        ];
+        assert_eq!(got, golden);
+        assert_eq!(entry_len(3, 3), 12);
+        let mut pb = PayloadBuf::new();
+        pb.field("cpu", "0.5").field_i64("n", -5).field("", "");
+        assert_eq!(pb.as_bytes(), golden);
+    }
+
+    #[test]
+    fn long_values_use_multi_byte_lengths() {
+        let v = "x".repeat(200);
+        let got = written(|w| {
+            w.field("k", &v);
+        });
+        // entry body = 3 (key) + 1 + 2 + 200 (value, length c8 01) = 206 = ce 01
+        assert_eq!(
+            &got[..9],
+            &[0x0a, 0xce, 0x01, 0x0a, 0x01, b'k', 0x12, 0xc8, 0x01]
+        );
+        assert_eq!(got.len(), 3 + 206);
+    }
+
+    #[test]
+    fn numbers_format_like_elkeid() {
+        assert_eq!(
+            value_of(|w| {
+                w.field_u64("k", u64::MAX);
+            }),
+            "18446744073709551615"
+        );
+        assert_eq!(
+            value_of(|w| {
+                w.field_i64("k", i64::MIN);
+            }),
+            "-9223372036854775808"
+        );
+        let cases: &[(f64, &str)] = &[
+            (0.5, "0.50000000"),
+            (0.0, "0.00000000"),
+            (-0.0, "-0.00000000"),
+            (1.0 / 3.0, "0.33333333"),
+            (2.0 / 3.0, "0.66666667"),
+            (-12.25, "-12.25000000"),
+            (123_456_789.123_456_79, "123456789.12345679"),
+            (1e21, "1000000000000000000000.00000000"),
+            (1e-9, "0.00000000"),
+            // Exact ties round half to even, like Go's decimal rounding.
+            (0.001_953_125, "0.00195312"),
+            (0.005_859_375, "0.00585938"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NEG_INFINITY, "-Inf"),
+        ];
+        for &(v, s) in cases {
+            assert_eq!(
+                value_of(|w| {
+                    w.field_f64("k", v);
+                }),
+                s,
+                "{v:e}"
+            );
+        }
+        // The longest float still goes through the stack-free path.
+        let max = value_of(|w| {
+            w.field_f64("k", f64::MAX);
+        });
+        assert_eq!(max.len(), 309 + 9);
+        assert!(max.ends_with(".00000000"));
+        assert_eq!(
+            value_of(|w| {
+                w.field_fmt("k", format_args!("{}-{}", 1, "a"));
+            }),
+            "1-a"
+        );
+    }
+
+    #[test]
+    fn overflow_is_reported_and_keeps_earlier_entries() {
+        let mut buf = [0u8; 15];
+        let mut w = PayloadWriter::new(&mut buf);
+        w.field("cpu", "0.5");
+        assert_eq!(w.len(), 12);
+        w.field_f64("mem", 1.0).field("a", "b");
+        assert_eq!(w.len(), 12);
+        assert_eq!(w.finish(), Err(Overflow));
+        assert_eq!(entries(&buf[..12]).count(), 1);
+
+        let mut empty: [u8; 0] = [];
+        let mut w = PayloadWriter::new(&mut empty);
+        assert!(w.is_empty());
+        assert_eq!(w.field("", "").len(), 0);
+        assert_eq!(w.finish(), Err(Overflow));
+    }
+
+    #[test]
+    fn entries_decode_like_protobuf() {
+        let payload: &[u8] = &[
+            0x0a, 0x06, 0x12, 0x01, b'b', 0x0a, 0x01, b'a', // value before key
+            0x10, 0x01, // unknown top-level varint field 2
+            0x0a, 0x03, 0x0a, 0x01, b'k', // no value
+            0x0a, 0x00, // empty entry
+            0x0a, 0x09, 0x0a, 0x01, b'x', 0x18, 0x07, 0x12, 0x01, b'y', 0x2d, // ...
+        ];
+        // Last entry is truncated inside: fix length for a valid version.
+        let mut valid = payload.to_vec();
+        valid.truncate(payload.len() - 1);
+        valid[18] = 0x08;
+        let got: Vec<_> = entries(&valid).map(|e| e.unwrap()).collect();
+        assert_eq!(
+            got,
+            [
+                (&b"a"[..], &b"b"[..]),
+                (&b"k"[..], &b""[..]),
+                (&b""[..], &b""[..]),
+                (&b"x"[..], &b"y"[..]),
+            ]
+        );
+        // Malformed input yields one error, then ends.
+        let mut it = entries(payload);
+        assert_eq!(it.by_ref().filter(|e| e.is_err()).count(), 1);
+        assert!(it.next().is_none());
+        for bad in [
+            &[0x0a, 0x05, 0x0a][..],
+            &[0x08, 0x01],
+            &[0x0a, 0x02, 0x08, 0x01],
+            &[0xff],
+        ] {
+            assert!(entries(bad).any(|e| e.is_err()), "{bad:02x?}");
+        }
+        assert_eq!(entries(&[]).count(), 0);
+        assert!(PayloadError("x").to_string().contains("x"));
+    }
+}

@@ -565,3 +565,200 @@ impl<'a, const N: usize> Iterator for BatchRecords<'a, N> {
 }
 
 impl<const N: usize> ExactSizeIterator for BatchRecords<'_, N> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    fn cfg(budget: usize, rec: usize, bytes: usize) -> RingConfig {
+        RingConfig {
+            byte_budget: budget,
+            agent_reserved_records: rec,
+            agent_reserved_bytes: bytes,
+        }
+    }
+
+    fn all<const N: usize>(r: &mut Ring<N>) -> Vec<Vec<u8>> {
+        let Some(b) = r.begin_batch(usize::MAX, usize::MAX) else {
+            return Vec::new();
+        };
+        let v = r.batch_records(&b).map(<[u8]>::to_vec).collect();
+        r.rollback(b);
+        v
+    }
+
+    #[test]
+    fn push_drain_commit_rollback() {
+        let mut r: Ring<8> = Ring::new(cfg(1024, 0, 0));
+        assert!(r.is_empty());
+        assert!(r.begin_batch(10, 100).is_none());
+        r.push_encoded(Class::Plugin, &[1; 10]).unwrap();
+        r.push_encoded(Class::Plugin, &[2; 20]).unwrap();
+        r.push_encoded(Class::Agent, &[3; 30]).unwrap();
+        assert_eq!((r.len(), r.bytes()), (3, 60));
+        assert_eq!((r.len_of(Class::Agent), r.bytes_of(Class::Agent)), (1, 30));
+
+        // 12 + 22 = 34 bytes fit in 40, the third (32) does not.
+        let b = r.begin_batch(10, 40).unwrap();
+        assert_eq!((b.len(), b.encoded_bytes()), (2, 34));
+        assert!(r.begin_batch(10, 40).is_none(), "one batch at a time");
+        r.push_encoded(Class::Plugin, &[4; 5]).unwrap();
+        r.rollback(b);
+        assert_eq!(r.in_flight(), 0);
+        assert_eq!(all(&mut r), [&[1u8; 10][..], &[2; 20], &[3; 30], &[4; 5]]);
+
+        let b = r.begin_batch(1, usize::MAX).unwrap();
+        assert_eq!(r.batch_records(&b).collect::<Vec<_>>(), [&[1u8; 10][..]]);
+        r.commit(b);
+        assert_eq!((r.len(), r.bytes()), (3, 55));
+        let b = r.begin_batch(10, usize::MAX).unwrap();
+        assert_eq!(b.len(), 3);
+        r.commit(b);
+        assert!(r.is_empty());
+        assert_eq!(
+            (r.bytes(), r.len_of(Class::Agent), r.bytes_of(Class::Agent)),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn oversized_first_record_still_drains() {
+        let mut r: Ring<4> = Ring::new(cfg(1024, 0, 0));
+        r.push_encoded(Class::Plugin, &[7; 200]).unwrap();
+        let b = r.begin_batch(10, 50).unwrap();
+        assert_eq!((b.len(), b.encoded_bytes()), (1, 203));
+        r.commit(b);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn full_hands_the_record_back() {
+        let mut r: Ring<2> = Ring::new(cfg(100, 0, 0));
+        r.push_encoded(Class::Plugin, &[1]).unwrap();
+        r.push_encoded(Class::Plugin, &[2]).unwrap();
+        assert_eq!(r.push_encoded(Class::Plugin, &[3]), Err((Full, &[3u8][..])));
+        let mut r: Ring<8> = Ring::new(cfg(100, 0, 0));
+        assert_eq!(r.max_record_len(Class::Plugin), 100);
+        assert!(!r.has_room(Class::Plugin, 101));
+        assert!(r.push_encoded(Class::Plugin, &[0; 101]).is_err());
+        r.push_encoded(Class::Plugin, &[0; 100]).unwrap();
+        assert!(!r.has_room(Class::Plugin, 1));
+        // Zero-length records take a slot, no bytes.
+        assert!(r.has_room(Class::Plugin, 0));
+        r.push_encoded(Class::Plugin, &[]).unwrap();
+    }
+
+    #[test]
+    fn wraps_without_splitting_records() {
+        let mut r: Ring<16> = Ring::new(cfg(100, 0, 0));
+        for i in 0..3u8 {
+            r.push_encoded(Class::Plugin, &[i; 30]).unwrap(); // [0,90)
+        }
+        // 20 bytes do not fit at the tail (90..100) nor at the start.
+        assert!(!r.has_room(Class::Plugin, 20));
+        let b = r.begin_batch(1, usize::MAX).unwrap();
+        r.commit(b); // frees [0,30)
+        // Still no 31 bytes anywhere, but 30 fit at the start.
+        assert!(!r.has_room(Class::Plugin, 31));
+        assert!(r.has_room(Class::Plugin, 30));
+        r.push_encoded(Class::Plugin, &[3; 25]).unwrap(); // wraps to [0,25)
+        assert!(r.has_room(Class::Plugin, 5));
+        assert!(!r.has_room(Class::Plugin, 6));
+        r.push_encoded(Class::Plugin, &[4; 5]).unwrap(); // [25,30)
+        assert!(!r.has_room(Class::Plugin, 1));
+        assert_eq!(r.bytes(), 90);
+        let b = r.begin_batch(2, usize::MAX).unwrap();
+        r.commit(b); // frees the upper records; head moves to 0
+        assert!(r.has_room(Class::Plugin, 70));
+        assert!(!r.has_room(Class::Plugin, 71));
+        r.push_encoded(Class::Plugin, &[5; 70]).unwrap();
+        assert_eq!(all(&mut r), [&[3u8; 25][..], &[4; 5], &[5; 70]]);
+    }
+
+    #[test]
+    fn plugin_flood_cannot_starve_agent_records() {
+        let mut r: Ring<8> = Ring::new(cfg(1000, 2, 100));
+        assert_eq!(r.max_record_len(Class::Plugin), 900);
+        assert_eq!(r.max_record_len(Class::Agent), 900);
+        let mut n = 0;
+        while r.push_encoded(Class::Plugin, &[1; 10]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 6, "two slots held back");
+        r.push_encoded(Class::Agent, &[2; 10]).unwrap();
+        // One agent record stored: only one slot is still held back.
+        assert!(!r.has_room(Class::Plugin, 1));
+        r.push_encoded(Class::Agent, &[3; 10]).unwrap();
+        assert!(!r.has_room(Class::Agent, 0), "all 8 slots used");
+
+        // Bytes: fill the main region with plugin records, then agent
+        // records go to the reserve.
+        let mut r: Ring<8> = Ring::new(cfg(1000, 2, 100));
+        for _ in 0..3 {
+            r.push_encoded(Class::Plugin, &[1; 300]).unwrap();
+        }
+        assert!(!r.has_room(Class::Plugin, 1));
+        r.push_encoded(Class::Agent, &[2; 60]).unwrap();
+        assert!(r.has_room(Class::Agent, 40));
+        assert!(!r.has_room(Class::Agent, 41));
+        r.push_encoded(Class::Agent, &[3; 40]).unwrap();
+        assert_eq!(r.bytes(), 1000);
+        assert_eq!(all(&mut r)[3..], [&[2u8; 60][..], &[3; 40]]);
+        // Freeing everything returns both regions to empty.
+        let b = r.begin_batch(8, usize::MAX).unwrap();
+        r.commit(b);
+        assert!(r.has_room(Class::Plugin, 900) && r.has_room(Class::Agent, 900));
+    }
+
+    #[test]
+    fn stale_batches_are_ignored() {
+        let mut r: Ring<4> = Ring::new(cfg(100, 0, 0));
+        r.push_encoded(Class::Plugin, &[1]).unwrap();
+        let b = r.begin_batch(4, 100).unwrap();
+        let stale = Batch {
+            records: b.records,
+            bytes: b.bytes,
+            generation: b.generation,
+        };
+        r.commit(b);
+        r.push_encoded(Class::Plugin, &[2]).unwrap();
+        assert_eq!(r.batch_records(&stale).count(), 0);
+        r.commit(stale);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn push_record_and_frame_write_canonical_bytes() {
+        let mut r: Ring<4> = Ring::new(cfg(1024, 1, 64));
+        let payload = [0x0a, 0x06, 0x0a, 0x01, 0x61, 0x12, 0x01, 0x62];
+        r.push_record(Class::Agent, 1000, 300, &payload).unwrap();
+        r.push_record(Class::Agent, 0, 0, &[]).unwrap();
+        // Out-of-order body: stored re-encoded.
+        let body = [0x10, 0xac, 0x02, 0x08, 0xe8, 0x07];
+        let rec = frame::decode_record(&body).unwrap();
+        r.push_frame(Class::Plugin, &rec).unwrap();
+        let got = all(&mut r);
+        assert_eq!(
+            got[0],
+            [
+                0x08, 0xe8, 0x07, 0x10, 0xac, 0x02, 0x1a, 0x08, 0x0a, 0x06, 0x0a, 0x01, 0x61, 0x12,
+                0x01, 0x62
+            ]
+        );
+        assert!(got[1].is_empty());
+        assert_eq!(got[2], [0x08, 0xe8, 0x07, 0x10, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn borrowed_storage() {
+        static mut STORAGE: [u8; 64] = [0; 64];
+        // SAFETY: this test is the only user of STORAGE.
+        let storage: &'static mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(STORAGE) };
+        let mut r: Ring<4> = Ring::with_storage(RingConfig::default(), storage);
+        assert_eq!(r.max_record_len(Class::Agent), 64);
+        assert_eq!(r.max_record_len(Class::Plugin), 0);
+        r.push_encoded(Class::Agent, &[9; 64]).unwrap();
+        assert_eq!(all(&mut r), [&[9u8; 64][..]]);
+    }
+}
