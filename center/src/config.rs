@@ -86,7 +86,11 @@ pub enum ConfigError {
 
 /// Command-line flags (each also readable from `ELKEID_CENTER_*`).
 #[derive(Debug, Default, Parser)]
-#[command(name = "elkeid-center", version, about = "Elkeid-compatible agent center")]
+#[command(
+    name = "elkeid-center",
+    version,
+    about = "Elkeid-compatible agent center"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "ELKEID_CENTER_CONFIG")]
@@ -406,8 +410,10 @@ impl Config {
     pub fn load(cli: Cli) -> Result<Config, ConfigError> {
         let file = match &cli.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 parse_file(path, &text)?
             }
             None => FileConfig::default(),
@@ -423,35 +429,57 @@ fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn num<T: std::str::FromStr>(key: &'static str, flag: Option<String>, file: Option<u64>, default: T) -> Result<T, ConfigError>
+fn num<T>(
+    key: &'static str,
+    flag: Option<String>,
+    file: Option<u64>,
+    default: T,
+) -> Result<T, ConfigError>
 where
-    T: TryFrom<u64>,
+    T: std::str::FromStr + TryFrom<u64>,
 {
     if let Some(s) = flag {
-        return s
-            .trim()
-            .parse::<T>()
-            .map_err(|_| ConfigError::Invalid { key, msg: format!("`{s}` is not a valid number") });
+        return s.trim().parse::<T>().map_err(|_| ConfigError::Invalid {
+            key,
+            msg: format!("`{s}` is not a valid number"),
+        });
     }
     match file {
-        Some(v) => T::try_from(v).map_err(|_| ConfigError::Invalid { key, msg: format!("{v} is out of range") }),
+        Some(v) => T::try_from(v).map_err(|_| ConfigError::Invalid {
+            key,
+            msg: format!("{v} is out of range"),
+        }),
         None => Ok(default),
     }
 }
 
-fn addr(key: &'static str, flag: Option<String>, file: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+fn addr(
+    key: &'static str,
+    flag: Option<String>,
+    file: Option<String>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
     let s = flag.or(file).unwrap_or_else(|| default.to_string());
-    s.trim()
-        .parse()
-        .map_err(|_| ConfigError::Invalid { key, msg: format!("`{s}` is not an ip:port socket address") })
+    s.trim().parse().map_err(|_| ConfigError::Invalid {
+        key,
+        msg: format!("`{s}` is not an ip:port socket address"),
+    })
 }
 
-fn boolean(key: &'static str, flag: Option<String>, file: Option<bool>, default: bool) -> Result<bool, ConfigError> {
+fn boolean(
+    key: &'static str,
+    flag: Option<String>,
+    file: Option<bool>,
+    default: bool,
+) -> Result<bool, ConfigError> {
     match flag {
         Some(s) => match s.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(true),
             "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err(ConfigError::Invalid { key, msg: format!("`{s}` is not true or false") }),
+            _ => Err(ConfigError::Invalid {
+                key,
+                msg: format!("`{s}` is not true or false"),
+            }),
         },
         None => Ok(file.unwrap_or(default)),
     }
@@ -459,28 +487,67 @@ fn boolean(key: &'static str, flag: Option<String>, file: Option<bool>, default:
 
 fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
     if v == 0 {
-        return Err(ConfigError::Invalid { key, msg: "must be greater than 0".into() });
+        return Err(ConfigError::Invalid {
+            key,
+            msg: "must be greater than 0".into(),
+        });
     }
     Ok(v)
 }
 
 fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
-    let data_dir = cli.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./elkeid-data"));
-    let log_level = cli.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+    let data_dir = cli
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./elkeid-data"));
+    let log_level = cli
+        .log_level
+        .or(file.log_level)
+        .unwrap_or_else(|| "info".into());
 
     let g = file.grpc;
     let conn_limit: u64 = num("grpc.conn_limit", cli.conn_limit, g.conn_limit, 10_000)?;
-    let first_packet: u64 = num("grpc.first_packet_timeout_secs", cli.first_packet_timeout_secs, g.first_packet_timeout_secs, 30)?;
-    let max_msg: u64 = num("grpc.max_message_bytes", cli.max_message_bytes, g.max_message_bytes, 10 * 1024 * 1024)?;
-    let upload_max: u64 = num("grpc.upload_max_bytes", cli.upload_max_bytes, g.upload_max_bytes, 512 * 1024 * 1024)?;
-    let tls = if cli.insecure_plaintext { false } else { g.tls.unwrap_or(true) };
+    let first_packet: u64 = num(
+        "grpc.first_packet_timeout_secs",
+        cli.first_packet_timeout_secs,
+        g.first_packet_timeout_secs,
+        30,
+    )?;
+    let max_msg: u64 = num(
+        "grpc.max_message_bytes",
+        cli.max_message_bytes,
+        g.max_message_bytes,
+        10 * 1024 * 1024,
+    )?;
+    let upload_max: u64 = num(
+        "grpc.upload_max_bytes",
+        cli.upload_max_bytes,
+        g.upload_max_bytes,
+        512 * 1024 * 1024,
+    )?;
+    let tls = if cli.insecure_plaintext {
+        false
+    } else {
+        g.tls.unwrap_or(true)
+    };
     let grpc = GrpcConfig {
         addr: addr("grpc.addr", cli.grpc_addr, g.addr, "0.0.0.0:6751")?,
-        conn_limit: usize::try_from(positive("grpc.conn_limit", conn_limit)?)
-            .map_err(|_| ConfigError::Invalid { key: "grpc.conn_limit", msg: "too large".into() })?,
-        first_packet_timeout: Duration::from_secs(positive("grpc.first_packet_timeout_secs", first_packet)?),
-        max_message_bytes: usize::try_from(positive("grpc.max_message_bytes", max_msg)?)
-            .map_err(|_| ConfigError::Invalid { key: "grpc.max_message_bytes", msg: "too large".into() })?,
+        conn_limit: usize::try_from(positive("grpc.conn_limit", conn_limit)?).map_err(|_| {
+            ConfigError::Invalid {
+                key: "grpc.conn_limit",
+                msg: "too large".into(),
+            }
+        })?,
+        first_packet_timeout: Duration::from_secs(positive(
+            "grpc.first_packet_timeout_secs",
+            first_packet,
+        )?),
+        max_message_bytes: usize::try_from(positive("grpc.max_message_bytes", max_msg)?).map_err(
+            |_| ConfigError::Invalid {
+                key: "grpc.max_message_bytes",
+                msg: "too large".into(),
+            },
+        )?,
         tls,
         ca_file: cli.tls_ca.or(g.ca_file),
         cert_file: cli.tls_cert.or(g.cert_file),
@@ -492,11 +559,18 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
     let http = HttpConfig {
         addr: addr("http.addr", cli.http_addr, h.addr, "0.0.0.0:6752")?,
         auth: boolean("http.auth", cli.auth, h.auth, true)?,
-        api_keys_file: cli.api_keys.or(h.api_keys_file).unwrap_or_else(|| data_dir.join("api-keys.toml")),
+        api_keys_file: cli
+            .api_keys
+            .or(h.api_keys_file)
+            .unwrap_or_else(|| data_dir.join("api-keys.toml")),
     };
 
     let s = file.sinks;
-    let names = if cli.sinks.is_empty() { s.enabled.unwrap_or_else(|| vec!["ndjson".into()]) } else { cli.sinks };
+    let names = if cli.sinks.is_empty() {
+        s.enabled.unwrap_or_else(|| vec!["ndjson".into()])
+    } else {
+        cli.sinks
+    };
     let mut sinks = Vec::new();
     for n in names {
         let kind = match n.trim() {
@@ -515,11 +589,22 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         }
     }
     if sinks.is_empty() {
-        return Err(ConfigError::Invalid { key: "sinks.enabled", msg: "at least one sink is required".into() });
+        return Err(ConfigError::Invalid {
+            key: "sinks.enabled",
+            msg: "at least one sink is required".into(),
+        });
     }
-    let rotate: u64 = num("sinks.ndjson.rotate_bytes", cli.ndjson_rotate_bytes, s.ndjson.rotate_bytes, 256 * 1024 * 1024)?;
+    let rotate: u64 = num(
+        "sinks.ndjson.rotate_bytes",
+        cli.ndjson_rotate_bytes,
+        s.ndjson.rotate_bytes,
+        256 * 1024 * 1024,
+    )?;
     let ndjson = NdjsonConfig {
-        dir: cli.ndjson_dir.or(s.ndjson.dir).unwrap_or_else(|| data_dir.join("records")),
+        dir: cli
+            .ndjson_dir
+            .or(s.ndjson.dir)
+            .unwrap_or_else(|| data_dir.join("records")),
         rotate_bytes: positive("sinks.ndjson.rotate_bytes", rotate)?,
     };
     let k = s.kafka;
@@ -529,7 +614,10 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         } else {
             cli.kafka_brokers
         },
-        topic: cli.kafka_topic.or(k.topic).unwrap_or_else(|| "hids_svr".into()),
+        topic: cli
+            .kafka_topic
+            .or(k.topic)
+            .unwrap_or_else(|| "hids_svr".into()),
         compression: k.compression,
         acks: k.acks,
         linger_ms: k.linger_ms,
@@ -551,11 +639,23 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
             });
         }
     };
-    let addrs = if cli.manager_addr.is_empty() { m.addrs.unwrap_or_default() } else { cli.manager_addr };
+    let addrs = if cli.manager_addr.is_empty() {
+        m.addrs.unwrap_or_default()
+    } else {
+        cli.manager_addr
+    };
     if backend == ManagerKind::Elkeid && addrs.is_empty() {
-        return Err(ConfigError::Invalid { key: "manager.addrs", msg: "required for the elkeid backend".into() });
+        return Err(ConfigError::Invalid {
+            key: "manager.addrs",
+            msg: "required for the elkeid backend".into(),
+        });
     }
-    let timeout_ms: u64 = num("manager.timeout_ms", cli.manager_timeout_ms, m.timeout_ms, 5000)?;
+    let timeout_ms: u64 = num(
+        "manager.timeout_ms",
+        cli.manager_timeout_ms,
+        m.timeout_ms,
+        5000,
+    )?;
     let retries: u32 = num("manager.retries", cli.manager_retries, m.retries, 2)?;
     let manager = ManagerConfig {
         backend,
@@ -570,16 +670,40 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
 
     let c = file.commands;
     let queue_len: u64 = num("commands.queue_len", cli.command_queue, c.queue_len, 1024)?;
-    let send_ms: u64 = num("commands.send_timeout_ms", cli.command_send_timeout_ms, c.send_timeout_ms, 2000)?;
-    let result_ms: u64 = num("commands.result_timeout_ms", cli.command_result_timeout_ms, c.result_timeout_ms, 2000)?;
+    let send_ms: u64 = num(
+        "commands.send_timeout_ms",
+        cli.command_send_timeout_ms,
+        c.send_timeout_ms,
+        2000,
+    )?;
+    let result_ms: u64 = num(
+        "commands.result_timeout_ms",
+        cli.command_result_timeout_ms,
+        c.result_timeout_ms,
+        2000,
+    )?;
     let commands = CommandConfig {
-        queue_len: usize::try_from(positive("commands.queue_len", queue_len)?)
-            .map_err(|_| ConfigError::Invalid { key: "commands.queue_len", msg: "too large".into() })?,
+        queue_len: usize::try_from(positive("commands.queue_len", queue_len)?).map_err(|_| {
+            ConfigError::Invalid {
+                key: "commands.queue_len",
+                msg: "too large".into(),
+            }
+        })?,
         send_timeout: Duration::from_millis(positive("commands.send_timeout_ms", send_ms)?),
         result_timeout: Duration::from_millis(positive("commands.result_timeout_ms", result_ms)?),
     };
 
-    Ok(Config { data_dir, log_level, grpc, http, sinks, ndjson, kafka, manager, commands })
+    Ok(Config {
+        data_dir,
+        log_level,
+        grpc,
+        http,
+        sinks,
+        ndjson,
+        kafka,
+        manager,
+        commands,
+    })
 }
 
 /// `[aksk]` access key -> secret key, keys lowercased (as Elkeid's viper does).
@@ -635,8 +759,15 @@ mod tests {
                 continue;
             }
             let long = arg.get_long().unwrap();
-            let want = format!("ELKEID_CENTER_{}", long.replace('-', "_").to_ascii_uppercase());
-            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(want.as_str()), "flag --{long}");
+            let want = format!(
+                "ELKEID_CENTER_{}",
+                long.replace('-', "_").to_ascii_uppercase()
+            );
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "flag --{long}"
+            );
         }
     }
 
@@ -658,8 +789,17 @@ mod tests {
 
     #[test]
     fn sinks_repeatable_and_plaintext() {
-        let c = resolve(cli(&["--sink", "null", "--sink", "ndjson,null", "--insecure-plaintext"]), FileConfig::default())
-            .unwrap();
+        let c = resolve(
+            cli(&[
+                "--sink",
+                "null",
+                "--sink",
+                "ndjson,null",
+                "--insecure-plaintext",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
         assert_eq!(c.sinks, vec![SinkKind::Null, SinkKind::Ndjson]);
         assert!(!c.grpc.tls);
     }

@@ -91,23 +91,32 @@ pub enum RunError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
-    move |source| RunError::Io { path: path.to_path_buf(), source }
+    move |source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr).await.map_err(|source| RunError::Bind { key, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { key, addr, source })
 }
 
 fn write_listen(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Result<(), RunError> {
     let path = dir.join("listen.json");
     let tmp = dir.join(format!(".listen.json.tmp{}", std::process::id()));
-    let text = serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() }).to_string();
+    let text =
+        serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() }).to_string();
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 
 /// Runs the center until `shutdown` resolves; returns after a graceful drain.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -119,7 +128,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             (None, None, None) => {
                 let pki = pki::ensure_dev_pki(&dir.join("pki"))?;
                 if !pki.created.is_empty() {
-                    println!("elkeid-center: generated development PKI in {}", dir.join("pki").display());
+                    println!(
+                        "elkeid-center: generated development PKI in {}",
+                        dir.join("pki").display()
+                    );
                 }
                 println!(
                     "elkeid-center: TLS: CA {} server {} ; agents use {} + {}",
@@ -148,7 +160,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         };
         Some(tls::server_config(&ca, &cert, &key)?)
     } else {
-        println!("elkeid-center: WARNING: gRPC in plaintext mode (--insecure-plaintext): no TLS, no client authentication");
+        println!(
+            "elkeid-center: WARNING: gRPC in plaintext mode (--insecure-plaintext): no TLS, no client authentication"
+        );
         None
     };
 
@@ -169,16 +183,22 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let metrics = Arc::new(metrics::Metrics::default());
     let sinks = match sinks::build(&config, &metrics).await {
         Ok(s) => s,
-        Err(sinks::BuildError::Config { key, msg }) => return Err(ConfigError::Invalid { key, msg }.into()),
+        Err(sinks::BuildError::Config { key, msg }) => {
+            return Err(ConfigError::Invalid { key, msg }.into());
+        }
         Err(e) => return Err(RunError::Sink(e.to_string())),
     };
     if config.sinks.contains(&config::SinkKind::Ndjson) {
-        println!("elkeid-center: records go to {}", config.ndjson.dir.display());
+        println!(
+            "elkeid-center: records go to {}",
+            config.ndjson.dir.display()
+        );
     }
     let manager: Arc<dyn Manager> = match config.manager.backend {
-        ManagerKind::Local => {
-            manager::local::LocalManager::start(config.manager.components_file.clone(), dir.join("task-results.ndjson"))
-        }
+        ManagerKind::Local => manager::local::LocalManager::start(
+            config.manager.components_file.clone(),
+            dir.join("task-results.ndjson"),
+        ),
         ManagerKind::Elkeid => manager::elkeid::ElkeidManager::new(
             config.manager.addrs.clone(),
             config.manager.timeout,
@@ -186,16 +206,40 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         ),
     };
     let (tasks, tasks_done) = TaskQueue::start(manager.clone(), metrics.clone());
-    let pool = pool::Pool::new(config.grpc.conn_limit, config.commands.clone(), metrics.clone());
-    let ctx = records::Ctx { sinks: sinks.clone(), manager, tasks, metrics: metrics.clone() };
+    let pool = pool::Pool::new(
+        config.grpc.conn_limit,
+        config.commands.clone(),
+        metrics.clone(),
+    );
+    let ctx = records::Ctx {
+        sinks: sinks.clone(),
+        manager,
+        tasks,
+        metrics: metrics.clone(),
+    };
     let uploads_dir = dir.join("uploads");
     std::fs::create_dir_all(&uploads_dir).map_err(io_err(&uploads_dir))?;
-    let uploads = grpc::upload::UploadConfig { dir: uploads_dir, max_bytes: config.grpc.upload_max_bytes };
+    let uploads = grpc::upload::UploadConfig {
+        dir: uploads_dir,
+        max_bytes: config.grpc.upload_max_bytes,
+    };
 
     let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;
     let http_listener = bind("http.addr", config.http.addr).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| RunError::Bind { key: "grpc.addr", addr: config.grpc.addr, source })?;
-    let http_addr = http_listener.local_addr().map_err(|source| RunError::Bind { key: "http.addr", addr: config.http.addr, source })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| RunError::Bind {
+            key: "grpc.addr",
+            addr: config.grpc.addr,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| RunError::Bind {
+            key: "http.addr",
+            addr: config.http.addr,
+            source,
+        })?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -206,7 +250,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let grpc_ctx = ctx.clone();
     let grpc_stop = stopped(stop_rx.clone());
     let mut grpc_task = tokio::spawn(async move {
-        grpc::serve(grpc_listener, &grpc_cfg, tls, grpc_pool, grpc_ctx, uploads, grpc_stop).await
+        grpc::serve(
+            grpc_listener,
+            &grpc_cfg,
+            tls,
+            grpc_pool,
+            grpc_ctx,
+            uploads,
+            grpc_stop,
+        )
+        .await
     });
     let state = http::AppState {
         pool: pool.clone(),
@@ -217,7 +270,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {
-        axum::serve(http_listener, http::router(state)).with_graceful_shutdown(http_stop).await
+        axum::serve(http_listener, http::router(state))
+            .with_graceful_shutdown(http_stop)
+            .await
     });
     drop(ctx);
 
@@ -231,7 +286,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         r = &mut grpc_task => Some(("grpc", r.map(|r| r.map_err(RunError::from)))),
         r = &mut http_task => Some(("http", r.map(|r| r.map_err(RunError::Http)))),
     };
-    tracing::info!("elkeid-center stopping: no new connections, closing agent streams, draining sinks");
+    tracing::info!(
+        "elkeid-center stopping: no new connections, closing agent streams, draining sinks"
+    );
     let _ = stop_tx.send(true);
     pool.close_all();
     let mut result = Ok(());

@@ -54,33 +54,77 @@ impl Metrics {
 
     /// Counts a sink failure (`dropped` = by explicit drop policy).
     pub(crate) fn sink_failed(&self, sink: &'static str, dropped: bool) {
-        let map = if dropped { &self.sink_dropped } else { &self.sink_errors };
-        *map.lock().unwrap_or_else(|e| e.into_inner()).entry(sink).or_default() += 1;
+        let map = if dropped {
+            &self.sink_dropped
+        } else {
+            &self.sink_errors
+        };
+        *map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sink)
+            .or_default() += 1;
     }
 
     /// Renders the Prometheus text format.
     pub(crate) fn render(&self, conn_count: usize, sink_lag: &[(&'static str, usize)]) -> String {
         let mut s = String::with_capacity(4096);
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(s, "# HELP elkeid_ac_grpc_conn_count Current agent streams.\n# TYPE elkeid_ac_grpc_conn_count gauge");
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_ac_grpc_conn_count Current agent streams.\n# TYPE elkeid_ac_grpc_conn_count gauge"
+        );
         let _ = writeln!(s, "elkeid_ac_grpc_conn_count {conn_count}");
-        let _ = writeln!(s, "# HELP elkeid_ac_grpc_recv_qps Packets received.\n# TYPE elkeid_ac_grpc_recv_qps counter");
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_ac_grpc_recv_qps Packets received.\n# TYPE elkeid_ac_grpc_recv_qps counter"
+        );
         let _ = writeln!(s, "elkeid_ac_grpc_recv_qps {}", g(&self.recv_packets));
-        let _ = writeln!(s, "# HELP elkeid_ac_grpc_send_qps Commands sent.\n# TYPE elkeid_ac_grpc_send_qps counter");
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_ac_grpc_send_qps Commands sent.\n# TYPE elkeid_ac_grpc_send_qps counter"
+        );
         let _ = writeln!(s, "elkeid_ac_grpc_send_qps {}", g(&self.sent_commands));
         let _ = writeln!(
             s,
             "# HELP elkeid_ac_output_data_type_count Records received per data_type.\n# TYPE elkeid_ac_output_data_type_count counter"
         );
-        for (dt, n) in self.data_types.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(s, "elkeid_ac_output_data_type_count{{data_type=\"{dt}\"}} {n}");
+        for (dt, n) in self
+            .data_types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "elkeid_ac_output_data_type_count{{data_type=\"{dt}\"}} {n}"
+            );
         }
         let counters: [(&str, &str, u64); 16] = [
-            ("elkeid_center_records_received_total", "Records received.", g(&self.recv_records)),
-            ("elkeid_center_streams_total", "Agent streams registered.", g(&self.streams_total)),
-            ("elkeid_center_commands_failed_total", "Commands not delivered.", g(&self.failed_commands)),
-            ("elkeid_center_conn_refused_limit_total", "Streams refused: conn_limit reached.", g(&self.refused_limit)),
-            ("elkeid_center_conn_refused_empty_id_total", "Streams refused: empty agent_id.", g(&self.refused_empty_id)),
+            (
+                "elkeid_center_records_received_total",
+                "Records received.",
+                g(&self.recv_records),
+            ),
+            (
+                "elkeid_center_streams_total",
+                "Agent streams registered.",
+                g(&self.streams_total),
+            ),
+            (
+                "elkeid_center_commands_failed_total",
+                "Commands not delivered.",
+                g(&self.failed_commands),
+            ),
+            (
+                "elkeid_center_conn_refused_limit_total",
+                "Streams refused: conn_limit reached.",
+                g(&self.refused_limit),
+            ),
+            (
+                "elkeid_center_conn_refused_empty_id_total",
+                "Streams refused: empty agent_id.",
+                g(&self.refused_empty_id),
+            ),
             (
                 "elkeid_center_conn_refused_first_packet_timeout_total",
                 "Streams closed: no first packet in time.",
@@ -91,28 +135,83 @@ impl Metrics {
                 "Streams replaced by a newer stream of the same agent id.",
                 g(&self.conflicts),
             ),
-            ("elkeid_center_payload_decode_errors_total", "Record bodies that are not a valid Payload.", g(&self.payload_errors)),
-            ("elkeid_center_task_results_dropped_total", "Task results dropped: queue full.", g(&self.task_results_dropped)),
-            ("elkeid_center_task_results_failed_total", "Task results the manager backend did not take.", g(&self.task_results_failed)),
-            ("elkeid_center_config_pushes_total", "Config commands pushed.", g(&self.config_pushes)),
-            ("elkeid_center_config_push_failures_total", "Config pushes that failed.", g(&self.config_push_failures)),
-            ("elkeid_center_uploads_ok_total", "File uploads stored.", g(&self.uploads_ok)),
-            ("elkeid_center_uploads_failed_total", "File uploads refused or failed.", g(&self.uploads_failed)),
-            ("elkeid_center_http_auth_failures_total", "HTTP API requests refused by auth.", g(&self.auth_failures)),
-            ("elkeid_center_packets_received_total", "Packets received (all).", g(&self.recv_packets)),
+            (
+                "elkeid_center_payload_decode_errors_total",
+                "Record bodies that are not a valid Payload.",
+                g(&self.payload_errors),
+            ),
+            (
+                "elkeid_center_task_results_dropped_total",
+                "Task results dropped: queue full.",
+                g(&self.task_results_dropped),
+            ),
+            (
+                "elkeid_center_task_results_failed_total",
+                "Task results the manager backend did not take.",
+                g(&self.task_results_failed),
+            ),
+            (
+                "elkeid_center_config_pushes_total",
+                "Config commands pushed.",
+                g(&self.config_pushes),
+            ),
+            (
+                "elkeid_center_config_push_failures_total",
+                "Config pushes that failed.",
+                g(&self.config_push_failures),
+            ),
+            (
+                "elkeid_center_uploads_ok_total",
+                "File uploads stored.",
+                g(&self.uploads_ok),
+            ),
+            (
+                "elkeid_center_uploads_failed_total",
+                "File uploads refused or failed.",
+                g(&self.uploads_failed),
+            ),
+            (
+                "elkeid_center_http_auth_failures_total",
+                "HTTP API requests refused by auth.",
+                g(&self.auth_failures),
+            ),
+            (
+                "elkeid_center_packets_received_total",
+                "Packets received (all).",
+                g(&self.recv_packets),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
-        let _ = writeln!(s, "# HELP elkeid_center_sink_errors_total Batches a sink failed to take.\n# TYPE elkeid_center_sink_errors_total counter");
-        for (k, v) in self.sink_errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_center_sink_errors_total Batches a sink failed to take.\n# TYPE elkeid_center_sink_errors_total counter"
+        );
+        for (k, v) in self
+            .sink_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = writeln!(s, "elkeid_center_sink_errors_total{{sink=\"{k}\"}} {v}");
         }
-        let _ = writeln!(s, "# HELP elkeid_center_sink_dropped_total Batches dropped by a sink's drop policy.\n# TYPE elkeid_center_sink_dropped_total counter");
-        for (k, v) in self.sink_dropped.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_center_sink_dropped_total Batches dropped by a sink's drop policy.\n# TYPE elkeid_center_sink_dropped_total counter"
+        );
+        for (k, v) in self
+            .sink_dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = writeln!(s, "elkeid_center_sink_dropped_total{{sink=\"{k}\"}} {v}");
         }
-        let _ = writeln!(s, "# HELP elkeid_center_sink_lag Batches queued in a sink, not yet written.\n# TYPE elkeid_center_sink_lag gauge");
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_center_sink_lag Batches queued in a sink, not yet written.\n# TYPE elkeid_center_sink_lag gauge"
+        );
         for (k, v) in sink_lag {
             let _ = writeln!(s, "elkeid_center_sink_lag{{sink=\"{k}\"}} {v}");
         }

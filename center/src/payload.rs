@@ -88,7 +88,9 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Vec<(&str, &str)>, PayloadError> {
 }
 
 /// Decodes into an ordered map (last duplicate wins).
-pub(crate) fn decode_map(buf: &[u8]) -> Result<std::collections::BTreeMap<&str, &str>, PayloadError> {
+pub(crate) fn decode_map(
+    buf: &[u8],
+) -> Result<std::collections::BTreeMap<&str, &str>, PayloadError> {
     Ok(decode(buf)?.into_iter().collect())
 }
 
@@ -96,7 +98,10 @@ pub(crate) fn decode_map(buf: &[u8]) -> Result<std::collections::BTreeMap<&str, 
 pub(crate) fn encode(fields: &[(&str, &str)]) -> Vec<u8> {
     use prost::Message;
     let p = elkeid_proto::grpc::Payload {
-        fields: fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     p.encode_to_vec()
 }
@@ -116,9 +121,17 @@ mod tests {
     #[test]
     fn rejects_bad() {
         assert_eq!(decode(&[0x0a, 0x07, 0x0a]), Err(PayloadError::Truncated));
-        assert_eq!(decode(&[0x0a, 0x03, 0x0a, 0x01, 0xff]), Err(PayloadError::NotUtf8));
+        assert_eq!(
+            decode(&[0x0a, 0x03, 0x0a, 0x01, 0xff]),
+            Err(PayloadError::NotUtf8)
+        );
         assert!(decode(&[0x0f]).is_err());
-        assert!(decode(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+        assert!(
+            decode(&[
+                0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::config::AkSk;
@@ -64,7 +64,10 @@ pub(crate) struct DevPki {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `data` to `path` only if it does not exist (temp file + hard link,
@@ -90,7 +93,10 @@ fn write_new(path: &Path, data: &[u8], secret: bool) -> Result<bool, PkiError> {
     match linked {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(PkiError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) => Err(PkiError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -102,21 +108,44 @@ fn subject(cn: &str) -> DistinguishedName {
 }
 
 fn leaf_params(server: bool) -> Result<CertificateParams, PkiError> {
-    let what = if server { "server certificate" } else { "client certificate" };
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|source| PkiError::Generate { what, source })?;
+    let what = if server {
+        "server certificate"
+    } else {
+        "client certificate"
+    };
+    let mut p = CertificateParams::new(Vec::<String>::new())
+        .map_err(|source| PkiError::Generate { what, source })?;
     p.distinguished_name = subject(if server { "elkeid.com" } else { "elkeid-agent" });
     p.subject_alt_names = if server {
         vec![
-            SanType::DnsName("elkeid.com".try_into().map_err(|source| PkiError::Generate { what, source })?),
-            SanType::DnsName("localhost".try_into().map_err(|source| PkiError::Generate { what, source })?),
+            SanType::DnsName(
+                "elkeid.com"
+                    .try_into()
+                    .map_err(|source| PkiError::Generate { what, source })?,
+            ),
+            SanType::DnsName(
+                "localhost"
+                    .try_into()
+                    .map_err(|source| PkiError::Generate { what, source })?,
+            ),
             SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         ]
     } else {
-        vec![SanType::DnsName("elkeid.com".try_into().map_err(|source| PkiError::Generate { what, source })?)]
+        vec![SanType::DnsName(
+            "elkeid.com"
+                .try_into()
+                .map_err(|source| PkiError::Generate { what, source })?,
+        )]
     };
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    p.extended_key_usages =
-        vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![if server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
     p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     Ok(p)
@@ -124,10 +153,15 @@ fn leaf_params(server: bool) -> Result<CertificateParams, PkiError> {
 
 fn ca_params() -> Result<CertificateParams, PkiError> {
     let what = "CA certificate";
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|source| PkiError::Generate { what, source })?;
+    let mut p = CertificateParams::new(Vec::<String>::new())
+        .map_err(|source| PkiError::Generate { what, source })?;
     p.distinguished_name = subject("elkeid-rs dev CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
     p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     Ok(p)
@@ -155,15 +189,24 @@ pub(crate) fn ensure_dev_pki(dir: &Path) -> Result<DevPki, PkiError> {
     // (same subject), which is all the issuer needs besides its key.
     let ca_key = if pki.ca_cert.exists() {
         if !ca_key_path.exists() {
-            let missing = if need_server { &pki.server_cert } else { &pki.client_cert };
+            let missing = if need_server {
+                &pki.server_cert
+            } else {
+                &pki.client_cert
+            };
             return Err(PkiError::NoCaKey(missing.clone()));
         }
         let key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-        KeyPair::from_pem(&key_pem).map_err(|source| PkiError::Generate { what: "CA key", source })?
+        KeyPair::from_pem(&key_pem).map_err(|source| PkiError::Generate {
+            what: "CA key",
+            source,
+        })?
     } else {
         let what = "CA certificate";
         let key = KeyPair::generate().map_err(|source| PkiError::Generate { what, source })?;
-        let cert = ca_params()?.self_signed(&key).map_err(|source| PkiError::Generate { what, source })?;
+        let cert = ca_params()?
+            .self_signed(&key)
+            .map_err(|source| PkiError::Generate { what, source })?;
         if write_new(&ca_key_path, key.serialize_pem().as_bytes(), true)? {
             created.push(ca_key_path.clone());
         }
@@ -181,9 +224,15 @@ pub(crate) fn ensure_dev_pki(dir: &Path) -> Result<DevPki, PkiError> {
         if !need {
             continue;
         }
-        let what = if server { "server certificate" } else { "client certificate" };
+        let what = if server {
+            "server certificate"
+        } else {
+            "client certificate"
+        };
         let key = KeyPair::generate().map_err(|source| PkiError::Generate { what, source })?;
-        let cert = leaf_params(server)?.signed_by(&key, &issuer).map_err(|source| PkiError::Generate { what, source })?;
+        let cert = leaf_params(server)?
+            .signed_by(&key, &issuer)
+            .map_err(|source| PkiError::Generate { what, source })?;
         if write_new(key_path, key.serialize_pem().as_bytes(), true)? {
             created.push(key_path.clone());
         }
@@ -203,10 +252,12 @@ struct KeyFile {
 fn random_hex(bytes: usize) -> Result<String, PkiError> {
     use ring::rand::SecureRandom;
     let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| PkiError::Io {
-        path: PathBuf::from("<random>"),
-        source: std::io::Error::other("system random source failed"),
-    })?;
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| PkiError::Io {
+            path: PathBuf::from("<random>"),
+            source: std::io::Error::other("system random source failed"),
+        })?;
     Ok(hex::encode(b))
 }
 
@@ -226,9 +277,15 @@ pub(crate) fn ensure_api_keys(path: &Path) -> Result<(AkSk, bool), PkiError> {
         created = write_new(path, text.as_bytes(), true)?;
     }
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let file: KeyFile =
-        toml::from_str(&text).map_err(|e| PkiError::BadKeys { path: path.to_path_buf(), msg: e.to_string() })?;
-    let aksk = file.aksk.into_iter().map(|(k, v)| (k.to_lowercase(), v)).collect();
+    let file: KeyFile = toml::from_str(&text).map_err(|e| PkiError::BadKeys {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let aksk = file
+        .aksk
+        .into_iter()
+        .map(|(k, v)| (k.to_lowercase(), v))
+        .collect();
     Ok((aksk, created))
 }
 

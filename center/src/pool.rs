@@ -76,10 +76,12 @@ impl Conn {
 
     /// Queues a command without waiting for its delivery (config pushes).
     pub(crate) fn try_push(&self, cmd: Command) -> Result<(), CommandError> {
-        self.tx.try_send(Outgoing { cmd, done: None }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CommandError::Full,
-            mpsc::error::TrySendError::Closed(_) => CommandError::Closed,
-        })
+        self.tx
+            .try_send(Outgoing { cmd, done: None })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => CommandError::Full,
+                mpsc::error::TrySendError::Closed(_) => CommandError::Closed,
+            })
     }
 }
 
@@ -117,7 +119,11 @@ fn now_unix() -> i64 {
 
 impl Pool {
     /// A pool with `conn_limit` slots.
-    pub(crate) fn new(conn_limit: usize, commands: CommandConfig, metrics: Arc<Metrics>) -> Arc<Pool> {
+    pub(crate) fn new(
+        conn_limit: usize,
+        commands: CommandConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             slots: Arc::new(Semaphore::new(conn_limit.min(Semaphore::MAX_PERMITS))),
             conns: Mutex::new(HashMap::new()),
@@ -168,12 +174,22 @@ impl Pool {
             );
             old.closed.cancel();
         }
-        (Registration { pool: self.clone(), conn, _permit: permit }, rx)
+        (
+            Registration {
+                pool: self.clone(),
+                conn,
+                _permit: permit,
+            },
+            rx,
+        )
     }
 
     fn unregister(&self, conn: &Arc<Conn>) {
         let mut map = self.map();
-        if map.get(&conn.agent_id).is_some_and(|c| c.generation == conn.generation) {
+        if map
+            .get(&conn.agent_id)
+            .is_some_and(|c| c.generation == conn.generation)
+        {
             map.remove(&conn.agent_id);
         }
     }
@@ -222,7 +238,11 @@ impl Pool {
 
     /// Sends a command to one agent as Elkeid's `PostCommand` does: enqueue
     /// within `send_timeout`, then wait `result_timeout` until it is sent.
-    pub(crate) async fn post_command(&self, agent_id: &str, cmd: Command) -> Result<(), CommandError> {
+    pub(crate) async fn post_command(
+        &self,
+        agent_id: &str,
+        cmd: Command,
+    ) -> Result<(), CommandError> {
         let res = self.post_command_inner(agent_id, cmd).await;
         if res.is_err() {
             inc(&self.metrics.failed_commands);
@@ -233,7 +253,15 @@ impl Pool {
     async fn post_command_inner(&self, agent_id: &str, cmd: Command) -> Result<(), CommandError> {
         let conn = self.get(agent_id).ok_or(CommandError::NotFound)?;
         let (done, wait) = oneshot::channel();
-        match tokio::time::timeout(self.commands.send_timeout, conn.tx.send(Outgoing { cmd, done: Some(done) })).await {
+        match tokio::time::timeout(
+            self.commands.send_timeout,
+            conn.tx.send(Outgoing {
+                cmd,
+                done: Some(done),
+            }),
+        )
+        .await
+        {
             Err(_) => return Err(CommandError::Full),
             Ok(Err(_)) => return Err(CommandError::Closed),
             Ok(Ok(())) => {}
@@ -293,12 +321,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn command_errors() {
         let p = pool(4, 1);
-        assert_eq!(p.post_command("x", Command::default()).await, Err(CommandError::NotFound));
+        assert_eq!(
+            p.post_command("x", Command::default()).await,
+            Err(CommandError::NotFound)
+        );
         let (_reg, mut rx) = p.register("a", "x".into(), p.try_slot().unwrap());
         // nobody takes it from the queue: result times out
-        assert_eq!(p.post_command("a", Command::default()).await, Err(CommandError::ResultTimeout));
+        assert_eq!(
+            p.post_command("a", Command::default()).await,
+            Err(CommandError::ResultTimeout)
+        );
         // the queue (len 1) is now full
-        assert_eq!(p.post_command("a", Command::default()).await, Err(CommandError::Full));
+        assert_eq!(
+            p.post_command("a", Command::default()).await,
+            Err(CommandError::Full)
+        );
         // a consumer that acknowledges
         let out = rx.recv().await.unwrap();
         drop(out);
@@ -307,6 +344,9 @@ mod tests {
         let out = rx.recv().await.unwrap();
         out.done.unwrap().send(()).unwrap();
         assert_eq!(h.await.unwrap(), Ok(()));
-        assert_eq!(CommandError::Full.to_string(), "the sendPool of the agent is full");
+        assert_eq!(
+            CommandError::Full.to_string(),
+            "the sendPool of the agent is full"
+        );
     }
 }

@@ -25,8 +25,15 @@ use crate::pool::Conn;
 use crate::sinks::{PacketBatch, Sinks};
 
 /// 1000 fields that stay strings.
-pub(crate) const AGENT_STRING_FIELDS: [&str; 7] =
-    ["platform_version", "version", "host_serial", "host_id", "host_model", "host_vendor", "cpu_name"];
+pub(crate) const AGENT_STRING_FIELDS: [&str; 7] = [
+    "platform_version",
+    "version",
+    "host_serial",
+    "host_id",
+    "host_model",
+    "host_vendor",
+    "cpu_name",
+];
 /// 1001 fields that stay strings.
 pub(crate) const PLUGIN_STRING_FIELDS: [&str; 1] = ["pversion"];
 /// Data types that are task results for the manager.
@@ -43,7 +50,9 @@ pub(crate) struct Ctx {
 
 impl std::fmt::Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("sinks", &self.sinks).finish_non_exhaustive()
+        f.debug_struct("Ctx")
+            .field("sinks", &self.sinks)
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,7 +83,11 @@ pub(crate) fn numeric(v: &str) -> Value {
 fn detail(fields: &[(&str, &str)], keep: &[&str]) -> Map<String, Value> {
     let mut m = Map::new();
     for &(k, v) in fields {
-        let val = if keep.contains(&k) { Value::String(v.to_string()) } else { numeric(v) };
+        let val = if keep.contains(&k) {
+            Value::String(v.to_string())
+        } else {
+            numeric(v)
+        };
         m.insert(k.to_string(), val);
     }
     m
@@ -85,7 +98,12 @@ fn strings(v: &[String]) -> Value {
 }
 
 /// Builds the stored 1000 detail.
-pub(crate) fn agent_detail(fields: &[(&str, &str)], conn: &Conn, pkt: &PackagedData, now: i64) -> Map<String, Value> {
+pub(crate) fn agent_detail(
+    fields: &[(&str, &str)],
+    conn: &Conn,
+    pkt: &PackagedData,
+    now: i64,
+) -> Map<String, Value> {
     let mut m = detail(fields, &AGENT_STRING_FIELDS);
     m.insert("agent_id".into(), Value::String(pkt.agent_id.clone()));
     m.insert("agent_addr".into(), Value::String(conn.addr.clone()));
@@ -106,7 +124,10 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
     let now = now_unix();
     let m = &ctx.metrics;
     inc(&m.recv_packets);
-    m.recv_records.fetch_add(pkt.records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    m.recv_records.fetch_add(
+        pkt.records.len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let mut counts: Vec<(i32, u64)> = Vec::new();
     for rec in &pkt.records {
         match counts.iter_mut().find(|(dt, _)| *dt == rec.data_type) {
@@ -151,10 +172,15 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
                 tracing::info!(target: "elkeid_center::agent_log", agent_id = %conn.agent_id, data_type = dt, fields = ?map, "agent log");
             }
             _ => {
-                let mut f: Map<String, Value> =
-                    fields.iter().map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string()))).collect();
+                let mut f: Map<String, Value> = fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string())))
+                    .collect();
                 f.insert("data_type".into(), Value::String(dt.to_string()));
-                ctx.tasks.push(TaskItem { agent_id: conn.agent_id.clone(), fields: f });
+                ctx.tasks.push(TaskItem {
+                    agent_id: conn.agent_id.clone(),
+                    fields: f,
+                });
             }
         }
     }
@@ -188,7 +214,11 @@ fn push_configs(ctx: &Ctx, conn: &Arc<Conn>, detail: Map<String, Value>) {
             }
             Ok(list) => {
                 let n = list.len();
-                let cmd = Command { agent_ctrl: 0, task: None, configs: list.into_iter().map(Into::into).collect() };
+                let cmd = Command {
+                    agent_ctrl: 0,
+                    task: None,
+                    configs: list.into_iter().map(Into::into).collect(),
+                };
                 match conn.try_push(cmd) {
                     Ok(()) => {
                         inc(&metrics.config_pushes);
@@ -224,17 +254,29 @@ mod tests {
         assert_eq!(numeric(""), Value::from(""));
         assert_eq!(numeric(" 5"), Value::from(" 5"));
         assert_eq!(numeric("10.0.0.1"), Value::from("10.0.0.1"));
-        assert_eq!(serde_json::to_string(&numeric("0.50000000")).unwrap(), "0.5");
-        assert_eq!(serde_json::to_string(&numeric("1700000000.00000000")).unwrap(), "1700000000");
+        assert_eq!(
+            serde_json::to_string(&numeric("0.50000000")).unwrap(),
+            "0.5"
+        );
+        assert_eq!(
+            serde_json::to_string(&numeric("1700000000.00000000")).unwrap(),
+            "1700000000"
+        );
     }
 
     #[test]
     fn kept_strings() {
-        let d = detail(&[("version", "1.0"), ("cpu", "0.5"), ("host_serial", "123")], &AGENT_STRING_FIELDS);
+        let d = detail(
+            &[("version", "1.0"), ("cpu", "0.5"), ("host_serial", "123")],
+            &AGENT_STRING_FIELDS,
+        );
         assert_eq!(d["version"], Value::from("1.0"));
         assert_eq!(d["host_serial"], Value::from("123"));
         assert_eq!(d["cpu"], Value::from(0.5));
-        let p = detail(&[("pversion", "1.7"), ("rss", "100")], &PLUGIN_STRING_FIELDS);
+        let p = detail(
+            &[("pversion", "1.7"), ("rss", "100")],
+            &PLUGIN_STRING_FIELDS,
+        );
         assert_eq!(p["pversion"], Value::from("1.7"));
         assert_eq!(p["rss"], Value::from(100));
     }

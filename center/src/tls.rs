@@ -35,23 +35,39 @@ pub enum TlsError {
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { key, path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn certs(key: &'static str, path: &Path, pem: &[u8]) -> Result<usize, TlsError> {
     let mut n = 0;
     for c in CertificateDer::pem_slice_iter(pem) {
-        c.map_err(|e| TlsError::Pem { key, path: path.to_path_buf(), msg: format!("bad PEM certificate: {e}") })?;
+        c.map_err(|e| TlsError::Pem {
+            key,
+            path: path.to_path_buf(),
+            msg: format!("bad PEM certificate: {e}"),
+        })?;
         n += 1;
     }
     if n == 0 {
-        return Err(TlsError::Pem { key, path: path.to_path_buf(), msg: "no PEM certificate found".into() });
+        return Err(TlsError::Pem {
+            key,
+            path: path.to_path_buf(),
+            msg: "no PEM certificate found".into(),
+        });
     }
     Ok(n)
 }
 
 /// Loads CA, server certificate and key; mTLS with the client certificate required.
-pub(crate) fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<ServerTlsConfig, TlsError> {
+pub(crate) fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<ServerTlsConfig, TlsError> {
     let ca_pem = read("grpc.ca_file", ca)?;
     certs("grpc.ca_file", ca, &ca_pem)?;
     let cert_pem = read("grpc.cert_file", cert)?;
@@ -77,7 +93,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.crt");
         let e = server_config(&missing, &missing, &missing).unwrap_err();
-        assert!(e.to_string().starts_with("grpc.ca_file: cannot read"), "{e}");
+        assert!(
+            e.to_string().starts_with("grpc.ca_file: cannot read"),
+            "{e}"
+        );
         let junk = dir.path().join("junk.crt");
         std::fs::write(&junk, "hello").unwrap();
         let e = server_config(&junk, &junk, &junk).unwrap_err();

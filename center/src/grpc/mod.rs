@@ -60,13 +60,17 @@ pub(crate) async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), GrpcError> {
     let max = cfg.max_message_bytes;
-    let transfer = TransferServer::new(transfer::TransferSvc::new(pool, ctx.clone(), cfg.first_packet_timeout))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd);
+    let transfer = TransferServer::new(transfer::TransferSvc::new(
+        pool,
+        ctx.clone(),
+        cfg.first_packet_timeout,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .send_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd);
     let files = FileExtServer::new(upload::UploadSvc::new(uploads, ctx))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)

@@ -36,7 +36,11 @@ pub(crate) struct TransferSvc {
 
 impl TransferSvc {
     pub(crate) fn new(pool: Arc<Pool>, ctx: Ctx, first_timeout: Duration) -> Self {
-        TransferSvc { pool, ctx, first_timeout }
+        TransferSvc {
+            pool,
+            ctx,
+            first_timeout,
+        }
     }
 }
 
@@ -46,7 +50,10 @@ type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send +
 impl Transfer for TransferSvc {
     type TransferStream = CommandStream;
 
-    async fn transfer(&self, req: Request<Streaming<PackagedData>>) -> Result<Response<CommandStream>, Status> {
+    async fn transfer(
+        &self,
+        req: Request<Streaming<PackagedData>>,
+    ) -> Result<Response<CommandStream>, Status> {
         let m = &self.ctx.metrics;
         let Some(permit) = self.pool.try_slot() else {
             inc(&m.refused_limit);
@@ -74,7 +81,9 @@ impl Transfer for TransferSvc {
         if first.agent_id.is_empty() {
             inc(&m.refused_empty_id);
             tracing::warn!(peer = %addr, "stream refused: empty agent_id");
-            return Err(Status::invalid_argument("the first PackagedData has an empty agent_id"));
+            return Err(Status::invalid_argument(
+                "the first PackagedData has an empty agent_id",
+            ));
         }
         let agent_id = first.agent_id.clone();
         let (reg, rx) = self.pool.register(&agent_id, addr.clone(), permit);
@@ -83,7 +92,13 @@ impl Transfer for TransferSvc {
         let end: Arc<Mutex<Option<Status>>> = Arc::new(Mutex::new(None));
         let conn = reg.conn.clone();
         tokio::spawn(receive(self.ctx.clone(), reg, first, inbound, end.clone()));
-        Ok(Response::new(commands(conn, self.pool.clone(), rx, end, self.ctx.metrics.clone())))
+        Ok(Response::new(commands(
+            conn,
+            self.pool.clone(),
+            rx,
+            end,
+            self.ctx.metrics.clone(),
+        )))
     }
 }
 
@@ -133,7 +148,15 @@ fn commands(
     metrics: Arc<crate::metrics::Metrics>,
 ) -> CommandStream {
     let guard = conn.closed.clone().drop_guard();
-    let st = SendState { conn, pool, rx, end, metrics, finished: false, _guard: guard };
+    let st = SendState {
+        conn,
+        pool,
+        rx,
+        end,
+        metrics,
+        finished: false,
+        _guard: guard,
+    };
     Box::pin(futures_util::stream::unfold(st, |mut st| async move {
         if st.finished {
             return None;

@@ -49,17 +49,32 @@ pub(crate) struct UploadSvc {
 
 impl UploadSvc {
     pub(crate) fn new(cfg: UploadConfig, ctx: Ctx) -> Self {
-        UploadSvc { cfg, ctx, slots: Arc::new(Semaphore::new(MAX_CONCURRENT)), seq: AtomicU64::new(0) }
+        UploadSvc {
+            cfg,
+            ctx,
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            seq: AtomicU64::new(0),
+        }
     }
 
     fn result(&self, token: &str, ok: bool, msg: String) {
         let mut f = Map::new();
         f.insert("token".into(), Value::String(token.to_string()));
-        f.insert("status".into(), Value::String(if ok { "succeed" } else { "failed" }.into()));
+        f.insert(
+            "status".into(),
+            Value::String(if ok { "succeed" } else { "failed" }.into()),
+        );
         f.insert("msg".into(), Value::String(msg));
         f.insert("data_type".into(), Value::String("5100".into()));
-        self.ctx.tasks.push(TaskItem { agent_id: String::new(), fields: f });
-        inc(if ok { &self.ctx.metrics.uploads_ok } else { &self.ctx.metrics.uploads_failed });
+        self.ctx.tasks.push(TaskItem {
+            agent_id: String::new(),
+            fields: f,
+        });
+        inc(if ok {
+            &self.ctx.metrics.uploads_ok
+        } else {
+            &self.ctx.metrics.uploads_failed
+        });
     }
 }
 
@@ -67,7 +82,9 @@ impl UploadSvc {
 pub(crate) fn valid_token(token: &str) -> bool {
     !token.is_empty()
         && token.len() <= MAX_TOKEN
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 enum Failure {
@@ -77,7 +94,10 @@ enum Failure {
 
 #[tonic::async_trait]
 impl FileExt for UploadSvc {
-    async fn upload(&self, req: Request<Streaming<FileUploadRequest>>) -> Result<Response<FileUploadResponse>, Status> {
+    async fn upload(
+        &self,
+        req: Request<Streaming<FileUploadRequest>>,
+    ) -> Result<Response<FileUploadResponse>, Status> {
         let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
             inc(&self.ctx.metrics.uploads_failed);
             return Err(Status::resource_exhausted("too many concurrent uploads"));
@@ -92,22 +112,31 @@ impl FileExt for UploadSvc {
         if !valid_token(&token) {
             inc(&self.ctx.metrics.uploads_failed);
             tracing::warn!(%peer, token = %token.escape_debug(), "upload refused: bad token");
-            return Err(Status::invalid_argument("upload token must match [A-Za-z0-9_-]{1,128}"));
+            return Err(Status::invalid_argument(
+                "upload token must match [A-Za-z0-9_-]{1,128}",
+            ));
         }
         let final_path = self.cfg.dir.join(&token);
-        let partial = self.cfg.dir.join(format!(".{token}.partial-{}", self.seq.fetch_add(1, Ordering::Relaxed)));
+        let partial = self.cfg.dir.join(format!(
+            ".{token}.partial-{}",
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
         match self.receive(first, &mut inbound, &partial).await {
             Ok(size) => match tokio::fs::rename(&partial, &final_path).await {
                 Ok(()) => {
                     tracing::info!(%peer, token = %token, size, "upload stored");
                     self.result(&token, true, final_path.display().to_string());
-                    Ok(Response::new(FileUploadResponse { status: StatusCode::Success as i32 }))
+                    Ok(Response::new(FileUploadResponse {
+                        status: StatusCode::Success as i32,
+                    }))
                 }
                 Err(e) => {
                     let _ = tokio::fs::remove_file(&partial).await;
                     tracing::error!(%peer, token = %token, error = %e, "upload rename failed");
                     self.result(&token, false, e.to_string());
-                    Ok(Response::new(FileUploadResponse { status: StatusCode::Failed as i32 }))
+                    Ok(Response::new(FileUploadResponse {
+                        status: StatusCode::Failed as i32,
+                    }))
                 }
             },
             Err(f) => {
@@ -121,7 +150,9 @@ impl FileExt for UploadSvc {
                     Failure::Failed(msg) => {
                         tracing::error!(%peer, token = %token, error = %msg, "upload failed");
                         self.result(&token, false, msg);
-                        Ok(Response::new(FileUploadResponse { status: StatusCode::Failed as i32 }))
+                        Ok(Response::new(FileUploadResponse {
+                            status: StatusCode::Failed as i32,
+                        }))
                     }
                 }
             }
@@ -154,11 +185,18 @@ impl UploadSvc {
                     self.cfg.max_bytes
                 ))));
             }
-            w.write_all(&c.data).await.map_err(|e| Failure::Failed(format!("write: {e}")))?;
+            w.write_all(&c.data)
+                .await
+                .map_err(|e| Failure::Failed(format!("write: {e}")))?;
             chunk = inbound.message().await.map_err(Failure::Refuse)?;
         }
-        w.flush().await.map_err(|e| Failure::Failed(format!("write: {e}")))?;
-        w.get_ref().sync_all().await.map_err(|e| Failure::Failed(format!("sync: {e}")))?;
+        w.flush()
+            .await
+            .map_err(|e| Failure::Failed(format!("write: {e}")))?;
+        w.get_ref()
+            .sync_all()
+            .await
+            .map_err(|e| Failure::Failed(format!("sync: {e}")))?;
         Ok(size)
     }
 }
@@ -170,7 +208,17 @@ mod tests {
     #[test]
     fn token_sanitising() {
         assert!(valid_token("abc-DEF_123"));
-        for bad in ["", "../etc/passwd", "a/b", "a.b", "a b", "é", "..", "a\0b", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "../etc/passwd",
+            "a/b",
+            "a.b",
+            "a b",
+            "é",
+            "..",
+            "a\0b",
+            &"x".repeat(129),
+        ] {
             assert!(!valid_token(bad), "{bad:?}");
         }
     }

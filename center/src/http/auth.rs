@@ -29,16 +29,34 @@ pub(crate) fn body_hash(body: &[u8]) -> String {
 }
 
 /// The string to sign.
-pub(crate) fn string_to_sign(method: &str, path: &str, raw_query: &str, ak: &str, ts: &str, body: &[u8]) -> String {
+pub(crate) fn string_to_sign(
+    method: &str,
+    path: &str,
+    raw_query: &str,
+    ak: &str,
+    ts: &str,
+    body: &[u8],
+) -> String {
     let p = path.trim();
     let p = p.strip_suffix('/').unwrap_or(p);
     [method, p, raw_query, ak, ts, &body_hash(body)].join("\\n")
 }
 
 /// The signature of a request.
-pub(crate) fn sign(sk: &str, method: &str, path: &str, raw_query: &str, ak: &str, ts: &str, body: &[u8]) -> String {
+pub(crate) fn sign(
+    sk: &str,
+    method: &str,
+    path: &str,
+    raw_query: &str,
+    ak: &str,
+    ts: &str,
+    body: &[u8],
+) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, sk.as_bytes());
-    hex::encode(ring::hmac::sign(&key, string_to_sign(method, path, raw_query, ak, ts, body).as_bytes()))
+    hex::encode(ring::hmac::sign(
+        &key,
+        string_to_sign(method, path, raw_query, ak, ts, body).as_bytes(),
+    ))
 }
 
 fn eq_ct(a: &[u8], b: &[u8]) -> bool {
@@ -46,7 +64,10 @@ fn eq_ct(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn header<'a>(req: &'a Request, name: &str) -> &'a str {
-    req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 fn refuse(state: &AppState, reason: String) -> Response {
@@ -56,7 +77,11 @@ fn refuse(state: &AppState, reason: String) -> Response {
 }
 
 /// Checks a request; the reason text on failure is Elkeid's.
-pub(crate) async fn middleware(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn middleware(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     if !state.auth {
         return next.run(req).await;
     }
@@ -64,11 +89,19 @@ pub(crate) async fn middleware(State(state): State<AppState>, req: Request, next
     let sig = header(&req, "Signature").to_string();
     let ts = header(&req, "TimeStamp").to_string();
     if ak.is_empty() || sig.is_empty() || ts.is_empty() {
-        return refuse(&state, "header missed: AccessKey|Signature|TimeStamp".into());
+        return refuse(
+            &state,
+            "header missed: AccessKey|Signature|TimeStamp".into(),
+        );
     }
     let t: i64 = match ts.parse() {
         Ok(t) => t,
-        Err(_) => return refuse(&state, format!("TimeStamp Error strconv.ParseInt: parsing {ts:?}: invalid syntax")),
+        Err(_) => {
+            return refuse(
+                &state,
+                format!("TimeStamp Error strconv.ParseInt: parsing {ts:?}: invalid syntax"),
+            );
+        }
     };
     if (crate::records::now_unix().saturating_sub(t)).abs() >= WINDOW {
         return refuse(&state, "timestamp error".into());
@@ -93,7 +126,8 @@ pub(crate) async fn middleware(State(state): State<AppState>, req: Request, next
     if !eq_ct(want.as_bytes(), sig.as_bytes()) {
         return refuse(&state, "signature error".into());
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 #[cfg(test)]
@@ -110,7 +144,15 @@ mod tests {
             "POST\\n/command\\nx=1\\nmyak\\n1700000000\\n2463169dcf216dab3e9cdd328ee40451d0cb284d190050c99820fe0470477f81"
         );
         assert_eq!(
-            sign("mysk", "POST", " /command/ ", "x=1", "myak", "1700000000", body),
+            sign(
+                "mysk",
+                "POST",
+                " /command/ ",
+                "x=1",
+                "myak",
+                "1700000000",
+                body
+            ),
             "fa1c57143dc061001b7b7c96470096eec71f4df683af81adf3bc0db1acec6709"
         );
         assert_eq!(

@@ -25,7 +25,11 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
 
 /// `POST /command` (no slash): gin's 307 to `/command/`.
 pub(crate) async fn command_redirect() -> Response {
-    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, "/command/")]).into_response()
+    (
+        StatusCode::TEMPORARY_REDIRECT,
+        [(header::LOCATION, "/command/")],
+    )
+        .into_response()
 }
 
 /// `GET /conn/list`.
@@ -45,9 +49,19 @@ pub(crate) async fn conn_stat(State(s): State<AppState>) -> impl IntoResponse {
         .conns()
         .iter()
         .map(|c| {
-            let agent = c.detail.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
-            let plugins: Vec<Value> =
-                c.plugins.lock().unwrap_or_else(|e| e.into_inner()).values().map(|p| Value::Object(p.clone())).collect();
+            let agent = c
+                .detail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            let plugins: Vec<Value> = c
+                .plugins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|p| Value::Object(p.clone()))
+                .collect();
             json!({ "agent_info": Value::Object(agent), "plugins_info": plugins })
         })
         .collect();
@@ -77,17 +91,31 @@ pub(crate) async fn conn_reset(State(s): State<AppState>, body: Bytes) -> impl I
     match req.kind.as_str() {
         "random" => {
             for id in s.pool.list().into_iter().take(req.count) {
-                let r = if s.pool.close(&id) { "ok".to_string() } else { "agentID not found".to_string() };
+                let r = if s.pool.close(&id) {
+                    "ok".to_string()
+                } else {
+                    "agentID not found".to_string()
+                };
                 detail.insert(id, Value::String(r));
             }
         }
         "strict" => {
             for id in req.id_list {
-                let r = if s.pool.close(&id) { "ok".to_string() } else { "agentID not found".to_string() };
+                let r = if s.pool.close(&id) {
+                    "ok".to_string()
+                } else {
+                    "agentID not found".to_string()
+                };
                 detail.insert(id, Value::String(r));
             }
         }
-        _ => return envelope(2, "param invalid", Value::String("type only support strict|random".into())),
+        _ => {
+            return envelope(
+                2,
+                "param invalid",
+                Value::String("type only support strict|random".into()),
+            );
+        }
     }
     ok(json!({ "count": detail.len(), "detail": detail }))
 }
@@ -131,12 +159,21 @@ pub(crate) async fn command(State(s): State<AppState>, body: Bytes) -> impl Into
     }
     let mut cmds = Vec::new();
     if !req.command.config.is_empty() {
-        cmds.push(Command { agent_ctrl: 0, task: None, configs: req.command.config.into_iter().map(Into::into).collect() });
+        cmds.push(Command {
+            agent_ctrl: 0,
+            task: None,
+            configs: req.command.config.into_iter().map(Into::into).collect(),
+        });
     }
     if let Some(t) = req.command.task {
         cmds.push(Command {
             agent_ctrl: 0,
-            task: Some(Task { data_type: t.data_type, object_name: t.name, data: t.data, token: t.token }),
+            task: Some(Task {
+                data_type: t.data_type,
+                object_name: t.name,
+                data: t.data,
+                token: t.token,
+            }),
             configs: Vec::new(),
         });
     }

@@ -37,13 +37,18 @@ pub(crate) struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("auth", &self.auth).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
     }
 }
 
 /// `{"code": code, "msg": msg, "data": data}` with HTTP 200.
 pub(crate) fn envelope(code: i64, msg: &str, data: Value) -> (StatusCode, Json<Value>) {
-    (StatusCode::OK, Json(json!({ "code": code, "msg": msg, "data": data })))
+    (
+        StatusCode::OK,
+        Json(json!({ "code": code, "msg": msg, "data": data })),
+    )
 }
 
 /// Success envelope.
@@ -53,7 +58,10 @@ pub(crate) fn ok(data: Value) -> (StatusCode, Json<Value>) {
 
 /// JSON binding failure: HTTP 400, code 2.
 pub(crate) fn bad_request(msg: String) -> (StatusCode, Json<Value>) {
-    (StatusCode::BAD_REQUEST, Json(json!({ "code": 2, "msg": "param invalid", "data": msg })))
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "code": 2, "msg": "param invalid", "data": msg })),
+    )
 }
 
 /// The router.
@@ -64,7 +72,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/conn/count", get(handlers::conn_count))
         .route("/conn/stat", get(handlers::conn_stat))
         .route("/conn/reset", post(handlers::conn_reset))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::middleware));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::middleware,
+        ));
     Router::new()
         .route("/ping", get(handlers::ping))
         .route("/metrics", get(handlers::metrics))

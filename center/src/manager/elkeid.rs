@@ -73,18 +73,31 @@ impl ElkeidManager {
 
     async fn post_once(&self, path: &str, body: &Bytes) -> Result<Bytes, ManagerError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let addr = self.addrs.get(i % self.addrs.len().max(1)).ok_or_else(|| ManagerError::Unreachable("no manager address".into()))?;
+        let addr = self
+            .addrs
+            .get(i % self.addrs.len().max(1))
+            .ok_or_else(|| ManagerError::Unreachable("no manager address".into()))?;
         let req = http::Request::post(format!("http://{addr}{path}"))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body.clone()))
             .map_err(|e| ManagerError::Unreachable(e.to_string()))?;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| ManagerError::Unreachable(e.to_string()))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ManagerError::Unreachable(e.to_string()))?;
             let status = resp.status();
             let limited = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE);
-            let bytes = limited.collect().await.map_err(|e| ManagerError::Unreachable(e.to_string()))?.to_bytes();
+            let bytes = limited
+                .collect()
+                .await
+                .map_err(|e| ManagerError::Unreachable(e.to_string()))?
+                .to_bytes();
             if !status.is_success() {
-                return Err(ManagerError::Refused(format!("{addr}{path}: HTTP {status}")));
+                return Err(ManagerError::Refused(format!(
+                    "{addr}{path}: HTTP {status}"
+                )));
             }
             Ok(bytes)
         };
@@ -95,7 +108,11 @@ impl ElkeidManager {
 
     /// POSTs JSON and decodes the `{"code","msg","data"}` envelope, retrying
     /// transport failures and non-2xx answers.
-    async fn call<T: serde::de::DeserializeOwned>(&self, path: &str, body: Bytes) -> Result<Option<T>, ManagerError> {
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Option<T>, ManagerError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 0;
         loop {
@@ -104,7 +121,10 @@ impl ElkeidManager {
                     let env: Envelope<T> = serde_json::from_slice(&bytes)
                         .map_err(|e| ManagerError::Refused(format!("{path}: bad response: {e}")))?;
                     if env.code != 0 {
-                        return Err(ManagerError::Refused(format!("{path}: code {} {}", env.code, env.msg)));
+                        return Err(ManagerError::Refused(format!(
+                            "{path}: code {} {}",
+                            env.code, env.msg
+                        )));
                     }
                     return Ok(env.data);
                 }
@@ -121,26 +141,41 @@ impl ElkeidManager {
 }
 
 fn json(v: &impl serde::Serialize) -> Result<Bytes, ManagerError> {
-    serde_json::to_vec(v).map(Bytes::from).map_err(|e| ManagerError::Refused(e.to_string()))
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| ManagerError::Refused(e.to_string()))
 }
 
 impl Manager for ElkeidManager {
-    fn configs<'a>(&'a self, _agent_id: &'a str, detail: &'a Map<String, Value>) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>> {
+    fn configs<'a>(
+        &'a self,
+        _agent_id: &'a str,
+        detail: &'a Map<String, Value>,
+    ) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>> {
         Box::pin(async move {
-            let data: Option<Vec<Component>> = self.call("/api/v6/component/GetComponentInstances", json(detail)?).await?;
+            let data: Option<Vec<Component>> = self
+                .call("/api/v6/component/GetComponentInstances", json(detail)?)
+                .await?;
             Ok(data.unwrap_or_default())
         })
     }
 
-    fn push_task_results<'a>(&'a self, items: &'a [TaskItem]) -> BoxFuture<'a, Result<(), ManagerError>> {
+    fn push_task_results<'a>(
+        &'a self,
+        items: &'a [TaskItem],
+    ) -> BoxFuture<'a, Result<(), ManagerError>> {
         Box::pin(async move {
             let list: Vec<&Map<String, Value>> = items.iter().map(|i| &i.fields).collect();
-            self.call::<Value>("/api/v1/agent/updateSubTask", json(&list)?).await.map(|_| ())
+            self.call::<Value>("/api/v1/agent/updateSubTask", json(&list)?)
+                .await
+                .map(|_| ())
         })
     }
 
     fn agent_connected(&self, agent_id: &str) {
-        let Ok(body) = json(&serde_json::json!({ "id_list": [agent_id] })) else { return };
+        let Ok(body) = json(&serde_json::json!({ "id_list": [agent_id] })) else {
+            return;
+        };
         let me = ElkeidManager {
             client: self.client.clone(),
             addrs: self.addrs.clone(),
@@ -150,7 +185,10 @@ impl Manager for ElkeidManager {
             tags: self.tags.clone(),
         };
         tokio::spawn(async move {
-            match me.call::<HashMap<String, ExtraInfo>>("/api/v1/agent/queryInfo", body).await {
+            match me
+                .call::<HashMap<String, ExtraInfo>>("/api/v1/agent/queryInfo", body)
+                .await
+            {
                 Ok(Some(info)) => {
                     let mut tags = me.tags.lock().unwrap_or_else(|e| e.into_inner());
                     for (id, i) in info {
@@ -166,6 +204,11 @@ impl Manager for ElkeidManager {
     }
 
     fn tag(&self, agent_id: &str) -> String {
-        self.tags.lock().unwrap_or_else(|e| e.into_inner()).get(agent_id).cloned().unwrap_or_default()
+        self.tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent_id)
+            .cloned()
+            .unwrap_or_default()
     }
 }

@@ -69,7 +69,10 @@ impl Components {
             return toml::from_str(text).map_err(|e| e.to_string());
         }
         match serde_json::from_str::<JsonForm>(text) {
-            Ok(JsonForm::List(default)) => Ok(Components { default, agents: BTreeMap::new() }),
+            Ok(JsonForm::List(default)) => Ok(Components {
+                default,
+                agents: BTreeMap::new(),
+            }),
             Ok(JsonForm::Full(c)) => Ok(c),
             // untagged errors are vague: re-parse as the full form for a precise message
             Err(_) => serde_json::from_str::<Components>(text).map_err(|e| e.to_string()),
@@ -108,7 +111,10 @@ fn stamp(path: &Path) -> Stamp {
 
 fn load(path: &Path) -> Result<Components, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    Components::parse(&text, path.extension().and_then(|e| e.to_str()) == Some("toml"))
+    Components::parse(
+        &text,
+        path.extension().and_then(|e| e.to_str()) == Some("toml"),
+    )
 }
 
 impl LocalManager {
@@ -158,7 +164,11 @@ impl LocalManager {
                 }
             }
         });
-        Arc::new(LocalManager { components, results_path, results: Mutex::new(None) })
+        Arc::new(LocalManager {
+            components,
+            results_path,
+            results: Mutex::new(None),
+        })
     }
 
     fn append(&self, items: &[TaskItem]) -> std::io::Result<()> {
@@ -174,7 +184,12 @@ impl LocalManager {
         }
         let mut guard = self.results.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            *guard = Some(std::fs::OpenOptions::new().create(true).append(true).open(&self.results_path)?);
+            *guard = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.results_path)?,
+            );
         }
         match guard.as_mut() {
             Some(f) => f.write_all(&buf),
@@ -184,12 +199,23 @@ impl LocalManager {
 }
 
 impl Manager for LocalManager {
-    fn configs<'a>(&'a self, agent_id: &'a str, _detail: &'a Map<String, Value>) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>> {
-        let list = self.components.lock().unwrap_or_else(|e| e.into_inner()).for_agent(agent_id);
+    fn configs<'a>(
+        &'a self,
+        agent_id: &'a str,
+        _detail: &'a Map<String, Value>,
+    ) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>> {
+        let list = self
+            .components
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .for_agent(agent_id);
         Box::pin(std::future::ready(Ok(list)))
     }
 
-    fn push_task_results<'a>(&'a self, items: &'a [TaskItem]) -> BoxFuture<'a, Result<(), ManagerError>> {
+    fn push_task_results<'a>(
+        &'a self,
+        items: &'a [TaskItem],
+    ) -> BoxFuture<'a, Result<(), ManagerError>> {
         Box::pin(async move { self.append(items).map_err(ManagerError::Io) })
     }
 }
@@ -199,7 +225,11 @@ mod tests {
     use super::*;
 
     fn comp(name: &str, version: &str) -> Component {
-        Component { name: name.into(), version: version.into(), ..Default::default() }
+        Component {
+            name: name.into(),
+            version: version.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -213,23 +243,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.for_agent("y"), vec![comp("a", "1"), comp("b", "1")]);
-        assert_eq!(c.for_agent("x"), vec![comp("a", "2"), comp("b", "1"), comp("c", "1")]);
-        let t = Components::parse("[[default]]\nname = \"a\"\ntype = \"plugin\"\n[[agents.x]]\nname = \"b\"\n", true).unwrap();
+        assert_eq!(
+            c.for_agent("x"),
+            vec![comp("a", "2"), comp("b", "1"), comp("c", "1")]
+        );
+        let t = Components::parse(
+            "[[default]]\nname = \"a\"\ntype = \"plugin\"\n[[agents.x]]\nname = \"b\"\n",
+            true,
+        )
+        .unwrap();
         assert_eq!(t.default[0].kind, "plugin");
         assert_eq!(t.for_agent("x").len(), 2);
-        assert!(Components::parse(r#"{"defaults":[]}"#, false).unwrap_err().contains("defaults"));
+        assert!(
+            Components::parse(r#"{"defaults":[]}"#, false)
+                .unwrap_err()
+                .contains("defaults")
+        );
     }
 
     #[tokio::test]
     async fn results_are_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let m = LocalManager::start(dir.path().join("none.json"), dir.path().join("task-results.ndjson"));
+        let m = LocalManager::start(
+            dir.path().join("none.json"),
+            dir.path().join("task-results.ndjson"),
+        );
         let mut fields = Map::new();
         fields.insert("token".into(), "t1".into());
         fields.insert("data_type".into(), "5100".into());
-        m.push_task_results(&[TaskItem { agent_id: "a".into(), fields }]).await.unwrap();
+        m.push_task_results(&[TaskItem {
+            agent_id: "a".into(),
+            fields,
+        }])
+        .await
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join("task-results.ndjson")).unwrap();
-        assert_eq!(text, "{\"agent_id\":\"a\",\"data_type\":\"5100\",\"token\":\"t1\"}\n");
+        assert_eq!(
+            text,
+            "{\"agent_id\":\"a\",\"data_type\":\"5100\",\"token\":\"t1\"}\n"
+        );
         assert!(m.configs("a", &Map::new()).await.unwrap().is_empty());
     }
 }

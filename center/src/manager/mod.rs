@@ -78,9 +78,16 @@ pub(crate) struct TaskItem {
 pub(crate) trait Manager: Send + Sync + 'static {
     /// Components for an agent, given its 1000 detail. An empty list means
     /// "nothing to push" (an empty Command would wipe the agent's plugins).
-    fn configs<'a>(&'a self, agent_id: &'a str, detail: &'a Map<String, Value>) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>>;
+    fn configs<'a>(
+        &'a self,
+        agent_id: &'a str,
+        detail: &'a Map<String, Value>,
+    ) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>>;
     /// Takes one batch of task results.
-    fn push_task_results<'a>(&'a self, items: &'a [TaskItem]) -> BoxFuture<'a, Result<(), ManagerError>>;
+    fn push_task_results<'a>(
+        &'a self,
+        items: &'a [TaskItem],
+    ) -> BoxFuture<'a, Result<(), ManagerError>>;
     /// A new stream was registered (Elkeid: extra-info lookup).
     fn agent_connected(&self, _agent_id: &str) {}
     /// `tag` for the agent's records (Elkeid extra info), else empty.
@@ -107,7 +114,10 @@ pub(crate) struct TaskQueue {
 impl TaskQueue {
     /// Starts the batcher; it ends (after a final flush) when every
     /// `TaskQueue` clone is dropped. The handle resolves then.
-    pub(crate) fn start(manager: Arc<dyn Manager>, metrics: Arc<Metrics>) -> (TaskQueue, tokio::task::JoinHandle<()>) {
+    pub(crate) fn start(
+        manager: Arc<dyn Manager>,
+        metrics: Arc<Metrics>,
+    ) -> (TaskQueue, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<TaskItem>(TASK_QUEUE);
         let m = metrics.clone();
         let handle = tokio::spawn(async move {
@@ -124,7 +134,8 @@ impl TaskQueue {
                 let due = closed || ticked || pending.len() >= TASK_BATCH;
                 if due && !pending.is_empty() {
                     if let Err(error) = manager.push_task_results(&pending).await {
-                        m.task_results_failed.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        m.task_results_failed
+                            .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
                         tracing::error!(%error, items = pending.len(), "task results not taken by the manager backend");
                     }
                     pending.clear();

@@ -117,7 +117,9 @@ pub(crate) struct Sinks {
 
 impl std::fmt::Debug for Sinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.list.iter().map(|s| s.name())).finish()
+        f.debug_list()
+            .entries(self.list.iter().map(|s| s.name()))
+            .finish()
     }
 }
 
@@ -162,8 +164,12 @@ pub(crate) async fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Sin
             SinkKind::Ndjson => list.push(Arc::new(ndjson::NdjsonSink::start(&config.ndjson)?)),
             SinkKind::Null => list.push(Arc::new(null::NullSink::default())),
             SinkKind::Kafka => {
-                let cfg = kafka::KafkaConfig::from_center(&config.kafka)
-                    .map_err(|e| BuildError::Config { key: e.key, msg: e.why.to_string() })?;
+                let cfg = kafka::KafkaConfig::from_center(&config.kafka).map_err(|e| {
+                    BuildError::Config {
+                        key: e.key,
+                        msg: e.why.to_string(),
+                    }
+                })?;
                 list.push(Arc::new(kafka::KafkaSink::connect(cfg).await?));
             }
         }

@@ -70,7 +70,10 @@ impl std::fmt::Debug for Msg {
 }
 
 fn io_err(source: std::io::Error) -> SinkError {
-    SinkError::Io { sink: "ndjson", source }
+    SinkError::Io {
+        sink: "ndjson",
+        source,
+    }
 }
 
 impl NdjsonSink {
@@ -144,8 +147,13 @@ impl Sink for NdjsonSink {
     fn flush(&self) -> SinkFuture<'_> {
         Box::pin(async move {
             let (done, wait) = oneshot::channel();
-            self.tx.send(Msg::Flush(done)).await.map_err(|_| SinkError::Closed("ndjson"))?;
-            wait.await.map_err(|_| SinkError::Closed("ndjson"))?.map_err(io_err)
+            self.tx
+                .send(Msg::Flush(done))
+                .await
+                .map_err(|_| SinkError::Closed("ndjson"))?;
+            wait.await
+                .map_err(|_| SinkError::Closed("ndjson"))?
+                .map_err(io_err)
         })
     }
 
@@ -166,7 +174,15 @@ struct Writer {
 
 impl Writer {
     fn new(dir: PathBuf, rotate_bytes: u64) -> Self {
-        Writer { dir, rotate_bytes, file: None, written: 0, seq: 0, line: Vec::with_capacity(4096), last_flush: Instant::now() }
+        Writer {
+            dir,
+            rotate_bytes,
+            file: None,
+            written: 0,
+            seq: 0,
+            line: Vec::with_capacity(4096),
+            last_flush: Instant::now(),
+        }
     }
 
     fn open(&mut self) -> std::io::Result<()> {
@@ -176,8 +192,14 @@ impl Writer {
             .unwrap_or(0);
         loop {
             self.seq += 1;
-            let path = self.dir.join(format!("records-{now}-{:06}.ndjson", self.seq));
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            let path = self
+                .dir
+                .join(format!("records-{now}-{:06}.ndjson", self.seq));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(f) => {
                     tracing::debug!(path = %path.display(), "ndjson sink: new file");
                     self.file = Some((std::io::BufWriter::with_capacity(BUF, f), path));
@@ -253,7 +275,10 @@ struct Line<'a> {
 pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, rec: &EncodedRecord) {
     let (fields, body) = match crate::payload::decode_map(&rec.data) {
         Ok(m) => (Some(m), None),
-        Err(_) => (None, Some(base64::engine::general_purpose::STANDARD.encode(&rec.data))),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(&rec.data)),
+        ),
     };
     let line = Line {
         data_type: rec.data_type,
@@ -307,9 +332,14 @@ mod tests {
     fn golden_line() {
         // Payload {"b": "2", "a": "1"} written by hand from the spec's wire rules.
         let data = vec![
-            0x0a, 0x06, 0x0a, 0x01, b'b', 0x12, 0x01, b'2', 0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'1',
+            0x0a, 0x06, 0x0a, 0x01, b'b', 0x12, 0x01, b'2', 0x0a, 0x06, 0x0a, 0x01, b'a', 0x12,
+            0x01, b'1',
         ];
-        let rec = EncodedRecord { data_type: 1000, timestamp: 1_700_000_000, data: data.into() };
+        let rec = EncodedRecord {
+            data_type: 1000,
+            timestamp: 1_700_000_000,
+            data: data.into(),
+        };
         let mut out = Vec::new();
         write_line(&mut out, &batch(), &rec);
         assert_eq!(
@@ -322,7 +352,11 @@ mod tests {
 
     #[test]
     fn bad_body_goes_base64() {
-        let rec = EncodedRecord { data_type: 7, timestamp: 1, data: vec![0x0a, 0x03, 0x0a, 0x01, 0xff].into() };
+        let rec = EncodedRecord {
+            data_type: 7,
+            timestamp: 1,
+            data: vec![0x0a, 0x03, 0x0a, 0x01, 0xff].into(),
+        };
         let mut out = Vec::new();
         write_line(&mut out, &batch(), &rec);
         let s = String::from_utf8(out).unwrap();
@@ -332,10 +366,18 @@ mod tests {
     #[tokio::test]
     async fn writes_rotates_and_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = NdjsonSink::start(&NdjsonConfig { dir: dir.path().to_path_buf(), rotate_bytes: 400 }).unwrap();
+        let sink = NdjsonSink::start(&NdjsonConfig {
+            dir: dir.path().to_path_buf(),
+            rotate_bytes: 400,
+        })
+        .unwrap();
         let mut b = batch();
         for i in 0..10 {
-            b.records.push(EncodedRecord { data_type: 1, timestamp: i, data: crate::payload::encode(&[("k", "v")]).into() });
+            b.records.push(EncodedRecord {
+                data_type: 1,
+                timestamp: i,
+                data: crate::payload::encode(&[("k", "v")]).into(),
+            });
         }
         sink.send(&Arc::new(b)).await.unwrap();
         sink.flush().await.unwrap();

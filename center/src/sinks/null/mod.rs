@@ -17,12 +17,16 @@ impl Sink for NullSink {
     }
 
     fn send<'a>(&'a self, batch: &'a Arc<PacketBatch>) -> SinkFuture<'a> {
-        self.records.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        self.records
+            .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn flush(&self) -> SinkFuture<'_> {
-        tracing::info!(records = self.records.load(Ordering::Relaxed), "null sink discarded records");
+        tracing::info!(
+            records = self.records.load(Ordering::Relaxed),
+            "null sink discarded records"
+        );
         Box::pin(std::future::ready(Ok(())))
     }
 }
