@@ -44,32 +44,52 @@ pub struct AgentPki {
 impl Center {
     /// The generated agent material: `pki/ca.crt`, `pki/client.crt`, `pki/client.key`.
     pub fn agent_pki(&self) -> AgentPki {
-        let read = |f: &str| std::fs::read(self.pki(f)).unwrap_or_else(|e| panic!("read pki/{f}: {e}"));
-        AgentPki { ca: read("ca.crt"), identity: Some((read("client.crt"), read("client.key"))) }
+        let read =
+            |f: &str| std::fs::read(self.pki(f)).unwrap_or_else(|e| panic!("read pki/{f}: {e}"));
+        AgentPki {
+            ca: read("ca.crt"),
+            identity: Some((read("client.crt"), read("client.key"))),
+        }
     }
 
     /// An mTLS + snappy transport to this center as an agent.
     pub async fn agent(&self) -> SnappyClient<Channel> {
-        agent_transport(self.grpc, &self.agent_pki()).await.expect("agent connects to the center")
+        agent_transport(self.grpc, &self.agent_pki())
+            .await
+            .expect("agent connects to the center")
     }
 
     /// Opens a `Transfer` stream as agent `id` and sends `first` records.
     pub async fn open_stream(&self, id: &str, first: Vec<EncodedRecord>) -> AgentStream {
-        AgentStream::open(self.agent().await, packet(id, first)).await.expect("open Transfer stream")
+        AgentStream::open(self.agent().await, packet(id, first))
+            .await
+            .expect("open Transfer stream")
     }
 
     /// The `[aksk]` pair from `DIR/api-keys.toml` (the first entry).
     pub fn api_key(&self) -> (String, String) {
-        let text = std::fs::read_to_string(self.data_dir.join("api-keys.toml")).expect("read api-keys.toml");
+        let text = std::fs::read_to_string(self.data_dir.join("api-keys.toml"))
+            .expect("read api-keys.toml");
         let v: toml::Table = toml::from_str(&text).expect("api-keys.toml is TOML");
-        let aksk = v.get("aksk").and_then(|t| t.as_table()).expect("[aksk] table");
+        let aksk = v
+            .get("aksk")
+            .and_then(|t| t.as_table())
+            .expect("[aksk] table");
         let (ak, sk) = aksk.iter().next().expect("one key pair");
-        (ak.clone(), sk.as_str().expect("secret is a string").to_string())
+        (
+            ak.clone(),
+            sk.as_str().expect("secret is a string").to_string(),
+        )
     }
 
     /// A signed API call (AK/SK of `api-keys.toml`, current time); returns
     /// the HTTP status and the parsed JSON body.
-    pub async fn api(&self, method: &str, path_and_query: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    pub async fn api(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> (u16, serde_json::Value) {
         let (ak, sk) = self.api_key();
         let headers = signed_headers(&ak, &sk, method, path_and_query, body, unix_now());
         let r = http(self.http, method, path_and_query, &headers, body).await;
@@ -81,7 +101,12 @@ impl Center {
         let (status, v) = self.api("GET", "/conn/list", b"").await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["code"], 0, "{v}");
-        v["data"].as_array().expect("data array").iter().map(|s| s.as_str().expect("id string").to_string()).collect()
+        v["data"]
+            .as_array()
+            .expect("data array")
+            .iter()
+            .map(|s| s.as_str().expect("id string").to_string())
+            .collect()
     }
 
     /// `POST /command/` with `body` (signed); returns the envelope.
@@ -109,7 +134,10 @@ impl Center {
             let text = std::fs::read_to_string(&f).unwrap();
             // A line still being written has no newline yet: skip it.
             for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
-                out.push(serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", f.display())));
+                out.push(
+                    serde_json::from_str(line)
+                        .unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", f.display())),
+                );
             }
         }
         out
@@ -118,8 +146,13 @@ impl Center {
 
 /// A TLS channel to `addr` verifying the server as `elkeid.com` against
 /// `pki.ca`, presenting `pki.identity` if any (tonic negotiates ALPN h2).
-pub async fn tls_channel(addr: SocketAddr, pki: &AgentPki) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca)).domain_name(SERVER_NAME);
+pub async fn tls_channel(
+    addr: SocketAddr,
+    pki: &AgentPki,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name(SERVER_NAME);
     if let Some((cert, key)) = &pki.identity {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
@@ -131,7 +164,10 @@ pub async fn tls_channel(addr: SocketAddr, pki: &AgentPki) -> Result<Channel, to
 }
 
 /// [`tls_channel`] wrapped in the snappy compression layer, as an agent talks.
-pub async fn agent_transport(addr: SocketAddr, pki: &AgentPki) -> Result<SnappyClient<Channel>, tonic::transport::Error> {
+pub async fn agent_transport(
+    addr: SocketAddr,
+    pki: &AgentPki,
+) -> Result<SnappyClient<Channel>, tonic::transport::Error> {
     Ok(SnappyClientLayer::new().layer(tls_channel(addr, pki).await?))
 }
 
@@ -141,24 +177,40 @@ pub fn foreign_client() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "intruder CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "intruder CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let mut leaf = CertificateParams::new(vec![SERVER_NAME.to_string()]).unwrap();
-    leaf.distinguished_name.push(DnType::CommonName, "elkeid@elkeid.com");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "elkeid@elkeid.com");
     let key = KeyPair::generate().unwrap();
     let cert = leaf.signed_by(&key, &ca).unwrap();
-    (cert.pem().into_bytes(), key.serialize_pem().into_bytes(), ca.pem().into_bytes())
+    (
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+        ca.pem().into_bytes(),
+    )
 }
 
 /// A serialized `Payload` with `fields`.
 pub fn payload(fields: &[(&str, &str)]) -> Bytes {
-    let p = Payload { fields: fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>() };
+    let p = Payload {
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    };
     Bytes::from(p.encode_to_vec())
 }
 
 /// One record of `data_type` with `fields`, stamped `timestamp`.
 pub fn record(data_type: i32, timestamp: i64, fields: &[(&str, &str)]) -> EncodedRecord {
-    EncodedRecord { data_type, timestamp, data: payload(fields) }
+    EncodedRecord {
+        data_type,
+        timestamp,
+        data: payload(fields),
+    }
 }
 
 /// A 1000 heartbeat like the Go agent's (numbers as strings).
@@ -207,13 +259,22 @@ pub struct AgentStream {
 
 impl AgentStream {
     /// Opens the stream over `transport`, sending `first` as the first packet.
-    pub async fn open(transport: SnappyClient<Channel>, first: PackagedData) -> Result<AgentStream, tonic::Status> {
+    pub async fn open(
+        transport: SnappyClient<Channel>,
+        first: PackagedData,
+    ) -> Result<AgentStream, tonic::Status> {
         let id = first.agent_id.clone();
         let (tx, rx) = mpsc::channel(64);
-        tx.send(first).await.map_err(|_| tonic::Status::internal("queue"))?;
+        tx.send(first)
+            .await
+            .map_err(|_| tonic::Status::internal("queue"))?;
         let mut client = TransferClient::new(transport).max_decoding_message_size(16 * 1024 * 1024);
         let resp = client.transfer(ReceiverStream::new(rx)).await?;
-        Ok(AgentStream { id, tx: Some(tx), rx: resp.into_inner() })
+        Ok(AgentStream {
+            id,
+            tx: Some(tx),
+            rx: resp.into_inner(),
+        })
     }
 
     /// Sends one packet of `records` with this stream's agent metadata.
@@ -233,7 +294,10 @@ impl AgentStream {
     }
 
     /// The next command, or the stream's end (`Ok(None)`) or error, within `within`.
-    pub async fn next(&mut self, within: Duration) -> Option<Result<Option<Command>, tonic::Status>> {
+    pub async fn next(
+        &mut self,
+        within: Duration,
+    ) -> Option<Result<Option<Command>, tonic::Status>> {
         tokio::time::timeout(within, self.rx.message()).await.ok()
     }
 
@@ -241,7 +305,10 @@ impl AgentStream {
     pub async fn expect_command(&mut self, within: Duration) -> Command {
         match self.next(within).await {
             Some(Ok(Some(c))) => c,
-            other => panic!("agent {}: expected a command within {within:?}, got {other:?}", self.id),
+            other => panic!(
+                "agent {}: expected a command within {within:?}, got {other:?}",
+                self.id
+            ),
         }
     }
 }
@@ -266,15 +333,23 @@ where
 
 /// Current Unix time in seconds.
 pub fn unix_now() -> i64 {
-    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap()
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
 }
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Elkeid's AK/SK signature (spec §5.6): lowercase hex HMAC-SHA256, key =
@@ -282,7 +357,15 @@ fn hex(bytes: &[u8]) -> String {
 /// removed), RAWQUERY (no `?`), AK, TIMESTAMP and BODYHASH (lowercase hex
 /// SHA-256 of the body, empty string for an empty body) joined by the two
 /// literal characters backslash and `n`.
-pub fn sign(sk: &str, method: &str, path: &str, raw_query: &str, ak: &str, timestamp: &str, body: &[u8]) -> String {
+pub fn sign(
+    sk: &str,
+    method: &str,
+    path: &str,
+    raw_query: &str,
+    ak: &str,
+    timestamp: &str,
+    body: &[u8],
+) -> String {
     let path = path.trim();
     let path = path.strip_suffix('/').unwrap_or(path);
     let body_hash = if body.is_empty() {
@@ -296,11 +379,24 @@ pub fn sign(sk: &str, method: &str, path: &str, raw_query: &str, ak: &str, times
 }
 
 /// `AccessKey`, `Signature`, `TimeStamp` headers for a request.
-pub fn signed_headers(ak: &str, sk: &str, method: &str, path_and_query: &str, body: &[u8], ts: i64) -> Vec<(String, String)> {
-    let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+pub fn signed_headers(
+    ak: &str,
+    sk: &str,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    ts: i64,
+) -> Vec<(String, String)> {
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
     let ts = ts.to_string();
     let sig = sign(sk, method, path, query, ak, &ts, body);
-    vec![("AccessKey".into(), ak.into()), ("Signature".into(), sig), ("TimeStamp".into(), ts)]
+    vec![
+        ("AccessKey".into(), ak.into()),
+        ("Signature".into(), sig),
+        ("TimeStamp".into(), ts),
+    ]
 }
 
 /// An HTTP response.
@@ -317,20 +413,39 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// The body as JSON; panics with the body text if it is not.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {:?}", self.status, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// First header named `name` (lowercase).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// One HTTP/1.1 request (`Connection: close`) to `addr`.
-pub async fn http(addr: SocketAddr, method: &str, path_and_query: &str, headers: &[(String, String)], body: &[u8]) -> HttpResponse {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect HTTP API");
-    let mut req = format!("{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect HTTP API");
+    let mut req = format!(
+        "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if !body.is_empty() {
         req.push_str("Content-Type: application/json\r\n");
     }
@@ -341,27 +456,43 @@ pub async fn http(addr: SocketAddr, method: &str, path_and_query: &str, headers:
     s.write_all(req.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw)).await.expect("HTTP response in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("HTTP response in time")
+        .unwrap();
     parse_response(&raw)
 }
 
 fn parse_response(raw: &[u8]) -> HttpResponse {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of HTTP head");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of HTTP head");
     let head = std::str::from_utf8(&raw[..end]).expect("ASCII head");
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).expect("status line");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let mut rest = &raw[end + 4..];
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked {
         let mut out = Vec::new();
         loop {
-            let nl = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk size line");
             let size_text = std::str::from_utf8(&rest[..nl]).unwrap();
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).expect("chunk size");
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .expect("chunk size");
             rest = &rest[nl + 2..];
             if size == 0 {
                 break;
@@ -370,12 +501,20 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
             rest = &rest[size + 2..];
         }
         out
-    } else if let Some(len) = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse::<usize>().ok()) {
+    } else if let Some(len) = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
         rest[..len].to_vec()
     } else {
         rest.to_vec()
     };
-    HttpResponse { status, headers, body }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// The broker for Kafka tests: `ELKEID_TEST_KAFKA=host:port`. Unset: fails
@@ -402,18 +541,42 @@ pub fn kafka_broker() -> Option<String> {
 pub async fn kafka_read(broker: &str, topic: &str) -> Vec<(i32, Vec<u8>, MqData)> {
     use rskafka::client::ClientBuilder;
     use rskafka::client::partition::{OffsetAt, UnknownTopicHandling};
-    let client = ClientBuilder::new(vec![broker.to_string()]).build().await.expect("kafka client");
-    let Some(t) = client.list_topics().await.expect("list topics").into_iter().find(|t| t.name == topic) else {
+    let client = ClientBuilder::new(vec![broker.to_string()])
+        .build()
+        .await
+        .expect("kafka client");
+    let Some(t) = client
+        .list_topics()
+        .await
+        .expect("list topics")
+        .into_iter()
+        .find(|t| t.name == topic)
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for p in t.partitions {
-        let pc = client.partition_client(topic, p, UnknownTopicHandling::Retry).await.expect("partition client");
-        let high = pc.get_offset(OffsetAt::Latest).await.expect("high watermark");
-        let mut offset = pc.get_offset(OffsetAt::Earliest).await.expect("low watermark");
+        let pc = client
+            .partition_client(topic, p, UnknownTopicHandling::Retry)
+            .await
+            .expect("partition client");
+        let high = pc
+            .get_offset(OffsetAt::Latest)
+            .await
+            .expect("high watermark");
+        let mut offset = pc
+            .get_offset(OffsetAt::Earliest)
+            .await
+            .expect("low watermark");
         while offset < high {
-            let (recs, _) = pc.fetch_records(offset, 1..8_000_000, 500).await.expect("fetch");
-            assert!(!recs.is_empty(), "fetch at {offset} below high watermark {high} returned nothing");
+            let (recs, _) = pc
+                .fetch_records(offset, 1..8_000_000, 500)
+                .await
+                .expect("fetch");
+            assert!(
+                !recs.is_empty(),
+                "fetch at {offset} below high watermark {high} returned nothing"
+            );
             for r in recs {
                 offset = r.offset + 1;
                 let value = r.record.value.expect("message value");
@@ -435,10 +598,29 @@ mod tests {
     fn signer_golden() {
         let body = br#"{"agent_id":"a"}"#;
         assert_eq!(
-            sign("sk123", "POST", " /command/ ", "", "ak1", "1700000000", body),
+            sign(
+                "sk123",
+                "POST",
+                " /command/ ",
+                "",
+                "ak1",
+                "1700000000",
+                body
+            ),
             "24cbd017ba796a7cc28f13ca391354b42a495cf4beef76e45066f4affe4c3095"
         );
-        assert_eq!(sign("sk123", "GET", "/conn/list", "x=1", "ak1", "1700000000", b""), "a70d6bbe55ec8e47032ea44c24c69a5c99eb5f5a475fa99353af0a16f09434ed");
+        assert_eq!(
+            sign(
+                "sk123",
+                "GET",
+                "/conn/list",
+                "x=1",
+                "ak1",
+                "1700000000",
+                b""
+            ),
+            "a70d6bbe55ec8e47032ea44c24c69a5c99eb5f5a475fa99353af0a16f09434ed"
+        );
     }
 
     #[test]

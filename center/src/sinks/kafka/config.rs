@@ -120,31 +120,58 @@ impl KafkaConfig {
     /// Checks values serde cannot; the error names the bad key.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.brokers.is_empty() {
-            return Err(ConfigError { key: "kafka.brokers", why: "must list at least one broker" });
+            return Err(ConfigError {
+                key: "kafka.brokers",
+                why: "must list at least one broker",
+            });
         }
         if self.brokers.iter().any(|b| b.trim().is_empty()) {
-            return Err(ConfigError { key: "kafka.brokers", why: "contains an empty address" });
+            return Err(ConfigError {
+                key: "kafka.brokers",
+                why: "contains an empty address",
+            });
         }
         if self.topic.is_empty() {
-            return Err(ConfigError { key: "kafka.topic", why: "must not be empty" });
+            return Err(ConfigError {
+                key: "kafka.topic",
+                why: "must not be empty",
+            });
         }
         if self.queue_bytes == 0 || self.queue_bytes > MAX_QUEUE_BYTES {
-            return Err(ConfigError { key: "kafka.queue_bytes", why: "must be 1..=4294967295" });
+            return Err(ConfigError {
+                key: "kafka.queue_bytes",
+                why: "must be 1..=4294967295",
+            });
         }
         if self.batch_bytes == 0 {
-            return Err(ConfigError { key: "kafka.batch_bytes", why: "must be > 0" });
+            return Err(ConfigError {
+                key: "kafka.batch_bytes",
+                why: "must be > 0",
+            });
         }
         if self.max_message_bytes == 0 {
-            return Err(ConfigError { key: "kafka.max_message_bytes", why: "must be > 0" });
+            return Err(ConfigError {
+                key: "kafka.max_message_bytes",
+                why: "must be > 0",
+            });
         }
         if self.create_topic && self.create_partitions < 1 {
-            return Err(ConfigError { key: "kafka.create_partitions", why: "must be >= 1" });
+            return Err(ConfigError {
+                key: "kafka.create_partitions",
+                why: "must be >= 1",
+            });
         }
         if self.create_topic && self.create_replication < 1 {
-            return Err(ConfigError { key: "kafka.create_replication", why: "must be >= 1" });
+            return Err(ConfigError {
+                key: "kafka.create_replication",
+                why: "must be >= 1",
+            });
         }
         if self.sasl.enable && self.sasl.username.is_empty() {
-            return Err(ConfigError { key: "kafka.sasl.username", why: "must be set when sasl.enable = true" });
+            return Err(ConfigError {
+                key: "kafka.sasl.username",
+                why: "must be set when sasl.enable = true",
+            });
         }
         Ok(())
     }
@@ -189,7 +216,10 @@ impl KafkaConfig {
         }
         let size = |key: &'static str, v: Option<u64>, default: usize| match v {
             None => Ok(default),
-            Some(v) => usize::try_from(v).map_err(|_| ConfigError { key, why: "too large" }),
+            Some(v) => usize::try_from(v).map_err(|_| ConfigError {
+                key,
+                why: "too large",
+            }),
         };
         let sasl = match (&c.sasl_username, &c.sasl_password) {
             (None, None) => SaslConfig::default(),
@@ -204,13 +234,24 @@ impl KafkaConfig {
             topic: c.topic.clone(),
             compression,
             linger_ms: c.linger_ms.unwrap_or(d.linger_ms),
-            batch_bytes: size("sinks.kafka.max_batch_bytes", c.max_batch_bytes, d.batch_bytes)?,
+            batch_bytes: size(
+                "sinks.kafka.max_batch_bytes",
+                c.max_batch_bytes,
+                d.batch_bytes,
+            )?,
             queue_bytes: size("sinks.kafka.queue", c.queue, d.queue_bytes)?,
-            overflow: if c.drop_when_full == Some(true) { OverflowPolicy::Drop } else { OverflowPolicy::Block },
+            overflow: if c.drop_when_full == Some(true) {
+                OverflowPolicy::Drop
+            } else {
+                OverflowPolicy::Block
+            },
             sasl,
             ..d
         };
-        cfg.validate().map_err(|e| ConfigError { key: center_key(e.key), why: e.why })?;
+        cfg.validate().map_err(|e| ConfigError {
+            key: center_key(e.key),
+            why: e.why,
+        })?;
         Ok(cfg)
     }
 }
@@ -351,7 +392,10 @@ mod tests {
         assert_eq!(c.linger(), Duration::from_millis(5));
         assert!(c.sasl.enable);
         c.validate().unwrap();
-        assert!(!format!("{c:?}").contains("\"p\""), "password must not be printed");
+        assert!(
+            !format!("{c:?}").contains("\"p\""),
+            "password must not be printed"
+        );
     }
 
     #[test]
@@ -373,12 +417,30 @@ mod tests {
         assert_eq!((k.linger_ms, k.batch_bytes, k.queue_bytes), (7, 1000, 5000));
         assert_eq!(k.overflow, OverflowPolicy::Drop);
         assert!(k.sasl.enable && k.sasl.username == "u" && k.sasl.password == "p");
-        let bad = crate::config::KafkaConfig { acks: Some(1), ..c.clone() };
-        assert_eq!(KafkaConfig::from_center(&bad).unwrap_err().key, "sinks.kafka.acks");
-        let bad = crate::config::KafkaConfig { compression: Some("brotli".into()), ..c.clone() };
-        assert_eq!(KafkaConfig::from_center(&bad).unwrap_err().key, "sinks.kafka.compression");
-        let bad = crate::config::KafkaConfig { brokers: vec![], ..c };
-        assert_eq!(KafkaConfig::from_center(&bad).unwrap_err().key, "sinks.kafka.brokers");
+        let bad = crate::config::KafkaConfig {
+            acks: Some(1),
+            ..c.clone()
+        };
+        assert_eq!(
+            KafkaConfig::from_center(&bad).unwrap_err().key,
+            "sinks.kafka.acks"
+        );
+        let bad = crate::config::KafkaConfig {
+            compression: Some("brotli".into()),
+            ..c.clone()
+        };
+        assert_eq!(
+            KafkaConfig::from_center(&bad).unwrap_err().key,
+            "sinks.kafka.compression"
+        );
+        let bad = crate::config::KafkaConfig {
+            brokers: vec![],
+            ..c
+        };
+        assert_eq!(
+            KafkaConfig::from_center(&bad).unwrap_err().key,
+            "sinks.kafka.brokers"
+        );
     }
 
     #[test]
@@ -391,7 +453,10 @@ mod tests {
         assert_eq!(e.key, "kafka.brokers");
         let c = KafkaConfig {
             brokers: vec!["x:1".into()],
-            sasl: SaslConfig { enable: true, ..SaslConfig::default() },
+            sasl: SaslConfig {
+                enable: true,
+                ..SaslConfig::default()
+            },
             ..KafkaConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().key, "kafka.sasl.username");

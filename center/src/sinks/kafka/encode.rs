@@ -41,7 +41,11 @@ pub(crate) fn encode_batch(batch: &PacketBatch) -> Vec<Vec<u8>> {
     // this writes only fields 4..=15.
     if template.encode(&mut shared).is_err() {
         // Encoding into a Vec cannot run out of space; keep the per-record path.
-        return batch.records.iter().map(|r| mq_data(batch, r).encode_to_vec()).collect();
+        return batch
+            .records
+            .iter()
+            .map(|r| mq_data(batch, r).encode_to_vec())
+            .collect();
     }
     batch
         .records
@@ -97,8 +101,16 @@ mod tests {
             product: "p".into(),
             tag: "t".into(),
             records: vec![
-                EncodedRecord { data_type: 1000, timestamp: 1_700_000_000, data: Bytes::from_static(b"\x0a\x06\x0a\x01k\x12\x01v") },
-                EncodedRecord { data_type: 0, timestamp: 0, data: Bytes::new() },
+                EncodedRecord {
+                    data_type: 1000,
+                    timestamp: 1_700_000_000,
+                    data: Bytes::from_static(b"\x0a\x06\x0a\x01k\x12\x01v"),
+                },
+                EncodedRecord {
+                    data_type: 0,
+                    timestamp: 0,
+                    data: Bytes::new(),
+                },
             ],
         }
     }
@@ -114,17 +126,24 @@ mod tests {
             0x1a, 0x08, 0x0a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, b'v', // 3: body
         ];
         let tail: Vec<u8> = [
-            &[0x22, 0x04][..], b"id-1", // 4: agent_id
-            &[0x2a, 0x11], b"10.0.0.1,10.0.0.2", // 5: intranet_ipv4 joined
+            &[0x22, 0x04][..],
+            b"id-1", // 4: agent_id
+            &[0x2a, 0x11],
+            b"10.0.0.1,10.0.0.2", // 5: intranet_ipv4 joined
             // 6 (extranet_ipv4) empty: omitted
-            &[0x3a, 0x07], b"fe80::1", // 7: intranet_ipv6
+            &[0x3a, 0x07],
+            b"fe80::1", // 7: intranet_ipv6
             // 8 empty
-            &[0x4a, 0x01], b"h", // 9: hostname
-            &[0x52, 0x03], b"1.9", // 10: version
-            &[0x5a, 0x01], b"p", // 11: product
+            &[0x4a, 0x01],
+            b"h", // 9: hostname
+            &[0x52, 0x03],
+            b"1.9", // 10: version
+            &[0x5a, 0x01],
+            b"p",                                  // 11: product
             &[0x60, 0xe4, 0xe2, 0xcf, 0xaa, 0x06], // 12: svr_time 1700000100
             // 13, 14 (psm) empty
-            &[0x7a, 0x01], b"t", // 15: tag
+            &[0x7a, 0x01],
+            b"t", // 15: tag
         ]
         .concat();
         want.extend_from_slice(&tail);

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -69,13 +69,17 @@ pub(crate) struct KafkaSink {
     partitions: i32,
     flush_timeout: Duration,
     stats: Arc<KafkaStats>,
-    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Msg::Records(j) => write!(f, "Records(partition {}, {} records)", j.partition, j.records.len()),
+            Msg::Records(j) => write!(
+                f,
+                "Records(partition {}, {} records)",
+                j.partition,
+                j.records.len()
+            ),
             Msg::Flush(_) => f.write_str("Flush"),
         }
     }
@@ -90,7 +94,10 @@ impl KafkaSink {
         let timeout = cfg.request_timeout();
         let mut builder = ClientBuilder::new(cfg.brokers.clone())
             .client_id(cfg.client_id.as_str())
-            .backoff_config(BackoffConfig { deadline: Some(timeout), ..BackoffConfig::default() });
+            .backoff_config(BackoffConfig {
+                deadline: Some(timeout),
+                ..BackoffConfig::default()
+            });
         if cfg.sasl.enable {
             builder = builder.sasl_config(SaslConfig::Plain(Credentials::new(
                 cfg.sasl.username.clone(),
@@ -136,29 +143,22 @@ impl KafkaSink {
             partitions: n,
             flush_timeout: cfg.flush_timeout(),
             stats,
-            closed: AtomicBool::new(false),
         })
     }
 
     /// The sink's counters.
+    #[cfg(test)]
     pub(crate) fn stats(&self) -> &Arc<KafkaStats> {
         &self.stats
     }
 
     /// Bytes accepted and not yet acknowledged by Kafka (the sink's lag).
     pub(crate) fn in_flight_bytes(&self) -> usize {
-        self.queue_bytes.saturating_sub(self.budget.available_permits())
-    }
-
-    /// Takes no more records; what was accepted is still produced.
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.queue_bytes
+            .saturating_sub(self.budget.available_permits())
     }
 
     async fn send_batch(&self, batch: &PacketBatch) -> Result<(), SinkError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(SinkError::Closed(NAME));
-        }
         if batch.records.is_empty() {
             return Ok(());
         }
@@ -205,7 +205,11 @@ impl KafkaSink {
         };
         let partition = usize::try_from(partition).unwrap_or(0);
         self.tx
-            .send(Msg::Records(Job { partition, records, permit: Some(permit) }))
+            .send(Msg::Records(Job {
+                partition,
+                records,
+                permit: Some(permit),
+            }))
             .map_err(|_| SinkError::Closed(NAME))?;
         self.stats.accepted.fetch_add(n, Ordering::Relaxed);
         self.stats.pending.fetch_add(n, Ordering::Relaxed);
@@ -214,9 +218,22 @@ impl KafkaSink {
 
     async fn flush_all(&self) -> Result<(), SinkError> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(Msg::Flush(done)).map_err(|_| SinkError::Closed(NAME))?;
+        self.tx
+            .send(Msg::Flush(done))
+            .map_err(|_| SinkError::Closed(NAME))?;
         match tokio::time::timeout(self.flush_timeout, wait).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                let s = &self.stats;
+                tracing::info!(
+                    accepted = s.accepted.load(Ordering::Relaxed),
+                    delivered = s.delivered.load(Ordering::Relaxed),
+                    dropped = s.dropped.load(Ordering::Relaxed),
+                    oversized = s.oversized.load(Ordering::Relaxed),
+                    produce_errors = s.produce_errors.load(Ordering::Relaxed),
+                    "kafka sink flushed"
+                );
+                Ok(())
+            }
             Ok(Err(_)) => Err(SinkError::Closed(NAME)),
             Err(_) => Err(other(format!(
                 "flush timed out after {:?} with {} bytes not acknowledged",
@@ -256,30 +273,52 @@ async fn topic_partitions(client: &Client, cfg: &KafkaConfig) -> Result<Vec<i32>
     let deadline = Instant::now() + timeout;
     let mut created = false;
     loop {
-        let topics = client.list_topics().await.map_err(|e| other(format!("listing topics: {e}")))?;
+        let topics = client
+            .list_topics()
+            .await
+            .map_err(|e| other(format!("listing topics: {e}")))?;
         if let Some(t) = topics.into_iter().find(|t| t.name == cfg.topic) {
             let ids: Vec<i32> = t.partitions.into_iter().collect();
-            let contiguous = ids.iter().enumerate().all(|(i, p)| usize::try_from(*p).ok() == Some(i));
+            let contiguous = ids
+                .iter()
+                .enumerate()
+                .all(|(i, p)| usize::try_from(*p).ok() == Some(i));
             if !ids.is_empty() && contiguous {
                 return Ok(ids);
             }
             if !created || Instant::now() >= deadline {
-                return Err(other(format!("topic {} has unusable partitions {ids:?}", cfg.topic)));
+                return Err(other(format!(
+                    "topic {} has unusable partitions {ids:?}",
+                    cfg.topic
+                )));
             }
         } else if !cfg.create_topic {
-            return Err(other(format!("topic {} does not exist and kafka.create_topic is false", cfg.topic)));
+            return Err(other(format!(
+                "topic {} does not exist and kafka.create_topic is false",
+                cfg.topic
+            )));
         } else if !created {
             let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-            let controller = client.controller_client().map_err(|e| other(format!("controller: {e}")))?;
+            let controller = client
+                .controller_client()
+                .map_err(|e| other(format!("controller: {e}")))?;
             controller
-                .create_topic(cfg.topic.as_str(), cfg.create_partitions, cfg.create_replication, ms)
+                .create_topic(
+                    cfg.topic.as_str(),
+                    cfg.create_partitions,
+                    cfg.create_replication,
+                    ms,
+                )
                 .await
                 .map_err(|e| other(format!("creating topic {}: {e}", cfg.topic)))?;
             tracing::info!(topic = %cfg.topic, partitions = cfg.create_partitions, "kafka topic created");
             created = true;
         }
         if Instant::now() >= deadline {
-            return Err(other(format!("topic {} did not appear after creation", cfg.topic)));
+            return Err(other(format!(
+                "topic {} did not appear after creation",
+                cfg.topic
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -309,9 +348,17 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) {
-        let mut bufs: Vec<PartitionBuf> = self.clients.iter().map(|_| PartitionBuf::default()).collect();
+        let mut bufs: Vec<PartitionBuf> = self
+            .clients
+            .iter()
+            .map(|_| PartitionBuf::default())
+            .collect();
         loop {
-            let due = bufs.iter().filter_map(|b| b.since).min().map(|t| t + self.linger);
+            let due = bufs
+                .iter()
+                .filter_map(|b| b.since)
+                .min()
+                .map(|t| t + self.linger);
             let msg = match due {
                 Some(at) => tokio::select! {
                     m = self.rx.recv() => Some(m),
@@ -322,17 +369,20 @@ impl Worker {
             let Some(msg) = msg else {
                 let now = Instant::now();
                 let linger = self.linger;
-                self.produce_where(&mut bufs, |b| b.since.is_some_and(|s| s + linger <= now)).await;
+                self.produce_where(&mut bufs, |b| b.since.is_some_and(|s| s + linger <= now))
+                    .await;
                 continue;
             };
             match msg {
                 Some(Msg::Records(job)) => self.append(&mut bufs, job).await,
                 Some(Msg::Flush(done)) => {
-                    self.produce_where(&mut bufs, |b| !b.records.is_empty()).await;
+                    self.produce_where(&mut bufs, |b| !b.records.is_empty())
+                        .await;
                     let _ = done.send(());
                 }
                 None => {
-                    self.produce_where(&mut bufs, |b| !b.records.is_empty()).await;
+                    self.produce_where(&mut bufs, |b| !b.records.is_empty())
+                        .await;
                     return;
                 }
             }
@@ -376,14 +426,19 @@ impl Worker {
     /// takes it (the budget stays held, so senders wait); under `drop` a
     /// failed batch is counted as dropped.
     async fn produce(&self, idx: usize, buf: PartitionBuf) {
-        let Some(client) = self.clients.get(idx) else { return };
+        let Some(client) = self.clients.get(idx) else {
+            return;
+        };
         if buf.records.is_empty() {
             return;
         }
         let n = buf.records.len() as u64;
         let mut backoff = Duration::from_millis(200);
         loop {
-            let attempt = tokio::time::timeout(self.request_timeout, client.produce(buf.records.clone(), self.compression));
+            let attempt = tokio::time::timeout(
+                self.request_timeout,
+                client.produce(buf.records.clone(), self.compression),
+            );
             let err = match attempt.await {
                 Ok(Ok(_offsets)) => {
                     self.stats.delivered.fetch_add(n, Ordering::Relaxed);

@@ -17,8 +17,8 @@ use rskafka::client::ClientBuilder;
 use rskafka::client::partition::{OffsetAt, UnknownTopicHandling};
 use rskafka::record::Record;
 
-use super::encode::partition_for;
 use super::config::{KafkaCompression, OverflowPolicy};
+use super::encode::partition_for;
 use super::*;
 use crate::sinks::{PacketBatch, Sink, SinkError};
 
@@ -26,10 +26,14 @@ fn require(var: &str, what: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set but CI is: {what} (run `tests/kafka-broker.sh start`, which prints the exports)")
+            panic!(
+                "{var} is not set but CI is: {what} (run `tests/kafka-broker.sh start`, which prints the exports)"
+            )
         }
         _ => {
-            eprintln!("!!!!!!!! SKIPPED: {var} is not set: {what} (run `tests/kafka-broker.sh start`) !!!!!!!!");
+            eprintln!(
+                "!!!!!!!! SKIPPED: {var} is not set: {what} (run `tests/kafka-broker.sh start`) !!!!!!!!"
+            );
             None
         }
     }
@@ -40,7 +44,10 @@ fn broker() -> Option<String> {
 }
 
 fn unique_topic(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("sinktest-{name}-{}-{nanos}", std::process::id())
 }
 
@@ -60,7 +67,12 @@ fn payload(pairs: &[(&str, &str)]) -> Bytes {
     let mut out = Vec::new();
     for (k, v) in pairs {
         let entry_len = 2 + k.len() + 2 + v.len();
-        out.extend_from_slice(&[0x0a, u8::try_from(entry_len).unwrap(), 0x0a, u8::try_from(k.len()).unwrap()]);
+        out.extend_from_slice(&[
+            0x0a,
+            u8::try_from(entry_len).unwrap(),
+            0x0a,
+            u8::try_from(k.len()).unwrap(),
+        ]);
         out.extend_from_slice(k.as_bytes());
         out.extend_from_slice(&[0x12, u8::try_from(v.len()).unwrap()]);
         out.extend_from_slice(v.as_bytes());
@@ -92,15 +104,24 @@ fn batch(agent: &str, svr_time: i64, n: usize) -> Arc<PacketBatch> {
 
 /// Every message of `topic`, per partition in offset order.
 async fn read_all(broker: &str, topic: &str, partitions: i32) -> Vec<(i32, Record)> {
-    let client = ClientBuilder::new(vec![broker.to_string()]).build().await.unwrap();
+    let client = ClientBuilder::new(vec![broker.to_string()])
+        .build()
+        .await
+        .unwrap();
     let mut out = Vec::new();
     for p in 0..partitions {
-        let pc = client.partition_client(topic, p, UnknownTopicHandling::Retry).await.unwrap();
+        let pc = client
+            .partition_client(topic, p, UnknownTopicHandling::Retry)
+            .await
+            .unwrap();
         let high = pc.get_offset(OffsetAt::Latest).await.unwrap();
         let mut offset = pc.get_offset(OffsetAt::Earliest).await.unwrap();
         while offset < high {
             let (recs, _) = pc.fetch_records(offset, 1..4_000_000, 500).await.unwrap();
-            assert!(!recs.is_empty() || offset >= high, "fetch at {offset} < {high} returned nothing");
+            assert!(
+                !recs.is_empty() || offset >= high,
+                "fetch at {offset} < {high} returned nothing"
+            );
             for r in recs {
                 offset = r.offset + 1;
                 out.push((p, r.record));
@@ -131,16 +152,24 @@ fn check_message(p: i32, rec: &Record, partitions: i32, b: &PacketBatch, i: usiz
     assert_eq!(m.psm_name, "");
     assert_eq!(m.psm_path, "");
     assert_eq!(m.tag, "blue");
-    assert_eq!(rec.timestamp.timestamp(), b.svr_time, "message timestamp = server receive time");
+    assert_eq!(
+        rec.timestamp.timestamp(),
+        b.svr_time,
+        "message timestamp = server receive time"
+    );
 }
 
 /// Checks that `got` holds exactly the records of `batches`, each agent's in order.
 fn check_all(got: &[(i32, Record)], partitions: i32, batches: &[Arc<PacketBatch>]) {
     let total: usize = batches.iter().map(|b| b.records.len()).sum();
     assert_eq!(got.len(), total, "one message per record");
-    let agents: std::collections::BTreeSet<&str> = batches.iter().map(|b| b.agent_id.as_str()).collect();
+    let agents: std::collections::BTreeSet<&str> =
+        batches.iter().map(|b| b.agent_id.as_str()).collect();
     for agent in agents {
-        let mine: Vec<&(i32, Record)> = got.iter().filter(|(_, r)| r.key.as_deref() == Some(agent.as_bytes())).collect();
+        let mine: Vec<&(i32, Record)> = got
+            .iter()
+            .filter(|(_, r)| r.key.as_deref() == Some(agent.as_bytes()))
+            .collect();
         let want: Vec<(&PacketBatch, usize)> = batches
             .iter()
             .filter(|b| b.agent_id == agent)
@@ -157,7 +186,10 @@ fn check_all(got: &[(i32, Record)], partitions: i32, batches: &[Arc<PacketBatch>
 async fn records_round_trip_through_a_real_broker() {
     let Some(broker) = broker() else { return };
     let topic = unique_topic("roundtrip");
-    let cfg = KafkaConfig { create_partitions: 3, ..config(&broker, &topic) };
+    let cfg = KafkaConfig {
+        create_partitions: 3,
+        ..config(&broker, &topic)
+    };
     let sink = KafkaSink::connect(cfg).await.unwrap();
     assert_eq!(sink.name(), "kafka");
     let batches = vec![
@@ -172,24 +204,40 @@ async fn records_round_trip_through_a_real_broker() {
     }
     sink.flush().await.unwrap();
     let stats = sink.stats();
-    assert_eq!(stats.accepted.load(std::sync::atomic::Ordering::Relaxed), 11);
-    assert_eq!(stats.delivered.load(std::sync::atomic::Ordering::Relaxed), 11);
+    assert_eq!(
+        stats.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        11
+    );
+    assert_eq!(
+        stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        11
+    );
     assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(sink.in_flight_bytes(), 0);
     let got = read_all(&broker, &topic, 3).await;
     check_all(&got, 3, &batches);
-
-    sink.close();
-    assert!(matches!(sink.send(&batches[0]).await, Err(SinkError::Closed("kafka"))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_compression_round_trips() {
     let Some(broker) = broker() else { return };
-    for c in [KafkaCompression::Gzip, KafkaCompression::Snappy, KafkaCompression::Lz4, KafkaCompression::Zstd] {
+    for c in [
+        KafkaCompression::Gzip,
+        KafkaCompression::Snappy,
+        KafkaCompression::Lz4,
+        KafkaCompression::Zstd,
+    ] {
         let topic = unique_topic(&format!("{c:?}").to_lowercase());
-        let sink = KafkaSink::connect(KafkaConfig { compression: c, ..config(&broker, &topic) }).await.unwrap();
-        let batches = vec![batch("agent-z", 1_700_000_900, 50), batch("agent-y", 1_700_000_901, 7)];
+        let sink = KafkaSink::connect(KafkaConfig {
+            compression: c,
+            ..config(&broker, &topic)
+        })
+        .await
+        .unwrap();
+        let batches = vec![
+            batch("agent-z", 1_700_000_900, 50),
+            batch("agent-y", 1_700_000_901, 7),
+        ];
         for b in &batches {
             sink.send(b).await.unwrap();
         }
@@ -204,7 +252,12 @@ async fn batches_split_at_batch_bytes() {
     let Some(broker) = broker() else { return };
     let topic = unique_topic("split");
     // Tiny batches: every produce request carries only a few records.
-    let sink = KafkaSink::connect(KafkaConfig { batch_bytes: 300, ..config(&broker, &topic) }).await.unwrap();
+    let sink = KafkaSink::connect(KafkaConfig {
+        batch_bytes: 300,
+        ..config(&broker, &topic)
+    })
+    .await
+    .unwrap();
     let batches = vec![batch("agent-s", 1_700_001_000, 40)];
     sink.send(&batches[0]).await.unwrap();
     sink.flush().await.unwrap();
@@ -215,7 +268,12 @@ async fn batches_split_at_batch_bytes() {
 async fn missing_topic_without_create_is_a_clear_error() {
     let Some(broker) = broker() else { return };
     let topic = unique_topic("absent");
-    let err = KafkaSink::connect(KafkaConfig { create_topic: false, ..config(&broker, &topic) }).await.unwrap_err();
+    let err = KafkaSink::connect(KafkaConfig {
+        create_topic: false,
+        ..config(&broker, &topic)
+    })
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
@@ -223,13 +281,23 @@ async fn missing_topic_without_create_is_a_clear_error() {
 async fn oversized_records_are_counted_not_sent() {
     let Some(broker) = broker() else { return };
     let topic = unique_topic("oversized");
-    let sink = KafkaSink::connect(KafkaConfig { max_message_bytes: 200, ..config(&broker, &topic) }).await.unwrap();
+    let sink = KafkaSink::connect(KafkaConfig {
+        max_message_bytes: 200,
+        ..config(&broker, &topic)
+    })
+    .await
+    .unwrap();
     let mut b = (*batch("agent-o", 1_700_002_000, 2)).clone();
     b.records[1].data = Bytes::from(vec![b'x'; 500]);
     let b = Arc::new(b);
     sink.send(&b).await.unwrap();
     sink.flush().await.unwrap();
-    assert_eq!(sink.stats().oversized.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        sink.stats()
+            .oversized
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     let got = read_all(&broker, &topic, 1).await;
     assert_eq!(got.len(), 1);
     check_message(got[0].0, &got[0].1, 1, &b, 0);
@@ -244,13 +312,32 @@ struct OwnBroker {
 impl OwnBroker {
     fn start() -> Option<OwnBroker> {
         let tansu = std::env::var("ELKEID_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
-        if Command::new(&tansu).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
-            require("ELKEID_TEST_TANSU", "the back-pressure test starts its own `tansu` broker; none on PATH")?;
+        if Command::new(&tansu)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            require(
+                "ELKEID_TEST_TANSU",
+                "the back-pressure test starts its own `tansu` broker; none on PATH",
+            )?;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(&tansu)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -260,21 +347,31 @@ impl OwnBroker {
         let addr = format!("127.0.0.1:{port}");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "own tansu did not listen on {addr}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own tansu did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Some(OwnBroker { child, addr })
     }
 
     fn signal(&self, sig: &str) {
-        let st = Command::new("kill").arg(sig).arg(self.child.id().to_string()).status().unwrap();
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(st.success(), "kill {sig}");
     }
 }
 
 impl Drop for OwnBroker {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -282,11 +379,17 @@ impl Drop for OwnBroker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_broker_blocks_senders_or_drops_by_policy() {
-    let Some(own) = OwnBroker::start() else { return };
+    let Some(own) = OwnBroker::start() else {
+        return;
+    };
     let (t_block, t_drop) = (unique_topic("block"), unique_topic("drop"));
     let a = batch("agent-p", 1_700_003_000, 4);
     let b = batch("agent-p", 1_700_003_001, 4);
-    let one = super::encode::encode_batch(&a).iter().map(Vec::len).sum::<usize>() + 4 * "agent-p".len();
+    let one = super::encode::encode_batch(&a)
+        .iter()
+        .map(Vec::len)
+        .sum::<usize>()
+        + 4 * "agent-p".len();
     // Room for one batch, not two; no retry while the broker is frozen.
     let tight = |topic: &str, overflow| KafkaConfig {
         queue_bytes: one + one / 2,
@@ -294,8 +397,12 @@ async fn frozen_broker_blocks_senders_or_drops_by_policy() {
         request_timeout_ms: 120_000,
         ..config(&own.addr, topic)
     };
-    let blocking = KafkaSink::connect(tight(&t_block, OverflowPolicy::Block)).await.unwrap();
-    let dropping = KafkaSink::connect(tight(&t_drop, OverflowPolicy::Drop)).await.unwrap();
+    let blocking = KafkaSink::connect(tight(&t_block, OverflowPolicy::Block))
+        .await
+        .unwrap();
+    let dropping = KafkaSink::connect(tight(&t_drop, OverflowPolicy::Drop))
+        .await
+        .unwrap();
 
     own.signal("-STOP");
     blocking.send(&a).await.unwrap();
@@ -303,18 +410,38 @@ async fn frozen_broker_blocks_senders_or_drops_by_policy() {
     // Kafka cannot acknowledge `a`, so there is no room for `b`:
     let mut pending = Box::pin(blocking.send(&b));
     assert!(
-        tokio::time::timeout(Duration::from_secs(1), &mut pending).await.is_err(),
+        tokio::time::timeout(Duration::from_secs(1), &mut pending)
+            .await
+            .is_err(),
         "send must wait while the broker holds the queue full"
     );
-    assert!(matches!(dropping.send(&b).await, Err(SinkError::Dropped("kafka"))));
-    assert_eq!(dropping.stats().dropped.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert!(matches!(
+        dropping.send(&b).await,
+        Err(SinkError::Dropped("kafka"))
+    ));
+    assert_eq!(
+        dropping
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
     assert!(blocking.in_flight_bytes() > 0);
 
     own.signal("-CONT");
-    tokio::time::timeout(Duration::from_secs(120), pending).await.expect("send resumes").unwrap();
+    tokio::time::timeout(Duration::from_secs(120), pending)
+        .await
+        .expect("send resumes")
+        .unwrap();
     blocking.flush().await.unwrap();
     dropping.flush().await.unwrap();
-    assert_eq!(blocking.stats().dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        blocking
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     check_all(&read_all(&own.addr, &t_block, 1).await, 1, &[a.clone(), b]);
     check_all(&read_all(&own.addr, &t_drop, 1).await, 1, &[a]);
 }
