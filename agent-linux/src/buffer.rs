@@ -114,6 +114,11 @@ impl Buffer {
         self.ring.borrow().len()
     }
 
+    /// True when no record is buffered.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ring.borrow().is_empty()
+    }
+
     /// Encoded bytes in the ring (including an in-flight batch).
     pub(crate) fn bytes(&self) -> usize {
         self.ring.borrow().bytes()

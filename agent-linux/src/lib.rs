@@ -3,22 +3,126 @@
 //! # Layout
 //! - [`config`]: command line, TOML file and environment -> [`config::Config`].
 //! - `identity`: agent id (§3.2 of the wire spec, without the empty-id bug).
-//! - `host`: hostname, IP lists, platform, kernel, DMI facts.
+//! - `host`: hostname, IP lists, platform, kernel, DMI and system facts.
 //! - `procstat`: per-process samples from procfs for both heartbeats.
 //! - `buffer`: the core ring behind a `RefCell`, with back-pressure wake-ups.
+//! - `state`: the shared `Agent` (counters, connection, stop signal).
 //! - `transport/`: mTLS + h2 connection, address selection, send and
 //!   receive loops, command dispatch.
 //! - `heartbeat`: 1000 / 1001 records.
 //! - `tasks`: agent tasks 1050 (upload), 1051 (idc/region), 1060 (shutdown).
-//! - `log`: tracing to a size-capped file, stderr, and 1010 records.
-//! - `http_client`: tiny HTTP/1.1 GET client (service discovery, downloads).
+//! - [`log`]: tracing to a size-capped file, stderr, and 1010 records.
+//! - `signals`: SIGTERM / SIGUSR1 / SIGUSR2.
+//! - `http_client`: tiny HTTP/1.1 GET client (service discovery).
 //! - `plugin/`, `update`: plugin management and self-update.
 //!
 //! Everything runs on one tokio `current_thread` runtime inside a `LocalSet`;
-//! blocking work goes to the blocking pool capped at `workers` threads.
+//! blocking work goes to the blocking pool capped at `workers` threads, so
+//! the process never runs more than 1 + `workers` threads.
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod log;
+
 mod buffer;
+mod heartbeat;
+mod host;
+mod http_client;
+mod identity;
 mod plugin;
 mod procstat;
+mod signals;
+mod state;
+mod tasks;
+mod transport;
 mod update;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+pub use state::Exit;
+
+/// Errors that stop the agent at start-up (the binary exits with 64 for
+/// configuration-class errors).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The work directory cannot be created.
+    #[error("work_dir {path}: {source}")]
+    WorkDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TLS material is missing or invalid.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The agent id could not be persisted.
+    #[error("identity: {0}")]
+    Identity(String),
+}
+
+impl RunError {
+    /// Exit code for the binary: 64 (bad configuration) for all start-up errors.
+    pub fn exit_code(&self) -> u8 {
+        64
+    }
+}
+
+/// After a failed re-exec of a self-updated binary: puts `<exe>.old` back
+/// over `exe`. Returns whether an old binary was restored.
+pub fn restore_old_binary(exe: &std::path::Path) -> std::io::Result<bool> {
+    update::restore_old_binary(exe)
+}
+
+/// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
+/// plugins, flushes the ring to the center (bounded by `flush_deadline`)
+/// and returns why it stopped. Must run inside a `LocalSet`.
+pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|source| RunError::WorkDir {
+        path: cfg.work_dir.clone(),
+        source,
+    })?;
+    let tls = transport::tls::client_config(&cfg).map_err(|e| RunError::Tls(e.to_string()))?;
+    let (id, source) = identity::load(&cfg.work_dir, cfg.specified_agent_id.as_deref())
+        .map_err(|e| RunError::Identity(e.to_string()))?;
+    tracing::info!(agent_id = %id, source = ?source, version = config::VERSION, "elkeid-agent starting");
+    let ring = elkeid_core::ring::RingConfig {
+        byte_budget: cfg.ring_bytes,
+        ..Default::default()
+    };
+    let buffer = buffer::Buffer::new(ring);
+    let plugins = Rc::new(plugin::PluginManager::new(plugin::PluginContext::new(
+        cfg.work_dir.clone(),
+        buffer.clone(),
+    )));
+    let flush_deadline = cfg.flush_deadline;
+    let agent = state::Agent::new(cfg, id, buffer, plugins);
+
+    let tasks = [
+        tokio::task::spawn_local(signals::run(agent.clone())),
+        tokio::task::spawn_local(heartbeat::run(agent.clone())),
+        tokio::task::spawn_local(transport::run(agent.clone(), tls)),
+    ];
+    let why = agent.stopped().await;
+    tracing::info!(reason = ?why, "stopping: shutting plugins down");
+    agent.plugins.shutdown().await;
+    crate::log::drain_error_records(&agent);
+    let deadline = tokio::time::Instant::now() + flush_deadline;
+    while !agent.buffer.is_empty() && tokio::time::Instant::now() < deadline {
+        agent.kick.notify_one();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if agent.buffer.is_empty() {
+        tracing::info!("ring flushed to the center");
+    } else {
+        tracing::warn!(
+            ring_len = agent.buffer.len(),
+            "flush deadline passed; records left unsent"
+        );
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(why)
+}

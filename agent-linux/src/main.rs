@@ -1,2 +1,81 @@
-//! `elkeid-agent` binary.
-fn main() {}
+//! `elkeid-agent` binary: parse configuration (exit 64 naming the bad key),
+//! set up logging, build the single-threaded runtime and run the agent.
+
+use std::process::ExitCode;
+
+use elkeid_agent::config::{self, Command};
+
+fn main() -> ExitCode {
+    let cmd = match config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("elkeid-agent: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let cfg = match cmd {
+        Command::Version => {
+            println!("{} {}", config::PRODUCT, config::VERSION);
+            return ExitCode::SUCCESS;
+        }
+        Command::Help => {
+            print!("{}", config::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Command::Run(c) => *c,
+    };
+    if let Err(e) = std::fs::create_dir_all(&cfg.work_dir) {
+        eprintln!(
+            "elkeid-agent: invalid value for work_dir: {}: {e}",
+            cfg.work_dir.display()
+        );
+        return ExitCode::from(64);
+    }
+    if let Err(e) = elkeid_agent::log::init(
+        &cfg.work_dir,
+        cfg.log_level,
+        cfg.log_max_bytes,
+        cfg.foreground,
+    ) {
+        eprintln!("elkeid-agent: {e}");
+        return ExitCode::from(64);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(cfg.workers)
+        .thread_keep_alive(std::time::Duration::from_secs(10))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("elkeid-agent: cannot build runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let r = local.block_on(&rt, elkeid_agent::run(cfg));
+    drop(local);
+    drop(rt);
+    match r {
+        Ok(elkeid_agent::Exit::Terminate) => ExitCode::SUCCESS,
+        Ok(elkeid_agent::Exit::Reexec(path)) => {
+            use std::os::unix::process::CommandExt;
+            let err = std::process::Command::new(&path)
+                .args(std::env::args_os().skip(1))
+                .exec();
+            eprintln!("elkeid-agent: re-exec {} failed: {err}", path.display());
+            if let Ok(true) = elkeid_agent::restore_old_binary(&path) {
+                let err = std::process::Command::new(&path)
+                    .args(std::env::args_os().skip(1))
+                    .exec();
+                eprintln!("elkeid-agent: re-exec of the restored binary failed: {err}");
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("elkeid-agent: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

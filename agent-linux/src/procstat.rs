@@ -50,8 +50,18 @@ pub(crate) fn sample_at(
     let dir = proc_root.join(pid.to_string());
     let stat = std::fs::read_to_string(dir.join("stat"))?;
     let (cpu_ticks, start_ticks, rss_pages) = parse_stat(&stat).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed /proc/<pid>/stat")
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "malformed /proc/<pid>/stat",
+        )
     })?;
+    // Resident pages from `statm` (the same counter as stat's field 24);
+    // qemu-user fakes `/proc/self/stat` with zeros there, not `statm`.
+    let rss_pages = std::fs::read_to_string(dir.join("statm"))
+        .ok()
+        .and_then(|s| s.split_ascii_whitespace().nth(1)?.parse::<u64>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(rss_pages);
     let btime = std::fs::read_to_string(proc_root.join("stat"))
         .ok()
         .and_then(|s| parse_btime(&s))
@@ -127,7 +137,11 @@ mod tests {
             "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 0 0 20 0 1 0 500 1000000 300 18446744073709551615\n",
         )
         .unwrap();
-        std::fs::write(d.path().join("stat"), "cpu 1 2 3\nbtime 1700000000\nprocesses 5\n").unwrap();
+        std::fs::write(
+            d.path().join("stat"),
+            "cpu 1 2 3\nbtime 1700000000\nprocesses 5\n",
+        )
+        .unwrap();
         std::fs::write(
             p.join("io"),
             "rchar: 1\nwchar: 2\nsyscr: 3\nsyscw: 4\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n",

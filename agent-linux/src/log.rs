@@ -1,0 +1,327 @@
+//! Logging: `tracing` to a size-capped rotating file
+//! (`<work-dir>/log/elkeid-agent.log` + `.1`, together at most
+//! `log_max_bytes`), to stderr when run in the foreground, and every
+//! error-level event also shipped as a 1010 record (fields `level`,
+//! `source`, `msg`, plus the event's other fields as strings).
+//!
+//! The level can be toggled between the configured one and `debug` at run
+//! time (SIGUSR1).
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use elkeid_core::payload::PayloadBuf;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+
+use crate::config::LogLevel;
+
+/// Data type of agent error logs.
+pub(crate) const DT_AGENT_LOG: i32 = 1010;
+/// Pending 1010 records kept at most (between two send ticks).
+const MAX_PENDING: usize = 256;
+/// Largest 1010 payload.
+const MAX_RECORD: usize = 16 * 1024;
+
+static LEVEL: AtomicU8 = AtomicU8::new(2);
+static DEBUG_TOGGLED: AtomicBool = AtomicBool::new(false);
+static PENDING: Mutex<VecDeque<(i64, Vec<u8>)>> = Mutex::new(VecDeque::new());
+static PENDING_DROPS: AtomicU64 = AtomicU64::new(0);
+
+/// Logging setup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The log directory or file could not be created.
+    #[error("cannot open log file {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A global subscriber was already installed.
+    #[error("logging already initialised")]
+    AlreadySet,
+}
+
+fn level_num(l: LogLevel) -> u8 {
+    match l {
+        LogLevel::Error => 0,
+        LogLevel::Warn => 1,
+        LogLevel::Info => 2,
+        LogLevel::Debug => 3,
+        LogLevel::Trace => 4,
+    }
+}
+
+fn enabled(level: &Level) -> bool {
+    let mut max = LEVEL.load(Ordering::Relaxed);
+    if DEBUG_TOGGLED.load(Ordering::Relaxed) {
+        max = max.max(3);
+    }
+    let n = match *level {
+        Level::ERROR => 0,
+        Level::WARN => 1,
+        Level::INFO => 2,
+        Level::DEBUG => 3,
+        Level::TRACE => 4,
+    };
+    n <= max
+}
+
+/// Toggles debug logging; returns whether debug is now on.
+pub(crate) fn toggle_debug() -> bool {
+    !DEBUG_TOGGLED.fetch_xor(true, Ordering::Relaxed)
+}
+
+/// Size-capped rotating file: `file` and `file.1`, each at most half the cap.
+#[derive(Debug)]
+struct Rotating {
+    path: PathBuf,
+    half_cap: u64,
+    state: Mutex<(Option<File>, u64)>,
+}
+
+impl Rotating {
+    fn open(path: &Path, cap: u64) -> Result<Rotating, LogError> {
+        let err = |source| LogError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(err)?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Rotating {
+            path: path.to_path_buf(),
+            half_cap: (cap / 2).max(1024),
+            state: Mutex::new((Some(f), len)),
+        })
+    }
+
+    fn write_line(&self, buf: &[u8]) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.1 + buf.len() as u64 > self.half_cap {
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            st.0 = None;
+            let _ = std::fs::rename(&self.path, &old);
+            st.0 = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&self.path)
+                .ok();
+            st.1 = 0;
+        }
+        // A single line larger than the cap is cut.
+        let take = buf.len().min(self.half_cap as usize);
+        if let Some(f) = st.0.as_mut()
+            && f.write_all(&buf[..take]).is_ok()
+        {
+            st.1 += take as u64;
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RotWriter(Arc<Rotating>);
+
+impl Write for RotWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_line(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for RotWriter {
+    type Writer = RotWriter;
+    fn make_writer(&'a self) -> RotWriter {
+        self.clone()
+    }
+}
+
+/// Collects an event's fields as strings.
+#[derive(Default)]
+struct Fields {
+    msg: String,
+    rest: Vec<(String, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.msg = value.to_string();
+        } else if self.rest.len() < 32 {
+            self.rest
+                .push((field.name().to_string(), value.to_string()));
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let mut s = String::new();
+        let _ = write!(s, "{value:?}");
+        if field.name() == "message" {
+            self.msg = s;
+        } else if self.rest.len() < 32 {
+            self.rest.push((field.name().to_string(), s));
+        }
+    }
+}
+
+/// Layer turning error events into pending 1010 payloads.
+struct ErrorRecords;
+
+impl<S: Subscriber> Layer<S> for ErrorRecords {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if *event.metadata().level() != Level::ERROR {
+            return;
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let m = event.metadata();
+        let source = match (m.file(), m.line()) {
+            (Some(file), Some(line)) => format!("{file}:{line}"),
+            _ => m.target().to_string(),
+        };
+        let mut p = PayloadBuf::with_capacity(256);
+        p.field("level", "error")
+            .field("source", &source)
+            .field("target", m.target())
+            .field("msg", &f.msg);
+        for (k, v) in &f.rest {
+            if !matches!(k.as_str(), "level" | "source" | "target" | "msg") {
+                p.field(k, v);
+            }
+        }
+        if p.len() > MAX_RECORD {
+            p = PayloadBuf::new();
+            p.field("level", "error")
+                .field("source", &source)
+                .field("msg", "log record too large");
+        }
+        let mut q = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_PENDING {
+            PENDING_DROPS.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back((crate::state::now_unix(), p.as_bytes().to_vec()));
+    }
+}
+
+/// Moves pending 1010 records into the ring (called by the send loop).
+pub(crate) fn drain_error_records(agent: &crate::state::Agent) {
+    let items: Vec<(i64, Vec<u8>)> = {
+        let mut q = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
+    };
+    for (ts, p) in items {
+        agent.buffer.push_agent(DT_AGENT_LOG, ts, &p);
+    }
+}
+
+/// 1010 records dropped because the pending queue was full.
+pub(crate) fn pending_drops() -> u64 {
+    PENDING_DROPS.load(Ordering::Relaxed)
+}
+
+/// Installs the global subscriber.
+pub fn init(
+    work_dir: &Path,
+    level: LogLevel,
+    max_bytes: u64,
+    foreground: bool,
+) -> Result<(), LogError> {
+    LEVEL.store(level_num(level), Ordering::Relaxed);
+    let rot = Arc::new(Rotating::open(
+        &work_dir.join("log").join("elkeid-agent.log"),
+        max_bytes,
+    )?);
+    let file = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(RotWriter(rot))
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            enabled(m.level())
+        }));
+    let stderr = foreground.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                enabled(m.level())
+            }))
+    });
+    let sub = tracing_subscriber::registry()
+        .with(file)
+        .with(stderr)
+        .with(ErrorRecords);
+    tracing::subscriber::set_global_default(sub).map_err(|_| LogError::AlreadySet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_caps_total_size() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("log/a.log");
+        let r = Rotating::open(&p, 4096).unwrap();
+        let line = [b'x'; 100];
+        for _ in 0..1000 {
+            r.write_line(&line);
+        }
+        let a = std::fs::metadata(&p).unwrap().len();
+        let b = std::fs::metadata(d.path().join("log/a.log.1"))
+            .unwrap()
+            .len();
+        assert!(a + b <= 4096, "{a} + {b}");
+        assert!(b > 0);
+    }
+
+    #[test]
+    fn error_events_become_1010_payloads() {
+        let sub = tracing_subscriber::registry().with(ErrorRecords);
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!("not shipped");
+            tracing::error!(plugin = "p1", code = 3, "boom");
+        });
+        let q: Vec<_> = PENDING.lock().unwrap().drain(..).collect();
+        let mine: Vec<_> = q
+            .iter()
+            .filter(|(_, p)| {
+                elkeid_core::payload::entries(p)
+                    .any(|e| matches!(e, Ok((k, v)) if k == b"msg" && v == b"boom"))
+            })
+            .collect();
+        assert_eq!(mine.len(), 1);
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = elkeid_core::payload::entries(&mine[0].1)
+            .map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+            .collect();
+        let get = |k: &str| {
+            fields
+                .iter()
+                .find(|(fk, _)| fk == k.as_bytes())
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(get("level").as_deref(), Some("error"));
+        assert_eq!(get("plugin").as_deref(), Some("p1"));
+        assert_eq!(get("code").as_deref(), Some("3"));
+        assert!(get("source").unwrap().contains("log.rs:"));
+    }
+}

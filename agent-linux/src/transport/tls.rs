@@ -1,0 +1,363 @@
+//! Client TLS: mutual TLS with ALPN `h2`, verifying the center's
+//! certificate against the configured CA with the configured server name
+//! (default `elkeid.com`) whatever address was dialled, as Elkeid does.
+//! Accepts Elkeid's X.509 v1 CA (as a trust anchor) and EKU-less leaves.
+
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::config::Pem;
+
+/// TLS setup errors.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsError {
+    /// No CA, certificate or key configured nor embedded.
+    #[error("no {0} configured (use --ca/--cert/--key or embed them at build time)")]
+    Missing(&'static str),
+    /// A PEM file could not be read.
+    #[error("cannot read {what}: {source}")]
+    Read {
+        /// ca, cert or key.
+        what: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A PEM file had no usable item.
+    #[error("bad PEM in {what}: {msg}")]
+    Pem {
+        /// ca, cert or key.
+        what: &'static str,
+        /// Details.
+        msg: String,
+    },
+    /// The configured server name is not a DNS name.
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+    /// rustls refused the material.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The verifier could not be built.
+    #[error("tls verifier: {0}")]
+    Verifier(String),
+}
+
+/// Verifies the server chain against the CA with a fixed name, ignoring the
+/// name that was dialled.
+#[derive(Debug)]
+struct FixedNameVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn load(what: &'static str, pem: Option<&Pem>) -> Result<Vec<u8>, TlsError> {
+    pem.ok_or(TlsError::Missing(what))?
+        .load()
+        .map_err(|source| TlsError::Read { what, source })
+}
+
+fn certs(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let v: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Pem {
+            what,
+            msg: e.to_string(),
+        })?;
+    if v.is_empty() {
+        return Err(TlsError::Pem {
+            what,
+            msg: "no CERTIFICATE block".into(),
+        });
+    }
+    Ok(v)
+}
+
+/// The server name to verify and to send as SNI.
+pub(crate) fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))
+}
+
+/// Builds the client configuration from PEM bytes.
+pub(crate) fn client_config_from_pem(
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+    name: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in certs("ca", ca)? {
+        roots.add(c)?;
+    }
+    let chain = certs("cert", cert)?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Pem {
+        what: "key",
+        msg: e.to_string(),
+    })?;
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = FixedNameVerifier {
+        inner,
+        name: server_name(name)?,
+    };
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Builds the client configuration from the agent configuration.
+pub(crate) fn client_config(cfg: &crate::config::Config) -> Result<Arc<ClientConfig>, TlsError> {
+    let ca = load("ca", cfg.ca.as_ref())?;
+    let cert = load("cert", cfg.cert.as_ref())?;
+    let key = load("key", cfg.key.as_ref())?;
+    client_config_from_pem(&ca, &cert, &key, &cfg.server_name)
+}
+
+/// The crypto provider (for servers in tests).
+#[cfg(test)]
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Pki {
+        ca: String,
+        server_cert: String,
+        server_key: String,
+        client_cert: String,
+        client_key: String,
+    }
+
+    /// Elkeid-like material: CA without extensions other than what rcgen
+    /// insists on, leaves with the same subject DN as the CA, SAN
+    /// `elkeid.com`, no EKU.
+    fn pki(san: &str, ca_is_ca: bool) -> Pki {
+        let mut ca_p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_p.distinguished_name.push(DnType::CountryName, "GB");
+        ca_p.distinguished_name.push(DnType::LocalityName, "China");
+        ca_p.distinguished_name
+            .push(DnType::OrganizationName, "hids-svr");
+        ca_p.distinguished_name
+            .push(DnType::CommonName, "elkeid@elkeid.com");
+        if ca_is_ca {
+            ca_p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        ca_p.use_authority_key_identifier_extension = false;
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_p.clone().self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_p.clone(), &ca_key);
+        let leaf = |eku: Vec<ExtendedKeyUsagePurpose>| {
+            let mut p = CertificateParams::new(vec![san.to_string()]).unwrap();
+            p.distinguished_name = ca_p.distinguished_name.clone();
+            p.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::ContentCommitment,
+                KeyUsagePurpose::KeyEncipherment,
+                KeyUsagePurpose::DataEncipherment,
+            ];
+            p.extended_key_usages = eku;
+            let k = KeyPair::generate().unwrap();
+            let c = p.signed_by(&k, &issuer).unwrap();
+            (c.pem(), k.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec![]);
+        let (client_cert, client_key) = leaf(vec![]);
+        Pki {
+            ca: ca.pem(),
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
+
+    fn server_config(p: &Pki) -> Arc<rustls::ServerConfig> {
+        let mut roots = RootCertStore::empty();
+        for c in certs("ca", p.ca.as_bytes()).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let cv = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(cv)
+            .with_single_cert(
+                certs("cert", p.server_cert.as_bytes()).unwrap(),
+                PrivateKeyDer::from_pem_slice(p.server_key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// Real handshake over 127.0.0.1 (an IP, verified as `name`).
+    async fn handshake(p: &Pki, name: &str) -> Result<Option<Vec<u8>>, std::io::Error> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sc = server_config(p);
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            if let Ok(mut t) = tokio_rustls::TlsAcceptor::from(sc).accept(s).await {
+                let mut b = [0u8; 4];
+                if t.read_exact(&mut b).await.is_ok() {
+                    let _ = t.write_all(&b).await;
+                    let _ = t.flush().await;
+                }
+            }
+        });
+        let cc = client_config_from_pem(
+            p.ca.as_bytes(),
+            p.client_cert.as_bytes(),
+            p.client_key.as_bytes(),
+            name,
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Dial by IP: the name verified is still `name`.
+        let ip = ServerName::IpAddress(addr.ip().into());
+        let r = async {
+            let mut t = tokio_rustls::TlsConnector::from(cc)
+                .connect(ip, tcp)
+                .await?;
+            t.write_all(b"ping").await?;
+            let mut b = [0u8; 4];
+            t.read_exact(&mut b).await?;
+            assert_eq!(&b, b"ping");
+            Ok(t.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+        }
+        .await;
+        server.abort();
+        r
+    }
+
+    #[tokio::test]
+    async fn eku_less_leaf_verified_by_configured_name_when_dialing_ip() {
+        let p = pki("elkeid.com", true);
+        let alpn = handshake(&p, "elkeid.com").await.unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    }
+
+    #[tokio::test]
+    async fn wrong_name_is_refused() {
+        let p = pki("elkeid.com", true);
+        assert!(handshake(&p, "other.example").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn foreign_ca_is_refused() {
+        let p = pki("elkeid.com", true);
+        let q = pki("elkeid.com", true);
+        let mixed = Pki {
+            ca: q.ca,
+            server_cert: p.server_cert.clone(),
+            server_key: p.server_key.clone(),
+            client_cert: p.client_cert.clone(),
+            client_key: p.client_key.clone(),
+        };
+        // The client trusts q's CA, the server presents p's leaf.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sc = server_config(&p);
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = tokio_rustls::TlsAcceptor::from(sc).accept(s).await;
+        });
+        let cc = client_config_from_pem(
+            mixed.ca.as_bytes(),
+            mixed.client_cert.as_bytes(),
+            mixed.client_key.as_bytes(),
+            "elkeid.com",
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let r = tokio_rustls::TlsConnector::from(cc)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await;
+        assert!(r.is_err());
+        server.abort();
+    }
+
+    #[test]
+    fn bad_material_is_a_clear_error() {
+        let p = pki("elkeid.com", true);
+        let e = client_config_from_pem(
+            b"junk",
+            p.client_cert.as_bytes(),
+            p.client_key.as_bytes(),
+            "elkeid.com",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("ca"), "{e}");
+        let e =
+            client_config_from_pem(p.ca.as_bytes(), p.client_cert.as_bytes(), b"", "elkeid.com")
+                .unwrap_err();
+        assert!(e.to_string().contains("key"), "{e}");
+        assert!(
+            client_config_from_pem(
+                p.ca.as_bytes(),
+                p.client_cert.as_bytes(),
+                p.client_key.as_bytes(),
+                "bad name!"
+            )
+            .is_err()
+        );
+    }
+}
