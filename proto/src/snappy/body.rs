@@ -17,8 +17,9 @@ use super::counters;
 use super::transcode::{Direction, Transcoder};
 
 /// Shared between a server request body and its response body: the request
-/// side stores the status that made it fail; the response side, when between
-/// messages, ends the response with that status as trailers.
+/// side stores the status that made it fail; the response side forwards the
+/// replies that are ready, then (between messages) ends the response with
+/// that status as trailers, also replacing the handler's own trailers.
 #[derive(Debug, Default)]
 pub(crate) struct AbortSlot {
     inner: Mutex<AbortInner>,
@@ -122,13 +123,7 @@ where
             if *this.done {
                 return Poll::Ready(None);
             }
-            if let Abort::Watch(slot) = &*this.abort
-                && this.codec.at_boundary()
-            {
-                if let Some(status) = slot.take() {
-                    *this.done = true;
-                    return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
-                }
+            if let Abort::Watch(slot) = &*this.abort {
                 slot.register(cx.waker());
             }
             let fail = |done: &mut bool, abort: &Abort, status: Status| {
@@ -141,11 +136,14 @@ where
             };
             let frame = match this.inner.as_mut().poll_frame(cx) {
                 Poll::Pending => {
-                    if let Abort::Watch(slot) = &*this.abort
-                        && this.codec.at_boundary()
-                        && has_status(slot)
+                    // Replies already produced have been forwarded; if the
+                    // request was rejected, end now rather than wait for the
+                    // handler.
+                    if this.codec.at_boundary()
+                        && let Some(status) = watched_status(this.abort)
                     {
-                        continue;
+                        *this.done = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
                     }
                     return Poll::Pending;
                 }
@@ -153,6 +151,9 @@ where
                     *this.done = true;
                     if let Err(e) = this.codec.finish() {
                         return fail(this.done, this.abort, e.to_status());
+                    }
+                    if let Some(status) = watched_status(this.abort) {
+                        return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
                     }
                     continue;
                 }
@@ -174,6 +175,10 @@ where
                         return fail(this.done, this.abort, e.to_status());
                     }
                     *this.done = true;
+                    // The request was rejected: its status wins over the handler's.
+                    if let Some(status) = watched_status(this.abort) {
+                        return Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&status)))));
+                    }
                     return Poll::Ready(Some(Ok(frame)));
                 }
             }
@@ -195,10 +200,9 @@ where
     }
 }
 
-fn has_status(slot: &AbortSlot) -> bool {
-    slot.inner
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .status
-        .is_some()
+fn watched_status(abort: &Abort) -> Option<Status> {
+    match abort {
+        Abort::Watch(slot) => slot.take(),
+        _ => None,
+    }
 }
