@@ -66,7 +66,12 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text format.
-    pub(crate) fn render(&self, conn_count: usize, sink_lag: &[(&'static str, usize)]) -> String {
+    pub(crate) fn render(
+        &self,
+        conn_count: usize,
+        sink_lag: &[(&'static str, usize)],
+        sink_counters: &[(&'static str, &'static str, u64)],
+    ) -> String {
         let mut s = String::with_capacity(4096);
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let _ = writeln!(
@@ -215,6 +220,16 @@ impl Metrics {
         for (k, v) in sink_lag {
             let _ = writeln!(s, "elkeid_center_sink_lag{{sink=\"{k}\"}} {v}");
         }
+        let _ = writeln!(
+            s,
+            "# HELP elkeid_center_sink_records_total A sink's own record counters.\n# TYPE elkeid_center_sink_records_total counter"
+        );
+        for (sink, kind, v) in sink_counters {
+            let _ = writeln!(
+                s,
+                "elkeid_center_sink_records_total{{sink=\"{sink}\",kind=\"{kind}\"}} {v}"
+            );
+        }
         s
     }
 }
@@ -228,10 +243,13 @@ mod tests {
         let m = Metrics::default();
         m.add_data_types(&[(1000, 2), (5100, 1)]);
         inc(&m.recv_packets);
-        let t = m.render(3, &[("ndjson", 0)]);
+        let t = m.render(3, &[("ndjson", 0)], &[("kafka", "delivered", 5)]);
         assert!(t.contains("elkeid_ac_grpc_conn_count 3\n"));
         assert!(t.contains("elkeid_ac_grpc_recv_qps 1\n"));
         assert!(t.contains("elkeid_ac_output_data_type_count{data_type=\"1000\"} 2\n"));
         assert!(t.contains("elkeid_center_sink_lag{sink=\"ndjson\"} 0\n"));
+        assert!(
+            t.contains("elkeid_center_sink_records_total{sink=\"kafka\",kind=\"delivered\"} 5\n")
+        );
     }
 }

@@ -8,6 +8,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+/// A connection that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why the TLS material is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -81,7 +84,8 @@ pub(crate) fn server_config(
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(ca_pem))
-        .client_auth_optional(false))
+        .client_auth_optional(false)
+        .timeout(HANDSHAKE_TIMEOUT))
 }
 
 #[cfg(test)]

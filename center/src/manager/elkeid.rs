@@ -212,3 +212,111 @@ impl Manager for ElkeidManager {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Json;
+    use axum::routing::post;
+    use std::sync::atomic::AtomicU32;
+
+    #[derive(Default)]
+    struct Fake {
+        calls: AtomicU32,
+        bodies: Mutex<Vec<Value>>,
+    }
+
+    /// A real HTTP server speaking the manager's side of §5.4.
+    async fn fake_manager() -> (String, Arc<Fake>) {
+        let fake = Arc::new(Fake::default());
+        let f1 = fake.clone();
+        let f2 = fake.clone();
+        let f3 = fake.clone();
+        let app = axum::Router::new()
+            .route(
+                "/api/v6/component/GetComponentInstances",
+                post(move |Json(body): Json<Value>| {
+                    let f = f1.clone();
+                    async move {
+                        // the first call fails with HTTP 500: the client retries
+                        if f.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                            return (http::StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({})));
+                        }
+                        f.bodies.lock().unwrap().push(body);
+                        (
+                            http::StatusCode::OK,
+                            Json(serde_json::json!({"code": 0, "msg": "success", "data": [
+                                {"name": "collector", "type": "plugin", "version": "1.0", "sha256": "aa",
+                                 "signature": "bb", "download_url": ["http://d/c.tgz"], "detail": ""}]})),
+                        )
+                    }
+                }),
+            )
+            .route(
+                "/api/v1/agent/updateSubTask",
+                post(move |Json(body): Json<Value>| {
+                    let f = f2.clone();
+                    async move {
+                        f.bodies.lock().unwrap().push(body);
+                        Json(serde_json::json!({"code": 0, "msg": "success"}))
+                    }
+                }),
+            )
+            .route(
+                "/api/v1/agent/queryInfo",
+                post(move |Json(_): Json<Value>| {
+                    let _f = f3.clone();
+                    async move {
+                        Json(serde_json::json!({"code": 1, "msg": "no such agent"}))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, fake)
+    }
+
+    #[tokio::test]
+    async fn configs_tasks_retry_and_refusal() {
+        let (addr, fake) = fake_manager().await;
+        let m = ElkeidManager::new(vec![addr], Duration::from_secs(5), 2);
+        let mut detail = Map::new();
+        detail.insert("agent_id".into(), "a1".into());
+        let list = m.configs("a1", &detail).await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].download_url, vec!["http://d/c.tgz".to_string()]);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+        let mut fields = Map::new();
+        fields.insert("token".into(), "t".into());
+        fields.insert("data_type".into(), "5100".into());
+        m.push_task_results(&[TaskItem {
+            agent_id: "a1".into(),
+            fields,
+        }])
+        .await
+        .unwrap();
+        let bodies = fake.bodies.lock().unwrap().clone();
+        assert_eq!(bodies[0]["agent_id"], "a1");
+        assert_eq!(
+            bodies[1],
+            serde_json::json!([{"token": "t", "data_type": "5100"}])
+        );
+        let e = m
+            .call::<Value>("/api/v1/agent/queryInfo", Bytes::from_static(b"{}"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("code 1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_after_bounded_retries() {
+        // a bound-then-closed port: connection refused
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let m = ElkeidManager::new(vec![addr], Duration::from_secs(2), 1);
+        let e = m.configs("a", &Map::new()).await.unwrap_err();
+        assert!(matches!(e, ManagerError::Unreachable(_)), "{e}");
+    }
+}

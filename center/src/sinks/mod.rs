@@ -90,6 +90,12 @@ pub(crate) trait Sink: Send + Sync + 'static {
     fn lag(&self) -> usize {
         0
     }
+    /// The sink's own counters as `(kind, value)`, exported as
+    /// `elkeid_center_sink_records_total{sink, kind}` (e.g. `delivered`,
+    /// `dropped`).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Why the sinks could not be built.
@@ -148,6 +154,14 @@ impl Sinks {
                 tracing::error!(sink = sink.name(), %error, "sink flush failed");
             }
         }
+    }
+
+    /// `(sink, kind, value)` of every sink's own counters.
+    pub(crate) fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.list
+            .iter()
+            .flat_map(|s| s.counters().into_iter().map(|(k, v)| (s.name(), k, v)))
+            .collect()
     }
 
     /// `(name, lag)` per sink.

@@ -29,7 +29,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -57,6 +57,16 @@ enum Msg {
 pub(crate) struct NdjsonSink {
     tx: mpsc::Sender<Msg>,
     queued: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+}
+
+/// Counters shared with the writer thread.
+#[derive(Debug, Default)]
+struct Stats {
+    /// Lines handed to the file.
+    written: AtomicU64,
+    /// Records lost to a failed write (the batch's remaining records).
+    failed: AtomicU64,
 }
 
 impl std::fmt::Debug for Msg {
@@ -85,6 +95,8 @@ impl NdjsonSink {
         let queued = Arc::new(AtomicUsize::new(0));
         let mut writer = Writer::new(cfg.dir.clone(), cfg.rotate_bytes);
         let q = queued.clone();
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("ndjson-sink".into())
             .spawn(move || {
@@ -92,8 +104,14 @@ impl NdjsonSink {
                     match msg {
                         Msg::Batch(b) => {
                             q.fetch_sub(1, Ordering::Relaxed);
-                            if let Err(error) = writer.write_batch(&b) {
-                                tracing::error!(%error, records = b.records.len(), "ndjson sink: write failed");
+                            let (written, result) = writer.write_batch(&b);
+                            st.written.fetch_add(written as u64, Ordering::Relaxed);
+                            if let Err(error) = result {
+                                let lost = b.records.len().saturating_sub(written);
+                                st.failed.fetch_add(lost as u64, Ordering::Relaxed);
+                                tracing::error!(%error, lost, "ndjson sink: write failed");
+                                // start a fresh file at the next batch
+                                writer.file = None;
                             }
                         }
                         Msg::Tick => {
@@ -124,7 +142,7 @@ impl NdjsonSink {
                 }
             }
         });
-        Ok(NdjsonSink { tx, queued })
+        Ok(NdjsonSink { tx, queued, stats })
     }
 }
 
@@ -159,6 +177,13 @@ impl Sink for NdjsonSink {
 
     fn lag(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("written", self.stats.written.load(Ordering::Relaxed)),
+            ("failed", self.stats.failed.load(Ordering::Relaxed)),
+        ]
     }
 }
 
@@ -220,21 +245,31 @@ impl Writer {
         Ok(())
     }
 
-    fn write_batch(&mut self, batch: &PacketBatch) -> std::io::Result<()> {
+    /// Writes a batch's lines; returns how many were written and the first error.
+    fn write_batch(&mut self, batch: &PacketBatch) -> (usize, std::io::Result<()>) {
+        let mut n = 0;
         for rec in &batch.records {
-            self.line.clear();
-            write_line(&mut self.line, batch, rec);
-            let len = self.line.len() as u64;
-            if self.file.is_some() && self.written > 0 && self.written + len > self.rotate_bytes {
-                self.close()?;
+            if let Err(e) = self.write_record(batch, rec) {
+                return (n, Err(e));
             }
-            if self.file.is_none() {
-                self.open()?;
-            }
-            if let Some((f, _)) = self.file.as_mut() {
-                f.write_all(&self.line)?;
-                self.written += len;
-            }
+            n += 1;
+        }
+        (n, Ok(()))
+    }
+
+    fn write_record(&mut self, batch: &PacketBatch, rec: &EncodedRecord) -> std::io::Result<()> {
+        self.line.clear();
+        write_line(&mut self.line, batch, rec);
+        let len = self.line.len() as u64;
+        if self.file.is_some() && self.written > 0 && self.written + len > self.rotate_bytes {
+            self.close()?;
+        }
+        if self.file.is_none() {
+            self.open()?;
+        }
+        if let Some((f, _)) = self.file.as_mut() {
+            f.write_all(&self.line)?;
+            self.written += len;
         }
         Ok(())
     }
@@ -395,5 +430,6 @@ mod tests {
             }
         }
         assert_eq!(lines, 10);
+        assert_eq!(sink.counters(), vec![("written", 10), ("failed", 0)]);
     }
 }

@@ -29,4 +29,8 @@ impl Sink for NullSink {
         );
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("discarded", self.records.load(Ordering::Relaxed))]
+    }
 }
