@@ -428,3 +428,79 @@ fn transcoder_rejects_bad_input() {
         assert_eq!(run(d, input, 1), Err(TranscodeError::Truncated));
     }
 }
+
+// ---------------------------------------------------------------- properties
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Data with runs and repeats so both chunk kinds occur.
+    fn data() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..2000),
+            (proptest::collection::vec(any::<u8>(), 1..64), 1usize..3000)
+                .prop_map(|(unit, reps)| unit.repeat(reps)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn round_trip_and_reference_decoder(d in data()) {
+            let framed = compress(&d);
+            prop_assert_eq!(decompress(&framed, d.len()).unwrap(), d.clone());
+            if !d.is_empty() {
+                prop_assert_eq!(snap_frame_decode(&framed), d.clone());
+                prop_assert_eq!(decompress(&snap_frame_encode(&d), d.len()).unwrap(), d);
+            }
+        }
+
+        #[test]
+        fn arbitrary_input_never_panics_and_respects_cap(
+            tail in proptest::collection::vec(any::<u8>(), 0..512),
+            with_id in any::<bool>(),
+            max in 0usize..4096,
+        ) {
+            let input = if with_id { cat(&[&ID, &tail]) } else { tail };
+            if let Ok(v) = decompress(&input, max) {
+                prop_assert!(v.len() <= max);
+            }
+        }
+
+        #[test]
+        fn mutated_stream_never_panics(d in data(), pos in any::<usize>(), bit in 0u8..8) {
+            let mut framed = compress(&d);
+            if !framed.is_empty() {
+                let i = pos % framed.len();
+                framed[i] ^= 1 << bit;
+                // Any error is fine; a success must be the message, or the
+                // message minus one whole chunk (a flipped type byte can turn
+                // a data chunk into a skippable one: the format allows that).
+                if let Ok(v) = decompress(&framed, usize::MAX) {
+                    let chunks: Vec<&[u8]> = d.chunks(MAX_CHUNK_UNCOMPRESSED).collect();
+                    let dropped_one = (0..chunks.len()).any(|k| {
+                        let mut c = chunks.clone();
+                        c.remove(k);
+                        c.concat() == v
+                    });
+                    prop_assert!(v == d || dropped_one);
+                }
+            }
+        }
+
+        #[test]
+        fn transcoder_is_split_invariant(
+            msgs in proptest::collection::vec(data(), 0..6),
+            step in 1usize..5000,
+        ) {
+            let body: Vec<u8> = msgs.iter().flat_map(|m| grpc_msg(0, m)).collect();
+            let one_shot = run(Direction::Compress, &body, body.len().max(1)).unwrap();
+            prop_assert_eq!(&run(Direction::Compress, &body, step).unwrap(), &one_shot);
+            let max = msgs.iter().map(Vec::len).max().unwrap_or(0);
+            prop_assert_eq!(run(Direction::Decompress { max }, &one_shot, step).unwrap(), body);
+        }
+    }
+}
