@@ -304,14 +304,24 @@ pub fn decode_record(body: &[u8]) -> Result<RecordRef<'_>, FrameError> {
 }
 
 /// Checks that `msg` is a sequence of well-formed protobuf fields.
+#[inline]
 fn check_message(msg: &[u8]) -> Result<(), FrameError> {
+    const NOT_PB: FrameError = FrameError::Invalid("payload is not a protobuf message");
     let mut pos = 0;
     while pos < msg.len() {
-        let ((field, wt), n) = pb::decode_key(&msg[pos..])
-            .map_err(|_| FrameError::Invalid("payload is not a protobuf message"))?;
+        let ((field, wt), n) = pb::decode_key(&msg[pos..]).map_err(|_| NOT_PB)?;
         pos += n;
-        pos += pb::skip_field(field, wt, &msg[pos..])
-            .map_err(|_| FrameError::Invalid("payload is not a protobuf message"))?;
+        if wt == WireType::Len {
+            // The common case (map entries), without the generic skip.
+            let (len, n) = pb::decode_varint(&msg[pos..]).map_err(|_| NOT_PB)?;
+            pos += n;
+            if len > (msg.len() - pos) as u64 {
+                return Err(NOT_PB);
+            }
+            pos += len as usize;
+        } else {
+            pos += pb::skip_field(field, wt, &msg[pos..]).map_err(|_| NOT_PB)?;
+        }
     }
     Ok(())
 }
