@@ -1,5 +1,6 @@
 //! Heartbeats: 1000 (agent, every field of §3.8 plus our own counters
-//! `drop_cnt`, `ring_len`, `ring_bytes`, `reconnects`) and 1001 (one per
+//! `drop_cnt`, `ring_len`, `ring_bytes`, `reconnects`, and `hb_seq`, a sequence
+//! number of 1000 records per process) and 1001 (one per
 //! running plugin, §3.9), at start, after every (re)connect (1000 only) and
 //! every `heartbeat_interval`.
 
@@ -29,6 +30,8 @@ pub(crate) struct Prev {
     tx_records: u64,
     rx_commands: u64,
     sys_cpu: (u64, u64),
+    /// 1000 heartbeats built so far (`hb_seq`, lets a center spot gaps).
+    seq: u64,
     plugins: HashMap<u32, (ProcSample, Instant)>,
 }
 
@@ -110,6 +113,8 @@ pub(crate) async fn agent_payload(agent: &Agent) -> PayloadBuf {
     prev.tx_records = tx_records;
     prev.rx_commands = rx_commands;
     prev.sys_cpu = sys_cpu;
+    prev.seq += 1;
+    let seq = prev.seq;
     drop(prev);
 
     let (load1, load5, load15, running, total) = host.loadavg();
@@ -179,7 +184,8 @@ pub(crate) async fn agent_payload(agent: &Agent) -> PayloadBuf {
         .field_u64("drop_cnt", agent.buffer.drops())
         .field_u64("ring_len", agent.buffer.len() as u64)
         .field_u64("ring_bytes", agent.buffer.bytes() as u64)
-        .field_u64("reconnects", agent.reconnects.get());
+        .field_u64("reconnects", agent.reconnects.get())
+        .field_u64("hb_seq", seq);
     p
 }
 
