@@ -1,6 +1,38 @@
-//! Self-update (owned by agent-plugins; placeholder with the agreed interface).
+//! Self-update: a config entry named `elkeid-agent` with another version.
+//!
+//! Flow (works for a static binary on OpenWrt, no package manager needed):
+//! 1. Download the artifact from its URLs in order with the plugin rules
+//!    (caps, timeouts, SHA-256 over the full body before anything else).
+//!    `tar.gz` is refused, as in Elkeid.
+//! 2. `type` = `deb` / `rpm`: the file goes to `<work-dir>/tmp/` and is
+//!    installed with `dpkg -i` / `rpm -Uvh`; the caller then restarts.
+//! 3. Otherwise (default): the file is written next to the running
+//!    executable (or in `<work-dir>/tmp/` when that is on the same file
+//!    system), made 0755 and smoke-tested with `--version` (catches a wrong
+//!    architecture or a truncated file before anything is replaced); then
+//!    the current executable is renamed to `<exe>.old` and the new file
+//!    renamed over `<exe>`. If the second rename fails the old binary is
+//!    put back. The caller shuts down gracefully and re-execs `<exe>`; the
+//!    new process calls [`cleanup_old_binary`] once it has connected, or
+//!    [`restore_old_binary`] if it cannot start.
+//!
+//! If the running executable already hashes to the config's `sha256` there
+//! is nothing to install: that is reported as [`UpdateError::AlreadyInstalled`]
+//! instead of restarting forever because a manager's version string does
+//! not match the version compiled into the binary.
 
-use std::path::PathBuf;
+use std::cell::Cell;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::plugin::download::{DownloadConfig, DownloadError, Downloader, sha256_file};
+
+/// How long the `--version` smoke test of a new binary may take.
+const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `dpkg -i` / `rpm -Uvh` may take.
+const PACKAGE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What self-update needs.
 #[derive(Debug, Clone)]
@@ -12,22 +44,349 @@ pub(crate) struct UpdateContext {
 /// Result of a successful update.
 #[derive(Debug)]
 pub(crate) enum UpdateOutcome {
-    /// The new binary is in place; shut down gracefully and re-exec.
+    /// The new version is installed at this path: shut down gracefully and
+    /// re-exec it (for packages: the path the package installed over).
     Replaced(PathBuf),
 }
 
 /// Self-update errors.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpdateError {
-    /// Not built yet.
-    #[error("self-update is not supported by this build")]
-    Unsupported,
+    /// Another update is running.
+    #[error("an update is already in progress")]
+    InProgress,
+    /// `tar.gz` artifacts are not accepted for the agent.
+    #[error("type tar.gz is not supported for the agent")]
+    TarGz,
+    /// The running executable's path is unknown.
+    #[error("cannot locate the running executable: {0}")]
+    Exe(io::Error),
+    /// The running executable already is this artifact.
+    #[error("the running executable already has sha256 {0}; not restarting")]
+    AlreadyInstalled(String),
+    /// Download or verification failed.
+    #[error("download: {0}")]
+    Download(#[from] DownloadError),
+    /// The new binary failed its `--version` smoke test.
+    #[error("new binary failed its smoke test: {0}")]
+    Smoke(String),
+    /// `dpkg -i` / `rpm -Uvh` failed.
+    #[error("{tool} failed: {detail}")]
+    Package {
+        /// `dpkg` or `rpm`.
+        tool: &'static str,
+        /// Exit status and output tail.
+        detail: String,
+    },
+    /// Renaming or writing files failed (the old binary was restored).
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
 }
 
-/// Called for a Config named "elkeid-agent" whose version differs from ours.
+thread_local! {
+    static IN_PROGRESS: Cell<bool> = const { Cell::new(false) };
+}
+
+struct Busy;
+impl Busy {
+    fn enter() -> Result<Busy, UpdateError> {
+        if IN_PROGRESS.with(|b| b.replace(true)) {
+            return Err(UpdateError::InProgress);
+        }
+        Ok(Busy)
+    }
+}
+impl Drop for Busy {
+    fn drop(&mut self) {
+        IN_PROGRESS.with(|b| b.set(false));
+    }
+}
+
+/// The running executable (without the " (deleted)" suffix Linux adds
+/// after it was replaced).
+pub(crate) fn current_exe() -> io::Result<PathBuf> {
+    let p = std::env::current_exe()?;
+    let s = p.to_string_lossy();
+    match s.strip_suffix(" (deleted)") {
+        Some(stripped) => Ok(PathBuf::from(stripped)),
+        None => Ok(p),
+    }
+}
+
+/// `<exe>.old`.
+pub(crate) fn old_path(exe: &Path) -> PathBuf {
+    let mut s = exe.as_os_str().to_os_string();
+    s.push(".old");
+    PathBuf::from(s)
+}
+
+/// Called for a Config named "elkeid-agent" whose version != ours.
 pub(crate) async fn self_update(
-    _ctx: &UpdateContext,
-    _cfg: &elkeid_proto::grpc::Config,
+    ctx: &UpdateContext,
+    cfg: &elkeid_proto::grpc::Config,
 ) -> Result<UpdateOutcome, UpdateError> {
-    Err(UpdateError::Unsupported)
+    let exe = current_exe().map_err(UpdateError::Exe)?;
+    self_update_at(ctx, cfg, &exe, DownloadConfig::default()).await
+}
+
+/// [`self_update`] for an explicit executable path.
+pub(crate) async fn self_update_at(
+    ctx: &UpdateContext,
+    cfg: &elkeid_proto::grpc::Config,
+    exe: &Path,
+    download: DownloadConfig,
+) -> Result<UpdateOutcome, UpdateError> {
+    let _busy = Busy::enter()?;
+    if cfg.r#type == "tar.gz" {
+        return Err(UpdateError::TarGz);
+    }
+    if let Ok(h) = sha256_file(exe.to_path_buf()).await
+        && h.eq_ignore_ascii_case(cfg.sha256.trim())
+    {
+        return Err(UpdateError::AlreadyInstalled(h));
+    }
+    let tmp = ctx.work_dir.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let dl = Downloader::new(download);
+    let tag = format!(
+        "elkeid-agent-{}-{}",
+        sanitize(&cfg.version),
+        std::process::id()
+    );
+    let package = match cfg.r#type.as_str() {
+        "deb" => Some(("dpkg", "-i")),
+        "rpm" => Some(("rpm", "-Uvh")),
+        _ => None,
+    };
+    if let Some((tool, flag)) = package {
+        let file = tmp.join(format!("{tag}.{}", cfg.r#type));
+        dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &file)
+            .await?;
+        let r = run_package_tool(tool, flag, &file).await;
+        let _ = std::fs::remove_file(&file);
+        r?;
+        tracing::info!(version = %cfg.version, tool, "agent package installed");
+        return Ok(UpdateOutcome::Replaced(exe.to_path_buf()));
+    }
+    let exe_dir = exe.parent().unwrap_or(Path::new("/"));
+    let same_fs = match (std::fs::metadata(&tmp), std::fs::metadata(exe_dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    };
+    let new = if same_fs {
+        tmp.join(&tag)
+    } else {
+        exe_dir.join(format!(".{tag}.new"))
+    };
+    dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &new)
+        .await?;
+    let r = async {
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))?;
+        smoke_test(&new).await?;
+        swap(exe, &new)
+    }
+    .await;
+    if r.is_err() {
+        let _ = std::fs::remove_file(&new);
+    }
+    r?;
+    tracing::info!(version = %cfg.version, exe = %exe.display(), "new agent binary in place");
+    Ok(UpdateOutcome::Replaced(exe.to_path_buf()))
+}
+
+/// `<exe>` -> `<exe>.old`, `new` -> `<exe>`; restores on failure.
+fn swap(exe: &Path, new: &Path) -> Result<(), UpdateError> {
+    let old = old_path(exe);
+    std::fs::rename(exe, &old)?;
+    if let Err(e) = std::fs::rename(new, exe) {
+        if let Err(e2) = std::fs::rename(&old, exe) {
+            tracing::error!(exe = %exe.display(), error = %e2, "cannot restore the old agent binary");
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Runs `<new> --version`; it must exit 0 in time.
+async fn smoke_test(new: &Path) -> Result<(), UpdateError> {
+    let child = tokio::process::Command::new(new)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| UpdateError::Smoke(e.to_string()))?;
+    match tokio::time::timeout(SMOKE_TIMEOUT, child.wait_with_output()).await {
+        Err(_) => Err(UpdateError::Smoke("--version timed out".into())),
+        Ok(Err(e)) => Err(UpdateError::Smoke(e.to_string())),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(UpdateError::Smoke(format!(
+            "--version exited with {}",
+            out.status
+        ))),
+    }
+}
+
+async fn run_package_tool(tool: &'static str, flag: &str, file: &Path) -> Result<(), UpdateError> {
+    let fail = |detail: String| UpdateError::Package { tool, detail };
+    let child = tokio::process::Command::new(tool)
+        .arg(flag)
+        .arg(file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    match tokio::time::timeout(PACKAGE_TIMEOUT, child.wait_with_output()).await {
+        Err(_) => Err(fail("timed out".into())),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(fail(format!("{}: {}", out.status, tail.trim())))
+        }
+    }
+}
+
+/// Removes `<exe>.old` left by a previous update. Call once the new
+/// process has connected to a center.
+pub(crate) fn cleanup_old_binary() {
+    let Ok(exe) = current_exe() else { return };
+    let old = old_path(&exe);
+    match std::fs::remove_file(&old) {
+        Ok(()) => tracing::info!(path = %old.display(), "removed the previous agent binary"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %old.display(), error = %e, "cannot remove the previous agent binary")
+        }
+    }
+}
+
+/// Puts `<exe>.old` back over `<exe>` (the new binary could not be
+/// started). Returns whether an old binary was restored.
+pub(crate) fn restore_old_binary(exe: &Path) -> io::Result<bool> {
+    let old = old_path(exe);
+    if !old.exists() {
+        return Ok(false);
+    }
+    std::fs::rename(&old, exe)?;
+    Ok(true)
+}
+
+/// Keeps `[0-9A-Za-z._-]` of a version for a file name.
+fn sanitize(v: &str) -> String {
+    v.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::download::{hex, tests::serve};
+    use sha2::Digest;
+
+    fn cfg(kind: &str, sha: &str, url: String) -> elkeid_proto::grpc::Config {
+        elkeid_proto::grpc::Config {
+            name: "elkeid-agent".into(),
+            r#type: kind.into(),
+            version: "9.9.9".into(),
+            sha256: sha.into(),
+            signature: String::new(),
+            download_urls: vec![url],
+            detail: String::new(),
+        }
+    }
+
+    fn setup(new_body: &[u8]) -> (tempfile::TempDir, PathBuf, String, std::net::SocketAddr) {
+        let d = tempfile::tempdir().unwrap();
+        let exe = d.path().join("bin/elkeid-agent");
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        std::fs::write(&exe, b"#!/bin/sh\necho old\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let addr = serve(new_body.to_vec());
+        (d, exe, hex(&sha2::Sha256::digest(new_body)), addr)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn replaces_binary_keeps_old_and_restores() {
+        let body = b"#!/bin/sh\n[ \"$1\" = --version ] && echo 9.9.9\n".to_vec();
+        let (d, exe, sha, addr) = setup(&body);
+        let ctx = UpdateContext {
+            work_dir: d.path().join("wd"),
+        };
+        let c = cfg("", &sha.to_uppercase(), format!("http://{addr}/ok"));
+        let out = self_update_at(&ctx, &c, &exe, DownloadConfig::default())
+            .await
+            .unwrap();
+        let UpdateOutcome::Replaced(p) = out;
+        assert_eq!(p, exe);
+        assert_eq!(std::fs::read(&exe).unwrap(), body);
+        assert_eq!(
+            std::fs::metadata(&exe).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        assert_eq!(
+            std::fs::read(old_path(&exe)).unwrap(),
+            b"#!/bin/sh\necho old\n"
+        );
+        // Same artifact again: nothing to do (no restart loop).
+        let e = self_update_at(&ctx, &c, &exe, DownloadConfig::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UpdateError::AlreadyInstalled(_)), "{e}");
+        assert!(restore_old_binary(&exe).unwrap());
+        assert_eq!(std::fs::read(&exe).unwrap(), b"#!/bin/sh\necho old\n");
+        assert!(!restore_old_binary(&exe).unwrap());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn refuses_bad_hash_broken_binary_and_tar_gz() {
+        let body = b"#!/bin/sh\nexit 3\n".to_vec();
+        let (d, exe, sha, addr) = setup(&body);
+        let ctx = UpdateContext {
+            work_dir: d.path().join("wd"),
+        };
+        let orig = std::fs::read(&exe).unwrap();
+        let bad = cfg("", &"0".repeat(64), format!("http://{addr}/ok"));
+        let e = self_update_at(&ctx, &bad, &exe, DownloadConfig::default())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("sha256 mismatch"), "{e}");
+        // Verified but fails `--version`: never swapped in.
+        let broken = cfg("", &sha, format!("http://{addr}/ok"));
+        let e = self_update_at(&ctx, &broken, &exe, DownloadConfig::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UpdateError::Smoke(_)), "{e}");
+        let e = self_update_at(
+            &ctx,
+            &cfg("tar.gz", &sha, String::new()),
+            &exe,
+            DownloadConfig::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, UpdateError::TarGz));
+        assert_eq!(std::fs::read(&exe).unwrap(), orig);
+        assert!(!old_path(&exe).exists());
+        // No temp files left behind.
+        let tmp: Vec<_> = std::fs::read_dir(d.path().join("wd/tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty());
+        let dir: Vec<_> = std::fs::read_dir(exe.parent().unwrap()).unwrap().collect();
+        assert_eq!(dir.len(), 1);
+    }
 }

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod center;
+pub mod plugin;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

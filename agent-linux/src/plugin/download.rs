@@ -106,7 +106,10 @@ pub(crate) struct Downloader {
 
 impl Downloader {
     pub(crate) fn new(cfg: DownloadConfig) -> Self {
-        Downloader { cfg, tls: RefCell::new(None) }
+        Downloader {
+            cfg,
+            tls: RefCell::new(None),
+        }
     }
 
     pub(crate) fn config(&self) -> &DownloadConfig {
@@ -116,20 +119,30 @@ impl Downloader {
     /// Tries `urls` in order until one yields a body whose SHA-256 equals
     /// `sha256` (any case); that body is left at `dest` (mode 0600). On
     /// failure `dest` does not exist.
-    pub(crate) async fn fetch_verified(&self, urls: &[String], sha256: &str, dest: &Path) -> Result<(), DownloadError> {
+    pub(crate) async fn fetch_verified(
+        &self,
+        urls: &[String],
+        sha256: &str,
+        dest: &Path,
+    ) -> Result<(), DownloadError> {
         if urls.is_empty() {
             return Err(DownloadError::NoUrl);
         }
         let mut errors = Vec::new();
         for url in urls {
-            let r = match tokio::time::timeout(self.cfg.total_timeout, self.get_to_file(url, dest)).await {
+            let r = match tokio::time::timeout(self.cfg.total_timeout, self.get_to_file(url, dest))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(DownloadError::Timeout),
             };
             let r: Result<(), DownloadError> = match r {
                 Ok(_) => match sha256_file(dest.to_path_buf()).await {
                     Ok(actual) if actual.eq_ignore_ascii_case(sha256.trim()) => return Ok(()),
-                    Ok(actual) => Err(DownloadError::Sha256Mismatch { expected: sha256.to_string(), actual }),
+                    Ok(actual) => Err(DownloadError::Sha256Mismatch {
+                        expected: sha256.to_string(),
+                        actual,
+                    }),
                     Err(e) => Err(e.into()),
                 },
                 Err(e) => Err(e),
@@ -153,9 +166,15 @@ impl Downloader {
             _ => return Err(bad()),
         };
         let host = uri.host().ok_or_else(bad)?.to_string();
-        let bare_host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let bare_host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let authority = uri.authority().map(|a| a.as_str().to_string()).ok_or_else(bad)?;
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .ok_or_else(bad)?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         let req = http::Request::get(path)
             .header(http::header::HOST, authority)
@@ -184,11 +203,17 @@ impl Downloader {
         }
     }
 
-    async fn exchange<S>(&self, stream: S, req: http::Request<Empty<Bytes>>, dest: &Path) -> Result<u64, DownloadError>
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        req: http::Request<Empty<Bytes>>,
+        dest: &Path,
+    ) -> Result<u64, DownloadError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         let max = self.cfg.max_bytes;
         let work = async move {
             let mut resp = sender.send_request(req).await?;
@@ -203,7 +228,9 @@ impl Downloader {
                 .open(dest)?;
             let mut len: u64 = 0;
             while let Some(frame) = resp.body_mut().frame().await {
-                let Ok(data) = frame?.into_data() else { continue };
+                let Ok(data) = frame?.into_data() else {
+                    continue;
+                };
                 len += data.len() as u64;
                 if len > max {
                     return Err(DownloadError::TooLarge(max));
@@ -223,7 +250,10 @@ impl Downloader {
             return Ok(c.clone());
         }
         let mut roots = rustls::RootCertStore::empty();
-        let files = SYSTEM_CA_FILES.iter().map(PathBuf::from).chain(self.cfg.extra_ca.clone());
+        let files = SYSTEM_CA_FILES
+            .iter()
+            .map(PathBuf::from)
+            .chain(self.cfg.extra_ca.clone());
         for f in files {
             let Ok(iter) = <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_file_iter(&f) else {
                 continue;
@@ -232,7 +262,9 @@ impl Downloader {
             tracing::debug!(file = %f.display(), added, "loaded CA certificates");
         }
         if roots.is_empty() {
-            return Err(DownloadError::Tls("no CA certificates found for https downloads".into()));
+            return Err(DownloadError::Tls(
+                "no CA certificates found for https downloads".into(),
+            ));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -305,7 +337,11 @@ pub(crate) mod tests {
                     "/404" => ("404 Not Found", b"no"),
                     _ => ("500 Oops", b"err"),
                 };
-                let _ = write!(s, "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", b.len());
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    b.len()
+                );
                 let _ = s.write_all(b);
             }
         });
@@ -319,7 +355,10 @@ pub(crate) mod tests {
     #[test]
     fn hex_golden() {
         // SHA-256("abc"), FIPS 180-2 test vector.
-        assert_eq!(sha(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -336,7 +375,9 @@ pub(crate) mod tests {
             format!("http://{addr}/ok"),
         ];
         // Upper-case expected hash is fine.
-        dl.fetch_verified(&urls, &sha(&body).to_uppercase(), &dest).await.unwrap();
+        dl.fetch_verified(&urls, &sha(&body).to_uppercase(), &dest)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), body);
     }
 
@@ -348,14 +389,26 @@ pub(crate) mod tests {
         let dest = d.path().join("dl");
         let dl = Downloader::new(DownloadConfig::default());
         let urls = vec![format!("http://{addr}/ok")];
-        let e = dl.fetch_verified(&urls, &sha(b"other"), &dest).await.unwrap_err();
+        let e = dl
+            .fetch_verified(&urls, &sha(b"other"), &dest)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("sha256 mismatch"), "{e}");
         assert!(!dest.exists());
-        let small = Downloader::new(DownloadConfig { max_bytes: 100, ..DownloadConfig::default() });
-        let e = small.fetch_verified(&urls, &sha(&body), &dest).await.unwrap_err();
+        let small = Downloader::new(DownloadConfig {
+            max_bytes: 100,
+            ..DownloadConfig::default()
+        });
+        let e = small
+            .fetch_verified(&urls, &sha(&body), &dest)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("larger than 100"), "{e}");
         assert!(!dest.exists());
-        let e = dl.fetch_verified(&[], &sha(&body), &dest).await.unwrap_err();
+        let e = dl
+            .fetch_verified(&[], &sha(&body), &dest)
+            .await
+            .unwrap_err();
         assert!(matches!(e, DownloadError::NoUrl));
     }
 }

@@ -60,14 +60,22 @@ pub(crate) struct Limits {
 
 /// Gunzips and untars `archive` into `dest` (which must exist and be empty).
 /// Returns the number of regular files written.
-pub(crate) fn extract_tar_gz(archive: &Path, dest: &Path, limits: Limits) -> Result<usize, ExtractError> {
+pub(crate) fn extract_tar_gz(
+    archive: &Path,
+    dest: &Path,
+    limits: Limits,
+) -> Result<usize, ExtractError> {
     let file = File::open(archive)?;
     let gz = flate2::read::GzDecoder::new(io::BufReader::new(file));
     extract_tar(gz, dest, limits)
 }
 
 /// Untars an uncompressed stream into `dest`.
-pub(crate) fn extract_tar<R: Read>(mut r: R, dest: &Path, limits: Limits) -> Result<usize, ExtractError> {
+pub(crate) fn extract_tar<R: Read>(
+    mut r: R,
+    dest: &Path,
+    limits: Limits,
+) -> Result<usize, ExtractError> {
     let mut header = [0u8; BLOCK];
     let mut total: u64 = 0;
     let mut entries = 0usize;
@@ -91,7 +99,11 @@ pub(crate) fn extract_tar<R: Read>(mut r: R, dest: &Path, limits: Limits) -> Res
         let kind = header[156];
         match kind {
             b'L' | b'x' => {
-                let cap = if kind == b'L' { MAX_PATH_LEN as u64 } else { MAX_PAX_LEN };
+                let cap = if kind == b'L' {
+                    MAX_PATH_LEN as u64
+                } else {
+                    MAX_PAX_LEN
+                };
                 if size > cap {
                     return Err(ExtractError::Header("long name / pax header too large"));
                 }
@@ -120,7 +132,10 @@ pub(crate) fn extract_tar<R: Read>(mut r: R, dest: &Path, limits: Limits) -> Res
             Some(n) => n,
             None => header_name(&header),
         };
-        let refused = |kind: &'static str| ExtractError::RefusedType { path: raw_name.clone(), kind };
+        let refused = |kind: &'static str| ExtractError::RefusedType {
+            path: raw_name.clone(),
+            kind,
+        };
         match kind {
             b'0' | 0 | b'7' | b'5' => {}
             b'1' => return Err(refused("hard link")),
@@ -131,7 +146,8 @@ pub(crate) fn extract_tar<R: Read>(mut r: R, dest: &Path, limits: Limits) -> Res
             _ => return Err(refused("unknown")),
         }
         let rel = safe_path(&raw_name)?;
-        let mode = parse_octal(&header[100..108]).map_err(|_| ExtractError::Header("bad mode"))? as u32;
+        let mode =
+            parse_octal(&header[100..108]).map_err(|_| ExtractError::Header("bad mode"))? as u32;
         let is_dir = kind == b'5' || (kind == 0 && raw_name.ends_with('/'));
         if is_dir {
             skip_data(&mut r, size)?;
@@ -152,7 +168,10 @@ pub(crate) fn extract_tar<R: Read>(mut r: R, dest: &Path, limits: Limits) -> Res
         }
         let path = dest.join(&rel);
         if let Some(parent) = path.parent() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)?;
         }
         // A later entry of the same name wins, as with tar(1).
         match std::fs::remove_file(&path) {
@@ -190,7 +209,13 @@ fn verify_checksum(h: &[u8; BLOCK]) -> Result<(), ExtractError> {
     let sum: u64 = h
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { u64::from(b' ') } else { u64::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                u64::from(b' ')
+            } else {
+                u64::from(b)
+            }
+        })
         .sum();
     if sum != want {
         return Err(ExtractError::Header("checksum mismatch"));
@@ -205,7 +230,11 @@ fn parse_octal(field: &[u8]) -> Result<u64, ()> {
     for &b in field {
         match b {
             b'0'..=b'7' => {
-                v = v.checked_mul(8).ok_or(())?.checked_add(u64::from(b - b'0')).ok_or(())?;
+                v = v
+                    .checked_mul(8)
+                    .ok_or(())?
+                    .checked_add(u64::from(b - b'0'))
+                    .ok_or(())?;
                 seen = true;
             }
             b' ' if !seen => {}
@@ -335,7 +364,10 @@ pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    const LIMITS: Limits = Limits { max_total: 1 << 20, max_entries: 100 };
+    const LIMITS: Limits = Limits {
+        max_total: 1 << 20,
+        max_entries: 100,
+    };
 
     /// One ustar header (+ data + padding) built by hand from the format.
     pub(crate) fn entry(name: &str, kind: u8, mode: u32, data: &[u8]) -> Vec<u8> {
@@ -383,10 +415,19 @@ pub(crate) mod tests {
         ]);
         let (d, r) = run(&tar);
         assert_eq!(r.unwrap(), 3);
-        assert_eq!(std::fs::read(d.path().join("plug")).unwrap(), b"#!/bin/sh\necho hi\n");
-        let mode = std::fs::metadata(d.path().join("plug")).unwrap().permissions().mode();
+        assert_eq!(
+            std::fs::read(d.path().join("plug")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        let mode = std::fs::metadata(d.path().join("plug"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
-        assert_eq!(std::fs::read(d.path().join("conf/a.yaml")).unwrap(), vec![7u8; 1000]);
+        assert_eq!(
+            std::fs::read(d.path().join("conf/a.yaml")).unwrap(),
+            vec![7u8; 1000]
+        );
         assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), b"long");
         assert!(!d.path().join("ignored").exists());
     }
@@ -408,7 +449,10 @@ pub(crate) mod tests {
     fn rejects_traversal_and_absolute() {
         for name in ["../evil", "a/../../evil", "/etc/passwd", "a/.."] {
             let (d, r) = run(&archive(&[entry(name, b'0', 0o644, b"x")]));
-            assert!(matches!(r, Err(ExtractError::UnsafePath(_))), "{name}: {r:?}");
+            assert!(
+                matches!(r, Err(ExtractError::UnsafePath(_))),
+                "{name}: {r:?}"
+            );
             assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
         }
         let (_d, r) = run(&archive(&[entry("../d/", b'5', 0o755, b"")]));
@@ -443,13 +487,24 @@ pub(crate) mod tests {
     fn rejects_bad_checksum_truncation_and_caps() {
         let mut tar = archive(&[entry("x", b'0', 0o644, b"data")]);
         tar[0] = b'y';
-        assert!(matches!(run(&tar).1, Err(ExtractError::Header("checksum mismatch"))));
+        assert!(matches!(
+            run(&tar).1,
+            Err(ExtractError::Header("checksum mismatch"))
+        ));
         let tar = entry("x", b'0', 0o644, &[1u8; 600]);
         assert!(matches!(run(&tar[..700]).1, Err(ExtractError::Header(_))));
-        let big = archive(&[entry("a", b'0', 0o644, &[0u8; 600_000]), entry("b", b'0', 0o644, &[0u8; 600_000])]);
+        let big = archive(&[
+            entry("a", b'0', 0o644, &[0u8; 600_000]),
+            entry("b", b'0', 0o644, &[0u8; 600_000]),
+        ]);
         assert!(matches!(run(&big).1, Err(ExtractError::TooLarge(_))));
-        let many: Vec<Vec<u8>> = (0..101).map(|i| entry(&format!("f{i}"), b'0', 0o644, b"")).collect();
-        assert!(matches!(run(&archive(&many)).1, Err(ExtractError::TooLarge(_))));
+        let many: Vec<Vec<u8>> = (0..101)
+            .map(|i| entry(&format!("f{i}"), b'0', 0o644, b""))
+            .collect();
+        assert!(matches!(
+            run(&archive(&many)).1,
+            Err(ExtractError::TooLarge(_))
+        ));
         // A declared size that no archive could hold fails on the cap, not an allocation.
         let mut huge = entry("h", b'0', 0o644, b"");
         huge[124..136].copy_from_slice(b"77777777777\0");
@@ -473,6 +528,9 @@ pub(crate) mod tests {
         assert_eq!(extract_tar_gz(&path, &out, LIMITS).unwrap(), 1);
         assert_eq!(std::fs::read(out.join("p")).unwrap(), b"bin");
         std::fs::write(&path, b"not gzip").unwrap();
-        assert!(matches!(extract_tar_gz(&path, &out, LIMITS), Err(ExtractError::Io(_))));
+        assert!(matches!(
+            extract_tar_gz(&path, &out, LIMITS),
+            Err(ExtractError::Io(_))
+        ));
     }
 }

@@ -52,11 +52,19 @@ pub(crate) enum Staged {
 
 /// `signature`, or `sha256` when the signature is empty (§4.2).
 pub(crate) fn exe_signature(cfg: &Config) -> &str {
-    if cfg.signature.trim().is_empty() { cfg.sha256.trim() } else { cfg.signature.trim() }
+    if cfg.signature.trim().is_empty() {
+        cfg.sha256.trim()
+    } else {
+        cfg.signature.trim()
+    }
 }
 
 /// Prepares the files of `cfg` in `paths.dir` (which must exist).
-pub(crate) async fn stage(dl: &Downloader, paths: &Paths, cfg: &Config) -> Result<Staged, InstallError> {
+pub(crate) async fn stage(
+    dl: &Downloader,
+    paths: &Paths,
+    cfg: &Config,
+) -> Result<Staged, InstallError> {
     let dir = paths.dir.clone();
     tokio::task::spawn_blocking(move || remove_leftovers(&dir))
         .await
@@ -69,13 +77,17 @@ pub(crate) async fn stage(dl: &Downloader, paths: &Paths, cfg: &Config) -> Resul
     }
     let tag = format!("{}-{}", std::process::id(), unique());
     let download = paths.dir.join(format!("{DOWNLOAD_PREFIX}{tag}"));
-    dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &download).await?;
+    dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &download)
+        .await?;
     if cfg.r#type != "tar.gz" {
         std::fs::set_permissions(&download, std::fs::Permissions::from_mode(0o700))?;
         return Ok(Staged::File(download));
     }
     let staging = paths.dir.join(format!("{STAGING_PREFIX}{tag}"));
-    let limits = Limits { max_total: dl.config().max_bytes, max_entries: extract::MAX_ENTRIES };
+    let limits = Limits {
+        max_total: dl.config().max_bytes,
+        max_entries: extract::MAX_ENTRIES,
+    };
     let exe_name = paths.exe.file_name().map(PathBuf::from).unwrap_or_default();
     let (archive, out) = (download.clone(), staging.clone());
     let r = tokio::task::spawn_blocking(move || -> Result<(), InstallError> {
@@ -195,13 +207,21 @@ mod tests {
         let paths = Paths::new(wd.path(), "p").unwrap();
         paths.prepare().unwrap();
         let exe = b"#!/bin/sh\nexit 0\n";
-        let tar = archive(&[entry("p", b'0', 0o755, exe), entry("conf/x.yml", b'0', 0o644, b"a: 1")]);
+        let tar = archive(&[
+            entry("p", b'0', 0o755, exe),
+            entry("conf/x.yml", b'0', 0o644, b"a: 1"),
+        ]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
         let addr = serve(gz.clone());
         let dl = Downloader::new(DownloadConfig::default());
-        let c = cfg("tar.gz", &sha(&gz), &sha(exe), vec![format!("http://{addr}/ok")]);
+        let c = cfg(
+            "tar.gz",
+            &sha(&gz),
+            &sha(exe),
+            vec![format!("http://{addr}/ok")],
+        );
         // Old files exist: the conf dir is replaced, the stderr file kept.
         std::fs::create_dir_all(paths.dir.join("conf")).unwrap();
         std::fs::write(paths.dir.join("conf/old.yml"), b"old").unwrap();
@@ -212,9 +232,15 @@ mod tests {
         assert!(!paths.exe.exists());
         commit(&paths, staged).unwrap();
         assert_eq!(std::fs::read(&paths.exe).unwrap(), exe);
-        assert_eq!(std::fs::metadata(&paths.exe).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&paths.exe).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert!(!paths.dir.join("conf/old.yml").exists());
-        assert_eq!(std::fs::read(paths.dir.join("conf/x.yml")).unwrap(), b"a: 1");
+        assert_eq!(
+            std::fs::read(paths.dir.join("conf/x.yml")).unwrap(),
+            b"a: 1"
+        );
         assert_eq!(std::fs::read(&paths.stderr).unwrap(), b"log");
         let leftovers: Vec<_> = std::fs::read_dir(&paths.dir)
             .unwrap()
@@ -223,8 +249,16 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         // Signature matches the installed exe: reused without a download.
-        let offline = cfg("tar.gz", &sha(&gz), &sha(exe).to_uppercase(), vec!["http://127.0.0.1:1/ok".into()]);
-        assert!(matches!(stage(&dl, &paths, &offline).await.unwrap(), Staged::Reuse));
+        let offline = cfg(
+            "tar.gz",
+            &sha(&gz),
+            &sha(exe).to_uppercase(),
+            vec!["http://127.0.0.1:1/ok".into()],
+        );
+        assert!(matches!(
+            stage(&dl, &paths, &offline).await.unwrap(),
+            Staged::Reuse
+        ));
         // Archive without the executable is refused and leaves nothing.
         let tar = archive(&[entry("other", b'0', 0o755, exe)]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -244,7 +278,12 @@ mod tests {
         let body = b"\x7fELF not really".to_vec();
         let addr = serve(body.clone());
         let dl = Downloader::new(DownloadConfig::default());
-        let bad = cfg("", &sha(b"something else"), "", vec![format!("http://{addr}/ok")]);
+        let bad = cfg(
+            "",
+            &sha(b"something else"),
+            "",
+            vec![format!("http://{addr}/ok")],
+        );
         let e = stage(&dl, &paths, &bad).await.unwrap_err();
         assert!(e.to_string().contains("sha256 mismatch"), "{e}");
         assert_eq!(std::fs::read_dir(&paths.dir).unwrap().count(), 0);
@@ -252,6 +291,9 @@ mod tests {
         let staged = stage(&dl, &paths, &good).await.unwrap();
         commit(&paths, staged).unwrap();
         assert_eq!(std::fs::read(&paths.exe).unwrap(), body);
-        assert!(matches!(stage(&dl, &paths, &good).await.unwrap(), Staged::Reuse));
+        assert!(matches!(
+            stage(&dl, &paths, &good).await.unwrap(),
+            Staged::Reuse
+        ));
     }
 }

@@ -123,12 +123,21 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "collector", "driver_1", "A-b_C-9", "elkeid-agent2", "0"] {
+        for ok in [
+            "a",
+            "collector",
+            "driver_1",
+            "A-b_C-9",
+            "elkeid-agent2",
+            "0",
+        ] {
             assert_eq!(validate_name(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate_name(""), Err(NameError::Empty));
         assert_eq!(validate_name("elkeid-agent"), Err(NameError::Reserved));
-        for bad in ["a/b", "..", ".", "a b", "é", "a.b", "a\0", "../x", "a\n", "x*"] {
+        for bad in [
+            "a/b", "..", ".", "a b", "é", "a.b", "a\0", "../x", "a\n", "x*",
+        ] {
             assert_eq!(validate_name(bad), Err(NameError::BadChar), "{bad:?}");
         }
         assert_eq!(validate_name(&"a".repeat(201)), Err(NameError::TooLong));
@@ -142,7 +151,10 @@ mod tests {
         let p = Paths::new(wd.path(), "collector").unwrap();
         assert_eq!(p.dir, wd.path().join("plugin/collector"));
         assert_eq!(p.exe, wd.path().join("plugin/collector/collector"));
-        assert_eq!(p.stderr, wd.path().join("plugin/collector/collector.stderr"));
+        assert_eq!(
+            p.stderr,
+            wd.path().join("plugin/collector/collector.stderr")
+        );
         p.prepare().unwrap();
         let mode = std::fs::metadata(&p.dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o701);

@@ -140,7 +140,8 @@ impl Shared {
             .field("msg", msg)
             .field("plugin", plugin)
             .field("pver", version);
-        self.buffer.push_agent(DT_AGENT_LOG, unix_now(), p.as_bytes());
+        self.buffer
+            .push_agent(DT_AGENT_LOG, unix_now(), p.as_bytes());
         let mut ab = self.abnormal.borrow_mut();
         if ab.len() >= MAX_ABNORMAL {
             ab.remove(0);
@@ -191,12 +192,6 @@ impl PluginManager {
         self.shared.abnormal.borrow().clone()
     }
 
-    /// Records an agent-level problem in the abnormal list (e.g. a failed
-    /// self-update), without a 1010 record.
-    pub(crate) fn set_abnormal(&self, msg: String) {
-        self.shared.abnormal.borrow_mut().push(msg);
-    }
-
     /// Names of the managed plugins (running or waiting to restart).
     pub(crate) fn names(&self) -> Vec<String> {
         self.plugins.borrow().keys().cloned().collect()
@@ -216,7 +211,11 @@ impl PluginManager {
                 continue;
             }
             if let Err(e) = layout::validate_name(&c.name) {
-                self.shared.report(&c.name, &c.version, &format!("load plugin {:?} failed: {e}", c.name));
+                self.shared.report(
+                    &c.name,
+                    &c.version,
+                    &format!("load plugin {:?} failed: {e}", c.name),
+                );
                 continue;
             }
             desired.insert(c.name.clone(), c);
@@ -251,7 +250,11 @@ impl PluginManager {
             }
             if let Err(msg) = self.load(cfg).await {
                 let version = msg.1;
-                self.shared.report(&name, &version, &format!("load plugin {name} failed: {}", msg.0));
+                self.shared.report(
+                    &name,
+                    &version,
+                    &format!("load plugin {name} failed: {}", msg.0),
+                );
             }
         }
     }
@@ -291,8 +294,14 @@ impl PluginManager {
             stopping: Cell::new(false),
             stop: Notify::new(),
         });
-        let task = tokio::task::spawn_local(supervisor::supervise(self.shared.clone(), plugin.clone(), rx));
-        self.plugins.borrow_mut().insert(cfg.name, Entry { plugin, task });
+        let task = tokio::task::spawn_local(supervisor::supervise(
+            self.shared.clone(),
+            plugin.clone(),
+            rx,
+        ));
+        self.plugins
+            .borrow_mut()
+            .insert(cfg.name, Entry { plugin, task });
     }
 
     fn take(&self, name: &str) -> Option<Entry> {
@@ -314,7 +323,10 @@ impl PluginManager {
     /// Forwards a Task to plugin `task.object_name` as a Task frame on fd 3.
     pub(crate) fn send_task(&self, task: Task) -> Result<(), PluginError> {
         let plugins = self.plugins.borrow();
-        let Some(e) = plugins.get(&task.object_name).filter(|e| e.plugin.pid.get().is_some()) else {
+        let Some(e) = plugins
+            .get(&task.object_name)
+            .filter(|e| e.plugin.pid.get().is_some())
+        else {
             return Err(PluginError::NotRunning(task.object_name));
         };
         let t = TaskRef {
@@ -328,7 +340,8 @@ impl PluginManager {
             return Err(PluginError::TaskTooLarge(task.object_name.clone()));
         }
         let mut frame = vec![0u8; len];
-        let n = encode_task_frame(&t, &mut frame).map_err(|_| PluginError::TaskTooLarge(task.object_name.clone()))?;
+        let n = encode_task_frame(&t, &mut frame)
+            .map_err(|_| PluginError::TaskTooLarge(task.object_name.clone()))?;
         frame.truncate(n);
         e.plugin
             .tasks
@@ -368,7 +381,9 @@ impl PluginManager {
     pub(crate) async fn shutdown(&self) {
         let _guard = self.sync_lock.lock().await;
         self.shut_down.set(true);
-        let all: Vec<Entry> = std::mem::take(&mut *self.plugins.borrow_mut()).into_values().collect();
+        let all: Vec<Entry> = std::mem::take(&mut *self.plugins.borrow_mut())
+            .into_values()
+            .collect();
         // Signal every plugin first so their grace periods run in parallel.
         for e in &all {
             e.plugin.stopping.set(true);

@@ -81,7 +81,10 @@ pub(crate) fn spawn(paths: &Paths, detail: &str) -> io::Result<Spawned> {
         cmd.env_clear().env("DETAIL", detail);
     }
     cmd.env(HIGH_PRIORITY_ENV, "1");
-    map_fds(&mut cmd, [task_r.as_raw_fd(), rec_w.as_raw_fd(), high_w.as_raw_fd()]);
+    map_fds(
+        &mut cmd,
+        [task_r.as_raw_fd(), rec_w.as_raw_fd(), high_w.as_raw_fd()],
+    );
     let child = cmd.spawn()?;
     // The child has its copies now; closing ours makes EOF/EPIPE work.
     drop((task_r, rec_w, high_w));
@@ -131,7 +134,10 @@ fn map_fds(cmd: &mut Command, src: [RawFd; 3]) {
         // (from whatever started it) must not reach the plugin: close every
         // such descriptor above 5. Close-on-exec ones (including std's
         // exec-error pipe) are left to exec.
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit writes into the local struct; async-signal-safe.
         let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
             lim.rlim_cur.min(MAX_FD_SCAN)
@@ -205,7 +211,12 @@ mod tests {
         );
         // A descriptor the agent inherited without close-on-exec must not
         // reach the plugin either.
-        let leaked = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
+        let leaked = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
         let mut sp = spawn(&paths, "").unwrap();
         sp.child.wait().await.unwrap();
         drop(leaked);
@@ -230,8 +241,14 @@ mod tests {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), 4, "{out}");
-        assert!(info.contains(&format!("pgid={} pid={}", sp.pid, sp.pid)), "{info}");
-        assert!(info.contains(&format!("cwd={}", paths.dir.display())), "{info}");
+        assert!(
+            info.contains(&format!("pgid={} pid={}", sp.pid, sp.pid)),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!("cwd={}", paths.dir.display())),
+            "{info}"
+        );
         assert!(info.contains("hp=1 detail= path="), "{info}");
         assert!(!info.contains("path=unset"), "{info}");
     }
@@ -243,9 +260,16 @@ mod tests {
         let mut sp = spawn(&paths, "{\"k\":1}").unwrap();
         let out = read_all(sp.stderr).await;
         sp.child.wait().await.unwrap();
-        let mut vars: Vec<&str> = out.lines().filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_=")).collect();
+        let mut vars: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
+            .collect();
         vars.sort_unstable();
-        assert_eq!(vars, ["DETAIL={\"k\":1}", "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE=1"], "{out}");
+        assert_eq!(
+            vars,
+            ["DETAIL={\"k\":1}", "ELKEID_PLUGIN_HIGH_PRIORITY_PIPE=1"],
+            "{out}"
+        );
     }
 
     /// Pipes carry data both ways, and EOF on fd 3 reaches the child.

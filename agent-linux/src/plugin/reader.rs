@@ -62,7 +62,12 @@ impl Counters {
 
     /// Returns (rx_cnt, rx_bytes, tx_cnt, tx_bytes) and resets them.
     pub(crate) fn take(&self) -> (u64, u64, u64, u64) {
-        (self.rx_cnt.take(), self.rx_bytes.take(), self.tx_cnt.take(), self.tx_bytes.take())
+        (
+            self.rx_cnt.take(),
+            self.rx_bytes.take(),
+            self.tx_cnt.take(),
+            self.tx_bytes.take(),
+        )
     }
 }
 
@@ -83,8 +88,18 @@ pub(crate) async fn read_records(
     max_frame_len: u32,
     counters: &Counters,
 ) -> Result<(), ReadError> {
-    let mut normal = Pipe { rx: records, dec: FrameDecoder::new(max_frame_len), eof: false, fd: 4 };
-    let mut hp = Pipe { rx: high, dec: FrameDecoder::new(max_frame_len), eof: false, fd: 5 };
+    let mut normal = Pipe {
+        rx: records,
+        dec: FrameDecoder::new(max_frame_len),
+        eof: false,
+        fd: 4,
+    };
+    let mut hp = Pipe {
+        rx: high,
+        dec: FrameDecoder::new(max_frame_len),
+        eof: false,
+        fd: 5,
+    };
     loop {
         if normal.eof && hp.eof {
             return Ok(());
@@ -98,14 +113,20 @@ pub(crate) async fn read_records(
             Ok(0) => {
                 p.eof = true;
                 if p.dec.buffered() > 0 {
-                    tracing::warn!(fd = p.fd, bytes = p.dec.buffered(), "plugin pipe closed inside a frame");
+                    tracing::warn!(
+                        fd = p.fd,
+                        bytes = p.dec.buffered(),
+                        "plugin pipe closed inside a frame"
+                    );
                 }
             }
             Ok(n) => {
                 p.dec.advance(n);
                 drain(p, buffer, counters).await?;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -123,7 +144,7 @@ async fn drain(p: &mut Pipe, buffer: &Buffer, counters: &Counters) -> Result<(),
         Counters::add(&counters.tx_cnt, 1);
         Counters::add(&counters.tx_bytes, rec.body.len() as u64);
         while buffer.push_frame(&rec).is_err() {
-            if buffer.len() == 0 {
+            if buffer.is_empty() {
                 return Err(ReadError::TooBigForRing(rec.encoded_len()));
             }
             buffer.space().await;
@@ -209,7 +230,16 @@ mod tests {
         let (_w5, r5) = pipe::pipe().unwrap();
         w4.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
         let r = read_records(r4, r5, &buffer, 4 << 20, &counters).await;
-        assert!(matches!(r, Err(ReadError::Frame { fd: 4, error: FrameError::TooLong { .. } })), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(ReadError::Frame {
+                    fd: 4,
+                    error: FrameError::TooLong { .. }
+                })
+            ),
+            "{r:?}"
+        );
         assert_eq!(buffer.len(), 0);
     }
 
@@ -229,7 +259,11 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn back_pressure_waits_for_space() {
         use tokio::io::AsyncWriteExt as _;
-        let cfg = RingConfig { byte_budget: 4096, agent_reserved_records: 1, agent_reserved_bytes: 256 };
+        let cfg = RingConfig {
+            byte_budget: 4096,
+            agent_reserved_records: 1,
+            agent_reserved_bytes: 256,
+        };
         let buffer = Buffer::new(cfg);
         let counters = Counters::default();
         let (mut w4, r4) = pipe::pipe().unwrap();
@@ -248,13 +282,18 @@ mod tests {
             let mut out = Vec::new();
             while delivered < n {
                 tokio::task::yield_now().await;
-                if let Some((batch, k)) = buffer.begin_packet(usize::MAX, usize::MAX, &[], &mut out) {
+                if let Some((batch, k)) = buffer.begin_packet(usize::MAX, usize::MAX, &[], &mut out)
+                {
                     delivered += k;
                     buffer.commit(batch);
                 }
             }
         };
-        let (r, (), ()) = tokio::join!(read_records(r4, r5, &buffer, 1 << 20, &counters), sender, consumer);
+        let (r, (), ()) = tokio::join!(
+            read_records(r4, r5, &buffer, 1 << 20, &counters),
+            sender,
+            consumer
+        );
         r.unwrap();
         assert_eq!(delivered, n);
         assert_eq!(buffer.drops(), 0);

@@ -42,7 +42,9 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new() -> Self {
-        Backoff { next: BACKOFF_INITIAL }
+        Backoff {
+            next: BACKOFF_INITIAL,
+        }
     }
 
     /// Delay before the next start, given how long the last run lasted.
@@ -114,7 +116,14 @@ async fn run_once(sh: &Shared, p: &Plugin, queue: &mut mpsc::Receiver<Vec<u8>>) 
         Ok(sp) => sp,
         Err(e) => return End::Failed(format!("plugin {} failed to start: {e}", p.name)),
     };
-    let process::Spawned { mut child, pid, tasks, records, high, stderr } = sp;
+    let process::Spawned {
+        mut child,
+        pid,
+        tasks,
+        records,
+        high,
+        stderr,
+    } = sp;
     tokio::task::spawn_local(stderr::drain(stderr, p.paths.clone(), sh.stderr_cap));
     p.pid.set(Some(pid));
     p.start_time.set(super::unix_now());
@@ -122,7 +131,13 @@ async fn run_once(sh: &Shared, p: &Plugin, queue: &mut mpsc::Receiver<Vec<u8>>) 
     p.counters.take();
     tracing::info!(plugin = %p.name, version = %p.version, pid, "plugin started");
 
-    let mut reader = pin!(read_records(records, high, &sh.buffer, sh.max_frame_len, &p.counters));
+    let mut reader = pin!(read_records(
+        records,
+        high,
+        &sh.buffer,
+        sh.max_frame_len,
+        &p.counters
+    ));
     let mut reader_done = false;
     let mut writer = Some(Box::pin(write_tasks(tasks, queue, &p.counters)));
 
@@ -187,12 +202,11 @@ async fn run_once(sh: &Shared, p: &Plugin, queue: &mut mpsc::Receiver<Vec<u8>>) 
             // Leftover members of the group would keep the pipes open.
             process::kill_group(pid);
             let mut broken = None;
-            if !reader_done {
-                if let Ok(Err(e @ (ReadError::Frame { .. } | ReadError::TooBigForRing(_)))) =
+            if !reader_done
+                && let Ok(Err(e @ (ReadError::Frame { .. } | ReadError::TooBigForRing(_)))) =
                     tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reader).await
-                {
-                    broken = Some(e);
-                }
+            {
+                broken = Some(e);
             }
             let how = match &st {
                 Ok(st) => match (st.code(), std::os::unix::process::ExitStatusExt::signal(st)) {

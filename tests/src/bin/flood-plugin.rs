@@ -1,0 +1,106 @@
+//! `flood-plugin`: throughput and robustness load for the agent.
+//!
+//! Configured through `DETAIL` (comma-separated `key=value`, because a
+//! non-empty detail is the plugin's whole environment):
+//! - `count=N` (default 1 000 000): records of data_type 7000 with one
+//!   field `s` = sequence number zero-padded so the frame body is `size`
+//!   bytes (default 200), written as fast as the pipe takes them in 256 KiB
+//!   batches; then one marker record data_type 7001 `{done: N}`.
+//! - `hostile=1`: instead, write one frame declaring a 4 GiB body.
+//! - `crash=1`: instead, write one marker record (data_type 7002) and exit 1.
+//!
+//! After flooding it waits for EOF on fd 3 (the agent's stop) and exits 0.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+fn inherited(fd: i32) -> File {
+    // SAFETY: fds 3 and 4 were opened for this process by the agent and are
+    // owned by nothing else here; each is taken once.
+    File::from(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn detail(key: &str) -> Option<String> {
+    let d = std::env::var("DETAIL").ok()?;
+    d.split(',').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    })
+}
+
+/// Appends one frame: u32 LE length + Record {1: dt, 2: ts, 3: Payload {1: {1: key, 2: value}}}.
+/// All lengths here stay below 128 except the outer ones, encoded as varints.
+fn push_frame(out: &mut Vec<u8>, data_type: u32, ts: u32, key: &str, value: &str) {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    let mut entry = Vec::with_capacity(8 + key.len() + value.len());
+    entry.push(0x0a);
+    varint(&mut entry, key.len() as u64);
+    entry.extend_from_slice(key.as_bytes());
+    entry.push(0x12);
+    varint(&mut entry, value.len() as u64);
+    entry.extend_from_slice(value.as_bytes());
+    let mut payload = Vec::with_capacity(entry.len() + 4);
+    payload.push(0x0a);
+    varint(&mut payload, entry.len() as u64);
+    payload.extend_from_slice(&entry);
+    let mut body = Vec::with_capacity(payload.len() + 16);
+    body.push(0x08);
+    varint(&mut body, u64::from(data_type));
+    body.push(0x10);
+    varint(&mut body, u64::from(ts));
+    body.push(0x1a);
+    varint(&mut body, payload.len() as u64);
+    body.extend_from_slice(&payload);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+}
+
+fn main() {
+    let mut out = inherited(4);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() as u32);
+    if detail("hostile").is_some() {
+        let _ = out.write_all(&u32::MAX.to_le_bytes());
+        let _ = out.write_all(b"\x08\x01");
+    } else if detail("crash").is_some() {
+        let mut buf = Vec::new();
+        push_frame(&mut buf, 7002, ts, "crash", "1");
+        let _ = out.write_all(&buf);
+        std::process::exit(1);
+    } else {
+        let count: u64 = detail("count")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let size: usize = detail("size").and_then(|v| v.parse().ok()).unwrap_or(200);
+        // Frame body = 2 + ts(5) + 2 + payload; payload = 2 + 2 + key(1) + 2 + value (value < 128: 1-byte lengths).
+        let overhead = 2 + 5 + 2 + 2 + 2 + 1 + 2;
+        let width = size.saturating_sub(overhead).clamp(20, 120);
+        let mut buf = Vec::with_capacity(300 * 1024);
+        for seq in 0..count {
+            push_frame(&mut buf, 7000, ts, "s", &format!("{seq:0width$}"));
+            if buf.len() >= 256 * 1024 {
+                if out.write_all(&buf).is_err() {
+                    std::process::exit(0);
+                }
+                buf.clear();
+            }
+        }
+        push_frame(&mut buf, 7001, ts, "done", &count.to_string());
+        if out.write_all(&buf).is_err() {
+            std::process::exit(0);
+        }
+    }
+    // Wait for the agent to close fd 3.
+    let mut tasks = inherited(3);
+    let mut sink = [0u8; 4096];
+    while matches!(tasks.read(&mut sink), Ok(n) if n > 0) {}
+}
