@@ -411,6 +411,19 @@ mod decoder {
             self.buf.len()
         }
 
+        /// Returns memory to the allocator after a large frame, keeping only
+        /// the bytes still buffered (and at least `min_capacity` bytes).
+        pub fn shrink_to(&mut self, min_capacity: usize) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let keep = self.end.max(min_capacity);
+            if self.buf.len() > keep {
+                self.buf.truncate(keep);
+                self.buf.shrink_to_fit();
+            }
+        }
+
         /// Appends received bytes.
         pub fn push(&mut self, chunk: &[u8]) {
             let spare = self.spare_mut(chunk.len());
@@ -889,6 +902,8 @@ mod tests {
             assert!(d.capacity() <= 4 + 64 + 1, "capacity {}", d.capacity());
         }
         assert_eq!(got, expected);
+        d.shrink_to(0);
+        assert_eq!(d.capacity(), 0);
     }
 
     #[test]
