@@ -34,9 +34,16 @@
 //! | `--command-send-timeout-ms N` | `ELKEID_CENTER_COMMAND_SEND_TIMEOUT_MS` | `commands.send_timeout_ms` | `2000` |
 //! | `--command-result-timeout-ms N` | `ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS` | `commands.result_timeout_ms` | `2000` |
 //!
-//! Extra `[sinks.kafka]` file keys (no flag): `compression`, `acks`,
-//! `linger_ms`, `max_batch_bytes`, `queue`, `drop_when_full`,
-//! `sasl_username`, `sasl_password`; they are passed to the Kafka sink as given.
+//! | `--kafka-compression C` | `ELKEID_CENTER_KAFKA_COMPRESSION` | `sinks.kafka.compression` | `none` (none, gzip, snappy, lz4, zstd) |
+//! | `--kafka-acks N` | `ELKEID_CENTER_KAFKA_ACKS` | `sinks.kafka.acks` | `-1` (only -1 = all is supported) |
+//! | `--kafka-linger-ms N` | `ELKEID_CENTER_KAFKA_LINGER_MS` | `sinks.kafka.linger_ms` | `100` |
+//! | `--kafka-max-batch-bytes N` | `ELKEID_CENTER_KAFKA_MAX_BATCH_BYTES` | `sinks.kafka.max_batch_bytes` | `1048576` |
+//! | `--kafka-queue N` | `ELKEID_CENTER_KAFKA_QUEUE` | `sinks.kafka.queue` (in-flight bytes) | `67108864` |
+//! | `--kafka-drop-when-full true\|false` | `ELKEID_CENTER_KAFKA_DROP_WHEN_FULL` | `sinks.kafka.drop_when_full` | `false` (back-pressure) |
+//! | `--kafka-sasl-username U` | `ELKEID_CENTER_KAFKA_SASL_USERNAME` | `sinks.kafka.sasl_username` | none (SASL off) |
+//! | `--kafka-sasl-password P` | `ELKEID_CENTER_KAFKA_SASL_PASSWORD` | `sinks.kafka.sasl_password` | none |
+//!
+//! The Kafka defaults are applied by the Kafka sink (`sinks/kafka/config.rs`).
 //!
 //! Unknown file keys are errors. Any bad key makes the binary exit with code
 //! 64 and a message naming the key.
@@ -152,6 +159,30 @@ pub struct Cli {
     /// Kafka topic.
     #[arg(long, env = "ELKEID_CENTER_KAFKA_TOPIC")]
     pub kafka_topic: Option<String>,
+    /// Kafka record-batch compression: none, gzip, snappy, lz4, zstd.
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_COMPRESSION")]
+    pub kafka_compression: Option<String>,
+    /// Kafka acks (-1 = all).
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_ACKS", allow_hyphen_values = true)]
+    pub kafka_acks: Option<String>,
+    /// Kafka batch linger, ms.
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_LINGER_MS")]
+    pub kafka_linger_ms: Option<String>,
+    /// Kafka batch size cap, bytes.
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_MAX_BATCH_BYTES")]
+    pub kafka_max_batch_bytes: Option<String>,
+    /// Kafka in-flight budget, bytes.
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_QUEUE")]
+    pub kafka_queue: Option<String>,
+    /// Drop (counted) instead of back-pressure when Kafka is slow (true|false).
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_DROP_WHEN_FULL")]
+    pub kafka_drop_when_full: Option<String>,
+    /// Kafka SASL/PLAIN user (enables SASL).
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// Kafka SASL/PLAIN password.
+    #[arg(long, env = "ELKEID_CENTER_KAFKA_SASL_PASSWORD")]
+    pub kafka_sasl_password: Option<String>,
     /// Manager backend: local | elkeid.
     #[arg(long, env = "ELKEID_CENTER_MANAGER")]
     pub manager: Option<String>,
@@ -466,6 +497,24 @@ fn addr(
     })
 }
 
+fn opt_num(
+    key: &'static str,
+    flag: Option<String>,
+    file: Option<u64>,
+) -> Result<Option<u64>, ConfigError> {
+    match flag {
+        Some(s) => s
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| ConfigError::Invalid {
+                key,
+                msg: format!("`{s}` is not a valid number"),
+            }),
+        None => Ok(file),
+    }
+}
+
 fn boolean(
     key: &'static str,
     flag: Option<String>,
@@ -618,14 +667,27 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
             .kafka_topic
             .or(k.topic)
             .unwrap_or_else(|| "hids_svr".into()),
-        compression: k.compression,
-        acks: k.acks,
-        linger_ms: k.linger_ms,
-        max_batch_bytes: k.max_batch_bytes,
-        queue: k.queue,
-        drop_when_full: k.drop_when_full,
-        sasl_username: k.sasl_username,
-        sasl_password: k.sasl_password,
+        compression: cli.kafka_compression.or(k.compression),
+        acks: match cli.kafka_acks {
+            Some(s) => Some(s.trim().parse::<i16>().map_err(|_| ConfigError::Invalid {
+                key: "sinks.kafka.acks",
+                msg: format!("`{s}` is not a valid number"),
+            })?),
+            None => k.acks,
+        },
+        linger_ms: opt_num("sinks.kafka.linger_ms", cli.kafka_linger_ms, k.linger_ms)?,
+        max_batch_bytes: opt_num(
+            "sinks.kafka.max_batch_bytes",
+            cli.kafka_max_batch_bytes,
+            k.max_batch_bytes,
+        )?,
+        queue: opt_num("sinks.kafka.queue", cli.kafka_queue, k.queue)?,
+        drop_when_full: match cli.kafka_drop_when_full {
+            Some(s) => Some(boolean("sinks.kafka.drop_when_full", Some(s), None, false)?),
+            None => k.drop_when_full,
+        },
+        sasl_username: cli.kafka_sasl_username.or(k.sasl_username),
+        sasl_password: cli.kafka_sasl_password.or(k.sasl_password),
     };
 
     let m = file.manager;
@@ -802,5 +864,25 @@ mod tests {
         .unwrap();
         assert_eq!(c.sinks, vec![SinkKind::Null, SinkKind::Ndjson]);
         assert!(!c.grpc.tls);
+        let c = resolve(
+            cli(&[
+                "--kafka-acks",
+                "-1",
+                "--kafka-queue",
+                "1000",
+                "--kafka-drop-when-full",
+                "true",
+            ]),
+            parse_file(
+                Path::new("x.toml"),
+                "[sinks.kafka]\nqueue = 5\nlinger_ms = 7\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.acks, Some(-1));
+        assert_eq!(c.kafka.queue, Some(1000));
+        assert_eq!(c.kafka.linger_ms, Some(7));
+        assert_eq!(c.kafka.drop_when_full, Some(true));
     }
 }

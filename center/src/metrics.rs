@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     pub(crate) sent_commands: AtomicU64,
     pub(crate) failed_commands: AtomicU64,
     pub(crate) refused_limit: AtomicU64,
+    pub(crate) tcp_refused: AtomicU64,
     pub(crate) refused_empty_id: AtomicU64,
     pub(crate) refused_first_timeout: AtomicU64,
     pub(crate) conflicts: AtomicU64,
@@ -104,7 +105,12 @@ impl Metrics {
                 "elkeid_ac_output_data_type_count{{data_type=\"{dt}\"}} {n}"
             );
         }
-        let counters: [(&str, &str, u64); 16] = [
+        let counters: [(&str, &str, u64); 17] = [
+            (
+                "elkeid_center_tcp_refused_total",
+                "TCP connections closed: too many open.",
+                g(&self.tcp_refused),
+            ),
             (
                 "elkeid_center_records_received_total",
                 "Records received.",

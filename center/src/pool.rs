@@ -32,9 +32,24 @@ pub(crate) enum CommandError {
     /// Queued, but not handed to the transport within `result_timeout`.
     #[error("the command has been sent but get results timed out")]
     ResultTimeout,
+    /// Larger than a Go agent accepts (grpc-go's default 4 MiB receive limit).
+    #[error("the command is {0} bytes, more than the 4 MiB an agent accepts")]
+    TooLarge(usize),
     /// The stream ended before the command was sent.
     #[error("the agent connection closed before the command was sent")]
     Closed,
+}
+
+/// Largest Command sent: grpc-go's default receive limit, which Go agents keep.
+pub(crate) const MAX_COMMAND_BYTES: usize = 4 * 1024 * 1024;
+
+fn check_size(cmd: &Command) -> Result<(), CommandError> {
+    use prost::Message;
+    let n = cmd.encoded_len();
+    if n > MAX_COMMAND_BYTES {
+        return Err(CommandError::TooLarge(n));
+    }
+    Ok(())
 }
 
 /// A command waiting in a connection's queue.
@@ -76,6 +91,7 @@ impl Conn {
 
     /// Queues a command without waiting for its delivery (config pushes).
     pub(crate) fn try_push(&self, cmd: Command) -> Result<(), CommandError> {
+        check_size(&cmd)?;
         self.tx
             .try_send(Outgoing { cmd, done: None })
             .map_err(|e| match e {
@@ -251,6 +267,7 @@ impl Pool {
     }
 
     async fn post_command_inner(&self, agent_id: &str, cmd: Command) -> Result<(), CommandError> {
+        check_size(&cmd)?;
         let conn = self.get(agent_id).ok_or(CommandError::NotFound)?;
         let (done, wait) = oneshot::channel();
         match tokio::time::timeout(

@@ -5,6 +5,7 @@
 //! - `transfer.rs`: the agent stream handler (slot, first packet, pool,
 //!   receive loop, command stream).
 //! - `upload.rs`: `FileExt.Upload` into `DIR/uploads/`.
+//! - `incoming.rs`: the accept loop with a TCP connection cap.
 //!
 //! Keepalive as Elkeid's center: the server pings after 10 min of silence and
 //! drops the connection when the ping is not answered within 5 s. Elkeid's
@@ -27,12 +28,12 @@ use elkeid_proto::grpc::transfer_server::TransferServer;
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::GrpcConfig;
 use crate::pool::Pool;
 use crate::records::Ctx;
 
+pub(crate) mod incoming;
 pub(crate) mod transfer;
 pub(crate) mod upload;
 
@@ -71,6 +72,7 @@ pub(crate) async fn serve(
     .accept_compressed(CompressionEncoding::Zstd)
     .send_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Zstd);
+    let metrics = ctx.metrics.clone();
     let files = FileExtServer::new(upload::UploadSvc::new(uploads, ctx))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -81,7 +83,7 @@ pub(crate) async fn serve(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = incoming::incoming(listener, incoming::tcp_limit(cfg.conn_limit), metrics);
     builder
         .layer(elkeid_proto::snappy::SnappyServerLayer::new().with_max_decompressed(max))
         .add_service(transfer)
