@@ -124,16 +124,26 @@ pub(crate) fn client_config_from_pem(
     key: &[u8],
     name: &str,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for c in certs("ca", ca)? {
-        roots.add(c)?;
-    }
     let chain = certs("cert", cert)?;
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Pem {
         what: "key",
         msg: e.to_string(),
     })?;
+    client_config_from_der(certs("ca", ca)?, chain, key, name)
+}
+
+/// Builds the client configuration from DER items.
+fn client_config_from_der(
+    cas: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    name: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in cas {
+        roots.add(c)?;
+    }
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -175,6 +185,8 @@ mod tests {
 
     struct Pki {
         ca: String,
+        /// The trust anchor both sides use (DER; X.509 v1 when asked).
+        ca_der: Vec<u8>,
         server_cert: String,
         server_key: String,
         client_cert: String,
@@ -184,7 +196,7 @@ mod tests {
     /// Elkeid-like material: CA without extensions other than what rcgen
     /// insists on, leaves with the same subject DN as the CA, SAN
     /// `elkeid.com`, no EKU.
-    fn pki(san: &str, ca_is_ca: bool) -> Pki {
+    fn pki(san: &str, v1_ca: bool) -> Pki {
         let mut ca_p = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_p.distinguished_name.push(DnType::CountryName, "GB");
         ca_p.distinguished_name.push(DnType::LocalityName, "China");
@@ -192,7 +204,7 @@ mod tests {
             .push(DnType::OrganizationName, "hids-svr");
         ca_p.distinguished_name
             .push(DnType::CommonName, "elkeid@elkeid.com");
-        if ca_is_ca {
+        if !v1_ca {
             ca_p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         }
         ca_p.use_authority_key_identifier_extension = false;
@@ -215,8 +227,14 @@ mod tests {
         };
         let (server_cert, server_key) = leaf(vec![]);
         let (client_cert, client_key) = leaf(vec![]);
+        let ca_der = if v1_ca {
+            to_v1(ca.der(), &ca_key)
+        } else {
+            ca.der().to_vec()
+        };
         Pki {
             ca: ca.pem(),
+            ca_der,
             server_cert,
             server_key,
             client_cert,
@@ -224,11 +242,67 @@ mod tests {
         }
     }
 
+    /// DER TLV at the start of `b`: (tag, header length, total length).
+    fn tlv(b: &[u8]) -> (u8, usize, usize) {
+        let (len, hl) = if b[1] < 0x80 {
+            (usize::from(b[1]), 2)
+        } else {
+            let n = usize::from(b[1] & 0x7f);
+            (
+                b[2..2 + n]
+                    .iter()
+                    .fold(0usize, |l, x| l << 8 | usize::from(*x)),
+                2 + n,
+            )
+        };
+        (b[0], hl, hl + len)
+    }
+
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let n = content.len();
+        let mut v = vec![tag];
+        if n < 0x80 {
+            v.push(n as u8);
+        } else if n < 0x100 {
+            v.extend([0x81, n as u8]);
+        } else {
+            v.extend([0x82, (n >> 8) as u8, n as u8]);
+        }
+        v.extend_from_slice(content);
+        v
+    }
+
+    /// Re-encodes a certificate as X.509 v1 (no version field, no
+    /// extensions), re-signed with `key`, like Elkeid's shipped CA.
+    fn to_v1(cert: &[u8], key: &KeyPair) -> Vec<u8> {
+        use rcgen::SigningKey;
+        let (_, hl, _) = tlv(cert);
+        let body = &cert[hl..];
+        let (_, thl, tlen) = tlv(body);
+        let tbs = &body[thl..tlen];
+        let (_, _, alen) = tlv(&body[tlen..]);
+        let sig_alg = &body[tlen..tlen + alen];
+        let mut keep = Vec::new();
+        let mut p = 0;
+        while p < tbs.len() {
+            let (tag, _, total) = tlv(&tbs[p..]);
+            if tag != 0xa0 && tag != 0xa3 {
+                keep.extend_from_slice(&tbs[p..p + total]);
+            }
+            p += total;
+        }
+        let new_tbs = der(0x30, &keep);
+        let mut bits = vec![0u8];
+        bits.extend(key.sign(&new_tbs).unwrap());
+        let mut c = new_tbs;
+        c.extend_from_slice(sig_alg);
+        c.extend(der(0x03, &bits));
+        der(0x30, &c)
+    }
+
     fn server_config(p: &Pki) -> Arc<rustls::ServerConfig> {
         let mut roots = RootCertStore::empty();
-        for c in certs("ca", p.ca.as_bytes()).unwrap() {
-            roots.add(c).unwrap();
-        }
+        roots.add(CertificateDer::from(p.ca_der.clone())).unwrap();
         let cv = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             provider(),
@@ -263,10 +337,10 @@ mod tests {
                 }
             }
         });
-        let cc = client_config_from_pem(
-            p.ca.as_bytes(),
-            p.client_cert.as_bytes(),
-            p.client_key.as_bytes(),
+        let cc = client_config_from_der(
+            vec![CertificateDer::from(p.ca_der.clone())],
+            certs("cert", p.client_cert.as_bytes()).unwrap(),
+            PrivateKeyDer::from_pem_slice(p.client_key.as_bytes()).unwrap(),
             name,
         )
         .unwrap();
@@ -290,9 +364,25 @@ mod tests {
 
     #[tokio::test]
     async fn eku_less_leaf_verified_by_configured_name_when_dialing_ip() {
-        let p = pki("elkeid.com", true);
+        let p = pki("elkeid.com", false);
         let alpn = handshake(&p, "elkeid.com").await.unwrap();
         assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    }
+
+    #[tokio::test]
+    async fn x509_v1_ca_is_accepted_as_trust_anchor() {
+        let p = pki("elkeid.com", true);
+        // Really v1: the TBSCertificate starts with the serial, not [0].
+        let (_, hl, _) = tlv(&p.ca_der);
+        let (_, thl, _) = tlv(&p.ca_der[hl..]);
+        assert_eq!(
+            p.ca_der[hl + thl],
+            0x02,
+            "serial INTEGER first: no version field"
+        );
+        let alpn = handshake(&p, "elkeid.com").await.unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert!(handshake(&p, "other.example").await.is_err());
     }
 
     #[tokio::test]
@@ -307,6 +397,7 @@ mod tests {
         let q = pki("elkeid.com", true);
         let mixed = Pki {
             ca: q.ca,
+            ca_der: q.ca_der,
             server_cert: p.server_cert.clone(),
             server_key: p.server_key.clone(),
             client_cert: p.client_cert.clone(),
