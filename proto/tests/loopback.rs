@@ -510,6 +510,31 @@ async fn gzip_client_reaches_tonic_gzip_unchanged() {
             .all(|(f, p)| *f == 1 && p.starts_with(&[0x1f, 0x8b])),
         "gzip members on the wire"
     );
+    drop(wire);
+
+    // A snappy client of the same gzip-enabled server is answered in snappy
+    // (as grpc-go answers with the client's compressor), never gzip.
+    let mut c = TransferClient::new(SnappyClient::new(channel(srv.addr).await));
+    let sent = vec![packet("sn", "s1", 2, 50)];
+    let replies = collect(
+        c.transfer(tokio_stream::iter(sent.clone()))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replies[0].task.as_ref().unwrap().data, "s1");
+    assert_eq!(srv.seen.recv().await.unwrap().unwrap(), sent[0]);
+    let wire = srv.wire.lock().unwrap();
+    assert_eq!(
+        header(&wire.req_headers[2], "grpc-encoding"),
+        Some("snappy")
+    );
+    assert_eq!(
+        header(&wire.resp_headers[2], "grpc-encoding"),
+        Some("snappy")
+    );
 }
 
 #[tokio::test]

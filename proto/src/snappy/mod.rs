@@ -32,7 +32,7 @@
 //! - `headers`: `grpc-encoding` / `grpc-accept-encoding` handling.
 //! - `client`: [`SnappyClientLayer`] / [`SnappyClient`].
 //! - `server`: [`SnappyServerLayer`] / [`SnappyServer`].
-//! - `counters`: process-wide [`counters`] of compressed, decompressed and
+//! - `counters`: process-wide [`counters()`] of compressed, decompressed and
 //!   rejected messages.
 
 mod body;
