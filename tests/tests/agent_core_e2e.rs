@@ -68,11 +68,15 @@ struct Agent {
 
 impl Agent {
     fn start(center: &Center, work: &Path, id: &str) -> Agent {
+        Self::start_with(center, work, id, &["--server", &center.grpc.to_string()])
+    }
+
+    fn start_with(center: &Center, work: &Path, id: &str, servers: &[&str]) -> Agent {
         let exe = bin("elkeid-agent", "elkeid-agent");
         let child = Command::new(exe)
             .arg("--work-dir")
             .arg(work)
-            .args(["--server", &center.grpc.to_string()])
+            .args(servers)
             .arg("--ca")
             .arg(center.pki("ca.crt"))
             .arg("--cert")
@@ -434,4 +438,100 @@ fn bad_config_exits_64_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca"));
+}
+
+/// A one-shot-per-connection service-discovery server answering
+/// `/registry/detail` with `center`; returns its address and the request
+/// lines it saw.
+fn fake_sd(
+    center: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            seen2.lock().unwrap().push(line.trim().to_string());
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let body = format!(
+                r#"{{"code":0,"data":[{{"ip":"{}","port":{},"weight":0}}],"msg":"ok"}}"#,
+                center.ip(),
+                center.port()
+            );
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn service_discovery_then_sigterm_flushes_and_exits_0() {
+    let cdir = tempfile::tempdir().unwrap();
+    let adir = tempfile::tempdir().unwrap();
+    let center = Center::start(cdir.path(), &[]);
+    let (sd, seen) = fake_sd(center.grpc);
+    let mut agent = Agent::start_with(
+        &center,
+        adir.path(),
+        "agent-core-sd",
+        &["--sd", &sd.to_string()],
+    );
+    let hb = agent.wait(
+        "heartbeat via service discovery",
+        Duration::from_secs(60),
+        |a| {
+            a.records(&center, 1000)
+                .into_iter()
+                .find(|r| r["fields"]["net_mode"] == "sd")
+        },
+    );
+    assert_eq!(hb["agent_id"], "agent-core-sd");
+    let lines = seen.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "GET /registry/detail?name=hids_svr_grpc&count=10 HTTP/1.1"),
+        "{lines:?}"
+    );
+
+    let pid = agent.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let code = agent.wait("exit after SIGTERM", Duration::from_secs(60), |a| {
+        a.child.0.try_wait().ok().flatten()
+    });
+    assert!(code.success(), "exit status {code}; log:\n{}", agent.log());
+    assert!(
+        agent.log().contains("ring flushed to the center"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.max_threads <= 1 + WORKERS,
+        "threads {}",
+        agent.max_threads
+    );
 }

@@ -289,9 +289,16 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
                     .buffer
                     .begin_packet(RING_SLOTS, MAX_BATCH_BYTES, &meta, &mut buf)
             else {
+                // Idle: do not keep a large buffer around.
+                if buf.capacity() > 64 * 1024 {
+                    buf = Vec::new();
+                }
                 break;
             };
-            let pkt = Bytes::copy_from_slice(&buf);
+            // Hand the buffer itself to the request body (no copy); the
+            // next batch starts a buffer of the same size.
+            let cap = buf.len();
+            let pkt = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(cap)));
             if tx.send(pkt).await.is_err() {
                 agent.buffer.rollback(batch);
                 return Err(SessionError::Closed);
@@ -306,9 +313,6 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
             }
             agent.buffer.commit(batch);
             agent.tx_records.set(agent.tx_records.get() + n as u64);
-            if buf.capacity() > 2 * MAX_BATCH_BYTES {
-                buf = Vec::new();
-            }
         }
     }
 }
