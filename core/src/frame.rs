@@ -20,7 +20,8 @@
 
 use core::fmt;
 
-use crate::pb::{self, DecodeError, EncodeError, WireType, Writer};
+pub use crate::pb::EncodeError;
+use crate::pb::{self, DecodeError, WireType, Writer};
 
 /// Default cap on a frame's declared body length (4 MiB).
 pub const DEFAULT_MAX_FRAME_LEN: u32 = 4 * 1024 * 1024;
@@ -54,6 +55,8 @@ impl fmt::Display for FrameError {
         }
     }
 }
+
+impl core::error::Error for FrameError {}
 
 impl From<DecodeError> for FrameError {
     fn from(e: DecodeError) -> Self {
@@ -608,6 +611,7 @@ pub fn decode_task_frame(
 }
 
 #[cfg(test)]
+#[cfg(feature = "std")]
 mod tests {
     use super::*;
 

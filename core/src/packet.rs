@@ -7,7 +7,8 @@
 //! prost structs: each record is written as field 1 (key, length, the
 //! already-encoded `EncodedRecord` bytes).
 
-use crate::pb::{self, EncodeError, Writer};
+pub use crate::pb::EncodeError;
+use crate::pb::{self, Writer};
 
 const RECORDS: u32 = 1;
 const AGENT_ID: u32 = 2;
@@ -152,6 +153,7 @@ pub fn encode_packet_vec<'r>(
 }
 
 #[cfg(test)]
+#[cfg(feature = "std")]
 mod tests {
     use super::*;
 

@@ -28,6 +28,8 @@ impl fmt::Display for Overflow {
     }
 }
 
+impl core::error::Error for Overflow {}
+
 /// Encoded length of one map entry with a key of `k` bytes and a value of
 /// `v` bytes (including the outer field key and length).
 #[inline]
@@ -352,6 +354,8 @@ impl fmt::Display for PayloadError {
     }
 }
 
+impl core::error::Error for PayloadError {}
+
 fn invalid(e: DecodeError) -> PayloadError {
     match e {
         DecodeError::Incomplete => PayloadError("truncated field"),
@@ -437,6 +441,7 @@ impl<'a> Iterator for Entries<'a> {
 }
 
 #[cfg(test)]
+#[cfg(feature = "std")]
 mod tests {
     use super::*;
     use std::string::{String, ToString};

@@ -37,6 +37,8 @@ impl fmt::Display for DecodeError {
     }
 }
 
+impl core::error::Error for DecodeError {}
+
 /// An encoder ran out of room in the caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncodeError {
@@ -60,6 +62,8 @@ impl fmt::Display for EncodeError {
         }
     }
 }
+
+impl core::error::Error for EncodeError {}
 
 /// Protobuf wire types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +369,7 @@ impl<'a> Writer<'a> {
 }
 
 #[cfg(test)]
+#[cfg(feature = "std")]
 mod tests {
     use super::*;
 

@@ -84,6 +84,8 @@ impl fmt::Display for Full {
     }
 }
 
+impl core::error::Error for Full {}
+
 /// Records at the head of a ring marked in flight by [`Ring::begin_batch`].
 ///
 /// Hand it back to [`Ring::commit`] or [`Ring::rollback`]; until then no
@@ -567,6 +569,7 @@ impl<'a, const N: usize> Iterator for BatchRecords<'a, N> {
 impl<const N: usize> ExactSizeIterator for BatchRecords<'_, N> {}
 
 #[cfg(test)]
+#[cfg(feature = "std")]
 mod tests {
     use super::*;
     use std::vec::Vec;
