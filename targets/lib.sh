@@ -20,6 +20,7 @@ needs_build_std() { [ "$1" = armv7-unknown-linux-musleabihf ]; }
 
 # cargo arguments/env for a target, as arrays: use
 #   cargo_env "$t"; env "${CARGO_ENV[@]}" cargo build "${CARGO_EXTRA[@]}" ...
+# shellcheck disable=SC2034,SC2054 # arrays read by the sourcing script; the comma is cargo's
 cargo_env() {
     CARGO_ENV=()
     CARGO_EXTRA=()

@@ -13,6 +13,7 @@
 #   includes <stdint.h>, which the cross gcc forwards to the target libc), musl-dev:armhf for armv7's libc, and
 #   qemu-user-static to run foreign binaries.
 # - binfmt_misc registration so an emulated agent can exec an emulated plugin.
+# - shellcheck, dash and busybox (OpenWrt's ash) for openwrt/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +40,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------
 PKGS=(qemu-user-static binfmt-support gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf
-      musl-tools musl-dev:armhf file shellcheck dash python3)
+      musl-tools musl-dev:armhf file shellcheck dash busybox python3)
 
 if ! dpkg --print-foreign-architectures | grep -qx armhf; then
     log "adding dpkg architecture armhf"
