@@ -1,0 +1,169 @@
+//! mTLS as Elkeid agents meet it: the center requires a client certificate
+//! from its CA, negotiates ALPN `h2`, and presents a certificate valid for
+//! `elkeid.com`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use elkeid_tests::Center;
+use elkeid_tests::center::{
+    AgentPki, AgentStream, agent_transport, foreign_client, heartbeat, packet, unix_now,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::AsyncReadExt;
+
+/// Opens a stream with `pki`; `Err` carries whatever refused it.
+async fn try_agent(center: &Center, pki: &AgentPki, id: &str) -> Result<AgentStream, String> {
+    let transport = agent_transport(center.grpc, pki)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut s = AgentStream::open(transport, packet(id, vec![heartbeat(unix_now())]))
+        .await
+        .map_err(|e| format!("open: {e:?}"))?;
+    // TLS 1.3 reports a refused client certificate only after the client's
+    // handshake finished: the stream then fails at once.
+    match s.next(Duration::from_secs(10)).await {
+        Some(Err(e)) => Err(format!("stream: {e:?}")),
+        Some(Ok(None)) => Err("stream ended".into()),
+        _ => Ok(s),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_without_a_certificate_from_the_ca_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    let good = center.agent_pki();
+
+    let none = AgentPki {
+        ca: good.ca.clone(),
+        identity: None,
+    };
+    let e = try_agent(&center, &none, "no-cert")
+        .await
+        .err()
+        .expect("no client certificate: refused");
+    eprintln!("no client cert -> {e}");
+
+    let (cert, key, _foreign_ca) = foreign_client();
+    let foreign = AgentPki {
+        ca: good.ca.clone(),
+        identity: Some((cert, key)),
+    };
+    let e = try_agent(&center, &foreign, "foreign-cert")
+        .await
+        .err()
+        .expect("foreign CA: refused");
+    eprintln!("foreign CA -> {e}");
+
+    // The center keeps serving properly authenticated agents.
+    let ok = try_agent(&center, &good, "good-cert")
+        .await
+        .expect("good agent accepted");
+    let list = center.conn_list().await;
+    assert!(list.contains(&"good-cert".to_string()), "{list:?}");
+    assert!(
+        !list.iter().any(|x| x == "no-cert" || x == "foreign-cert"),
+        "{list:?}"
+    );
+    drop(ok);
+}
+
+fn client_config(pki: &AgentPki, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match &pki.identity {
+        Some((cert, key)) => {
+            let certs: Vec<_> = CertificateDer::pem_slice_iter(cert)
+                .map(Result::unwrap)
+                .collect();
+            builder
+                .with_client_auth_cert(certs, PrivateKeyDer::from_pem_slice(key).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_center_negotiates_h2_and_is_elkeid_com() {
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    let pki = center.agent_pki();
+    for name in ["elkeid.com", "localhost"] {
+        let cfg = client_config(&pki, &[b"h2"]);
+        let tcp = tokio::net::TcpStream::connect(center.grpc).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from(name).unwrap().to_owned(), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("handshake as {name}: {e}"));
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "ALPN h2 (Go agents require it)"
+        );
+    }
+    // TLS 1.2 (what older Go agents may negotiate) with a client cert.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let (cert, key) = pki.identity.clone().unwrap();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&cert)
+        .map(Result::unwrap)
+        .collect();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, PrivateKeyDer::from_pem_slice(&key).unwrap())
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(center.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("elkeid.com").unwrap(), tcp)
+        .await
+        .expect("TLS 1.2 handshake with client cert");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // TLS 1.2 without a client certificate: the handshake itself fails.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pki.ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(center.grpc).await.unwrap();
+    let res = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("elkeid.com").unwrap(), tcp)
+        .await;
+    match res {
+        Err(e) => eprintln!("TLS 1.2 without client cert -> {e}"),
+        Ok(mut s) => {
+            let mut buf = [0u8; 64];
+            let r = s.read(&mut buf).await;
+            assert!(
+                !matches!(r, Ok(n) if n > 0),
+                "server must not talk to a client without a certificate: {r:?}"
+            );
+        }
+    }
+}
