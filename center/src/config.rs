@@ -18,6 +18,7 @@
 //! | `--tls-key F` | `ELKEID_CENTER_TLS_KEY` | `grpc.key_file` | `DIR/pki/server.key` |
 //! | `--upload-max-bytes N` | `ELKEID_CENTER_UPLOAD_MAX_BYTES` | `grpc.upload_max_bytes` | `536870912` |
 //! | `--http-addr A` | `ELKEID_CENTER_HTTP_ADDR` | `http.addr` | `0.0.0.0:6752` |
+//! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `false` (HTTPS with the gRPC server certificate) |
 //! | `--auth true\|false` | `ELKEID_CENTER_AUTH` | `http.auth` | `true` |
 //! | `--api-keys F` | `ELKEID_CENTER_API_KEYS` | `http.api_keys_file` | `DIR/api-keys.toml` |
 //! | `--sink S` (repeatable) | `ELKEID_CENTER_SINK` (comma list) | `sinks.enabled` | `["ndjson"]` |
@@ -138,6 +139,9 @@ pub struct Cli {
     /// HTTP API listen address.
     #[arg(long, env = "ELKEID_CENTER_HTTP_ADDR")]
     pub http_addr: Option<String>,
+    /// Serve the HTTP API over TLS with the server certificate (true|false).
+    #[arg(long, env = "ELKEID_CENTER_HTTP_TLS")]
+    pub http_tls: Option<String>,
     /// AK/SK authentication of the HTTP API (true|false).
     #[arg(long, env = "ELKEID_CENTER_AUTH")]
     pub auth: Option<String>,
@@ -244,6 +248,7 @@ struct FileGrpc {
 #[serde(deny_unknown_fields)]
 struct FileHttp {
     addr: Option<String>,
+    tls: Option<bool>,
     auth: Option<bool>,
     api_keys_file: Option<PathBuf>,
 }
@@ -346,6 +351,8 @@ pub struct GrpcConfig {
 pub struct HttpConfig {
     /// Listen address.
     pub addr: SocketAddr,
+    /// HTTPS with the server certificate.
+    pub tls: bool,
     /// AK/SK auth on.
     pub auth: bool,
     /// `[aksk]` file.
@@ -607,6 +614,7 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
     let h = file.http;
     let http = HttpConfig {
         addr: addr("http.addr", cli.http_addr, h.addr, "0.0.0.0:6752")?,
+        tls: boolean("http.tls", cli.http_tls, h.tls, false)?,
         auth: boolean("http.auth", cli.auth, h.auth, true)?,
         api_keys_file: cli
             .api_keys

@@ -112,6 +112,45 @@ fn write_listen(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Result<(), Ru
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 
+/// `(ca, cert, key)`: the configured files, or the dev PKI (generated when missing).
+fn tls_material(config: &Config, dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), RunError> {
+    let g = &config.grpc;
+    match (&g.ca_file, &g.cert_file, &g.key_file) {
+        (None, None, None) => {
+            let pki = pki::ensure_dev_pki(&dir.join("pki"))?;
+            if !pki.created.is_empty() {
+                println!(
+                    "elkeid-center: generated development PKI in {}",
+                    dir.join("pki").display()
+                );
+            }
+            println!(
+                "elkeid-center: TLS: CA {} server {} ; agents use {} + {}",
+                pki.ca_cert.display(),
+                pki.server_cert.display(),
+                pki.client_cert.display(),
+                pki.client_key.display()
+            );
+            Ok((pki.ca_cert, pki.server_cert, pki.server_key))
+        }
+        (Some(ca), Some(cert), Some(key)) => Ok((ca.clone(), cert.clone(), key.clone())),
+        _ => {
+            let key = if g.ca_file.is_none() {
+                "grpc.ca_file"
+            } else if g.cert_file.is_none() {
+                "grpc.cert_file"
+            } else {
+                "grpc.key_file"
+            };
+            Err(ConfigError::Invalid {
+                key,
+                msg: "grpc.ca_file, grpc.cert_file and grpc.key_file go together".into(),
+            }
+            .into())
+        }
+    }
+}
+
 /// Runs the center until `shutdown` resolves; returns after a graceful drain.
 pub async fn run(
     config: Config,
@@ -122,48 +161,23 @@ pub async fn run(
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
 
     // TLS material: configured files, or the generated dev PKI.
-    let tls = if config.grpc.tls {
-        let g = &config.grpc;
-        let (ca, cert, key) = match (&g.ca_file, &g.cert_file, &g.key_file) {
-            (None, None, None) => {
-                let pki = pki::ensure_dev_pki(&dir.join("pki"))?;
-                if !pki.created.is_empty() {
-                    println!(
-                        "elkeid-center: generated development PKI in {}",
-                        dir.join("pki").display()
-                    );
-                }
-                println!(
-                    "elkeid-center: TLS: CA {} server {} ; agents use {} + {}",
-                    pki.ca_cert.display(),
-                    pki.server_cert.display(),
-                    pki.client_cert.display(),
-                    pki.client_key.display()
-                );
-                (pki.ca_cert, pki.server_cert, pki.server_key)
-            }
-            (Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
-            _ => {
-                let key = if g.ca_file.is_none() {
-                    "grpc.ca_file"
-                } else if g.cert_file.is_none() {
-                    "grpc.cert_file"
-                } else {
-                    "grpc.key_file"
-                };
-                return Err(ConfigError::Invalid {
-                    key,
-                    msg: "grpc.ca_file, grpc.cert_file and grpc.key_file go together".into(),
-                }
-                .into());
-            }
-        };
-        Some(tls::server_config(&ca, &cert, &key)?)
+    let material = if config.grpc.tls || config.http.tls {
+        Some(tls_material(&config, &dir)?)
     } else {
-        println!(
-            "elkeid-center: WARNING: gRPC in plaintext mode (--insecure-plaintext): no TLS, no client authentication"
-        );
         None
+    };
+    let tls = match (&material, config.grpc.tls) {
+        (Some((ca, cert, key)), true) => Some(tls::server_config(ca, cert, key)?),
+        _ => {
+            println!(
+                "elkeid-center: WARNING: gRPC in plaintext mode (--insecure-plaintext): no TLS, no client authentication"
+            );
+            None
+        }
+    };
+    let http_tls = match (&material, config.http.tls) {
+        (Some((_, cert, key)), true) => Some(http::tls::server_config(cert, key)?),
+        _ => None,
     };
 
     let aksk = if config.http.auth {
@@ -270,9 +284,14 @@ pub async fn run(
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {
-        axum::serve(http_listener, http::router(state))
-            .with_graceful_shutdown(http_stop)
-            .await
+        match http_tls {
+            Some(cfg) => http::tls::serve(http_listener, http::router(state), cfg, http_stop).await,
+            None => {
+                axum::serve(http_listener, http::router(state))
+                    .with_graceful_shutdown(http_stop)
+                    .await
+            }
+        }
     });
     drop(ctx);
 

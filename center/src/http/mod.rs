@@ -5,9 +5,10 @@
 //! - this file: router, shared state, the `{"code","msg","data"}` envelope.
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
+//! - `tls.rs`: optional HTTPS (`http.tls = true`, Elkeid's default), with the
+//!   server certificate of the gRPC side.
 //!
-//! Served over plain HTTP (put a TLS proxy in front when the manager calls
-//! `https://`). `/ping` and `/metrics` are unauthenticated, as in Elkeid.
+//! Plain HTTP by default; `/ping` and `/metrics` are unauthenticated, as in Elkeid.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use axum::Json;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::config::AkSk;
 use crate::metrics::Metrics;
@@ -24,6 +25,7 @@ use crate::sinks::Sinks;
 
 pub(crate) mod auth;
 pub(crate) mod handlers;
+pub(crate) mod tls;
 
 /// State shared by the handlers.
 #[derive(Clone)]
@@ -43,24 +45,41 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// Elkeid's response envelope; keys in gin's order.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Envelope {
+    code: i64,
+    msg: String,
+    data: Value,
+}
+
 /// `{"code": code, "msg": msg, "data": data}` with HTTP 200.
-pub(crate) fn envelope(code: i64, msg: &str, data: Value) -> (StatusCode, Json<Value>) {
+pub(crate) fn envelope(code: i64, msg: &str, data: Value) -> (StatusCode, Json<Envelope>) {
     (
         StatusCode::OK,
-        Json(json!({ "code": code, "msg": msg, "data": data })),
+        Json(Envelope {
+            code,
+            msg: msg.to_string(),
+            data,
+        }),
     )
 }
 
 /// Success envelope.
-pub(crate) fn ok(data: Value) -> (StatusCode, Json<Value>) {
+pub(crate) fn ok(data: Value) -> (StatusCode, Json<Envelope>) {
     envelope(0, "success", data)
 }
 
 /// JSON binding failure: HTTP 400, code 2.
-pub(crate) fn bad_request(msg: String) -> (StatusCode, Json<Value>) {
+pub(crate) fn bad_request(msg: String) -> (StatusCode, Json<Envelope>) {
+    let data = Value::String(msg);
     (
         StatusCode::BAD_REQUEST,
-        Json(json!({ "code": 2, "msg": "param invalid", "data": msg })),
+        Json(Envelope {
+            code: 2,
+            msg: "param invalid".into(),
+            data,
+        }),
     )
 }
 
