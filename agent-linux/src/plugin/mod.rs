@@ -270,11 +270,17 @@ impl PluginManager {
         let staged = install::stage(&self.downloader, &paths, &cfg)
             .await
             .map_err(|e| fail(e.to_string()))?;
+        if self.shut_down.get() {
+            return Err(fail("the agent is shutting down".into()));
+        }
         // Upgrade: the old version runs until the new files are ready.
         if let Some(old) = self.take(&cfg.name) {
             stop(old).await;
         }
         install::commit(&paths, staged).map_err(|e| fail(e.to_string()))?;
+        if self.shut_down.get() {
+            return Err(fail("the agent is shutting down".into()));
+        }
         self.start(cfg, paths);
         Ok(())
     }
@@ -379,7 +385,8 @@ impl PluginManager {
     /// Close pipes, wait 10 s, SIGKILL the process group; all plugins in
     /// parallel. Later syncs are ignored.
     pub(crate) async fn shutdown(&self) {
-        let _guard = self.sync_lock.lock().await;
+        // Not behind the sync lock: a sync may be in a 10-minute download.
+        // It notices `shut_down` before starting anything.
         self.shut_down.set(true);
         let all: Vec<Entry> = std::mem::take(&mut *self.plugins.borrow_mut())
             .into_values()
@@ -409,4 +416,203 @@ pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elkeid_core::ring::RingConfig;
+    use sha2::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    /// Installs `script` as plugin `name`'s executable and returns a config
+    /// whose signature matches it (so sync reuses it: no download).
+    fn preinstall(wd: &std::path::Path, name: &str, version: &str, script: &str) -> Config {
+        let paths = Paths::new(wd, name).unwrap();
+        paths.prepare().unwrap();
+        let body = format!("#!/bin/sh\n{script}\n");
+        // Replace (not rewrite) so a running old version is unaffected.
+        let tmp = paths.dir.join(".new");
+        std::fs::write(&tmp, &body).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::rename(&tmp, &paths.exe).unwrap();
+        Config {
+            name: name.into(),
+            r#type: String::new(),
+            version: version.into(),
+            sha256: String::new(),
+            signature: download::hex(&sha2::Sha256::digest(body.as_bytes())),
+            download_urls: Vec::new(),
+            detail: String::new(),
+        }
+    }
+
+    fn manager(wd: &std::path::Path) -> PluginManager {
+        PluginManager::new(PluginContext::new(
+            wd.to_path_buf(),
+            Buffer::new(RingConfig::default()),
+        ))
+    }
+
+    async fn wait_until(mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached in 5 s");
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn sync_tasks_snapshot_upgrade_remove() {
+        let wd = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let m = manager(wd.path());
+            // Exits at EOF on fd 3, after copying the task frames to a file.
+            let a1 = preinstall(wd.path(), "a", "1", "exec cat <&3 > tasks.bin");
+            m.sync(vec![a1.clone()]).await;
+            wait_until(|| m.snapshot().len() == 1).await;
+            let pid1 = m.snapshot()[0].pid;
+            assert!(m.abnormal().is_empty());
+
+            let task = Task {
+                data_type: 42,
+                object_name: "a".into(),
+                data: "{\"x\":1}".into(),
+                token: "tok".into(),
+            };
+            m.send_task(task.clone()).unwrap();
+            let tasks = wd.path().join("plugin/a/tasks.bin");
+            let t = TaskRef {
+                data_type: 42,
+                object_name: "a",
+                data: "{\"x\":1}",
+                token: "tok",
+            };
+            let len = task_frame_len(&t);
+            wait_until(|| std::fs::metadata(&tasks).is_ok_and(|m| m.len() == len as u64)).await;
+            let bytes = std::fs::read(&tasks).unwrap();
+            let (got, n) = elkeid_core::frame::decode_task_frame(&bytes, 1 << 20)
+                .unwrap()
+                .unwrap();
+            assert_eq!((got, n), (t, len));
+            let s = m.snapshot();
+            assert_eq!(
+                (s[0].rx_cnt, s[0].rx_bytes, s[0].tx_cnt),
+                (1, len as u64, 0)
+            );
+            assert_eq!(s[0].name, "a");
+            assert_eq!(s[0].version, "1");
+            assert_eq!(m.snapshot()[0].rx_cnt, 0, "counters reset by each sample");
+            let other = Task {
+                object_name: "nope".into(),
+                ..task.clone()
+            };
+            assert!(matches!(
+                m.send_task(other),
+                Err(PluginError::NotRunning(_))
+            ));
+
+            // An empty list keeps everything (documented default).
+            m.sync(Vec::new()).await;
+            assert_eq!(m.snapshot()[0].pid, pid1);
+            // Same version: untouched. New version: old stopped, new started.
+            m.sync(vec![a1]).await;
+            assert_eq!(m.snapshot()[0].pid, pid1);
+            let a2 = preinstall(wd.path(), "a", "2", "exec cat <&3 > tasks2.bin");
+            m.sync(vec![a2]).await;
+            wait_until(|| m.snapshot().first().is_some_and(|s| s.pid != pid1)).await;
+            assert_eq!(m.snapshot()[0].version, "2");
+            assert!(!alive(pid1));
+            // The stop was graceful (EOF on fd 3), so nothing was reported.
+            assert!(m.abnormal().is_empty(), "{:?}", m.abnormal());
+            let pid2 = m.snapshot()[0].pid;
+
+            // Bad names are reported; a list without `a` removes it.
+            let b = preinstall(wd.path(), "b", "1", "exec cat <&3 >/dev/null");
+            let bad = Config {
+                name: "../x".into(),
+                ..b.clone()
+            };
+            m.sync(vec![b, bad]).await;
+            assert!(!wd.path().join("plugin/a").exists());
+            assert!(!alive(pid2));
+            assert_eq!(m.names(), ["b"]);
+            assert_eq!(m.abnormal().len(), 1);
+            assert!(
+                m.abnormal()[0].contains("load plugin \"../x\" failed"),
+                "{:?}",
+                m.abnormal()
+            );
+            let one_1010 = m.shared.buffer.len();
+            assert!(one_1010 >= 1);
+            m.shutdown().await;
+            assert!(m.names().is_empty());
+        });
+    }
+
+    /// A plugin that ignores EOF on fd 3 (and forked a helper) is SIGKILLed
+    /// with its whole process group after the 10 s grace period.
+    #[test]
+    fn shutdown_kills_the_group_after_the_grace_period() {
+        let wd = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let m = manager(wd.path());
+            let c = preinstall(
+                wd.path(),
+                "stubborn",
+                "1",
+                "sleep 1000 &\necho $$ $! > pids\nwait",
+            );
+            m.sync(vec![c]).await;
+            let pids_file = wd.path().join("plugin/stubborn/pids");
+            let mut pids: Vec<u32> = Vec::new();
+            for _ in 0..500 {
+                if let Ok(s) = std::fs::read_to_string(&pids_file)
+                    && s.ends_with('\n')
+                {
+                    pids = s.split_whitespace().map(|p| p.parse().unwrap()).collect();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(pids.len(), 2, "plugin wrote its pids");
+            let t0 = tokio::time::Instant::now();
+            m.shutdown().await;
+            assert!(
+                t0.elapsed() >= supervisor::STOP_GRACE,
+                "waited the grace period"
+            );
+            for _ in 0..200 {
+                if pids.iter().all(|p| !alive(*p)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for p in pids {
+                assert!(!alive(p), "pid {p} survived");
+            }
+        });
+    }
 }
