@@ -355,7 +355,7 @@ pub fn decode_frame(
     let Some(len) = frame_len(buf, max_len)? else {
         return Ok(None);
     };
-    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
+    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX.saturating_add(len)) else {
         return Ok(None);
     };
     Ok(Some((decode_record(body)?, LEN_PREFIX + len)))
@@ -475,7 +475,7 @@ mod decoder {
                     return Err(e);
                 }
             };
-            if avail.len() < LEN_PREFIX + len {
+            if avail.len() < LEN_PREFIX.saturating_add(len) {
                 return Ok(None);
             }
             let body_start = self.start + LEN_PREFIX;
@@ -604,7 +604,7 @@ pub fn decode_task_frame(
     let Some(len) = frame_len(buf, max_len)? else {
         return Ok(None);
     };
-    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
+    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX.saturating_add(len)) else {
         return Ok(None);
     };
     Ok(Some((decode_task(body)?, LEN_PREFIX + len)))

@@ -171,8 +171,8 @@ impl Region {
             return (len <= self.cap).then_some((0, false));
         }
         if self.wrapped {
-            (self.tail + len <= self.head).then_some((self.tail, false))
-        } else if self.tail + len <= self.cap {
+            (self.tail.saturating_add(len) <= self.head).then_some((self.tail, false))
+        } else if self.tail.saturating_add(len) <= self.cap {
             Some((self.tail, false))
         } else if len <= self.head {
             Some((0, true))
@@ -476,7 +476,7 @@ impl<const N: usize> Ring<N> {
         let mut bytes = 0;
         while records < self.count.min(max_records) {
             let entry = record_entry_len(self.slot(records).len as usize);
-            if records > 0 && bytes + entry > max_bytes {
+            if records > 0 && bytes.saturating_add(entry) > max_bytes {
                 break;
             }
             bytes += entry;
