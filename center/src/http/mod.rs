@@ -102,3 +102,166 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(api)
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CommandConfig;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use std::time::Duration;
+
+    async fn start(auth: bool) -> (String, Arc<Pool>) {
+        let metrics = Arc::new(Metrics::default());
+        let commands = CommandConfig {
+            queue_len: 4,
+            send_timeout: Duration::from_secs(2),
+            result_timeout: Duration::from_secs(2),
+        };
+        let pool = Pool::new(10, commands, metrics.clone());
+        let sinks = Sinks::new(
+            vec![Arc::new(crate::sinks::null::NullSink::default())],
+            metrics.clone(),
+        );
+        let aksk: AkSk = [("myak".to_string(), "mysk".to_string())]
+            .into_iter()
+            .collect();
+        let state = AppState {
+            pool: pool.clone(),
+            metrics,
+            sinks,
+            aksk: Arc::new(aksk),
+            auth,
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(l, router(state)).await });
+        (addr, pool)
+    }
+
+    async fn call(
+        addr: &str,
+        method: &str,
+        path: &str,
+        signed: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        if let Some(ts) = signed {
+            let (p, q) = path.split_once('?').unwrap_or((path, ""));
+            let sig = auth::sign("mysk", method, p, q, "MyAK", ts, body.as_bytes());
+            req = req
+                .header("AccessKey", "MyAK")
+                .header("Signature", sig)
+                .header("TimeStamp", ts);
+        }
+        let resp = client
+            .request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn api_shapes_and_auth() {
+        let (addr, pool) = start(true).await;
+        let now = crate::records::now_unix().to_string();
+        let ts = Some(now.as_str());
+        assert_eq!(
+            call(&addr, "GET", "/ping", None, "").await,
+            (200, r#"{"message":"pong"}"#.into())
+        );
+        assert_eq!(
+            call(&addr, "GET", "/conn/list", None, "").await,
+            (200, r#"{"code":1,"msg":"auth failed","data":"header missed: AccessKey|Signature|TimeStamp"}"#.into())
+        );
+        let (_reg, _rx) = pool.register("a1", "1.2.3.4:5".into(), pool.try_slot().unwrap());
+        assert_eq!(
+            call(&addr, "GET", "/conn/list?x=1", ts, "").await,
+            (200, r#"{"code":0,"msg":"success","data":["a1"]}"#.into())
+        );
+        assert_eq!(
+            call(&addr, "GET", "/conn/count", ts, "").await.1,
+            r#"{"code":0,"msg":"success","data":1}"#
+        );
+        let old = Some("1000");
+        assert!(
+            call(&addr, "GET", "/conn/count", old, "")
+                .await
+                .1
+                .contains(r#""data":"timestamp error""#)
+        );
+        // binding failure: HTTP 400, code 2
+        let (st, body) = call(&addr, "POST", "/command/", ts, "{not json").await;
+        assert_eq!(st, 400, "{body}");
+        assert!(
+            body.starts_with(r#"{"code":2,"msg":"param invalid""#),
+            "{body}"
+        );
+        // an empty command is refused (it would wipe the agent's plugins)
+        let (st, body) = call(
+            &addr,
+            "POST",
+            "/command/",
+            ts,
+            r#"{"agent_id":"a1","command":{}}"#,
+        )
+        .await;
+        assert_eq!(st, 200);
+        assert!(body.starts_with(r#"{"code":2,"#), "{body}");
+        let (_, body) = call(
+            &addr,
+            "POST",
+            "/command/",
+            ts,
+            r#"{"agent_id":"zz","command":{"task":{}}}"#,
+        )
+        .await;
+        assert_eq!(
+            body,
+            r#"{"code":3,"msg":"some errors occurred","data":"agentID not found"}"#
+        );
+        let (_, body) = call(&addr, "POST", "/conn/reset", ts, r#"{"type":"all"}"#).await;
+        assert_eq!(
+            body,
+            r#"{"code":2,"msg":"param invalid","data":"type only support strict|random"}"#
+        );
+        let (_, body) = call(
+            &addr,
+            "POST",
+            "/conn/reset",
+            ts,
+            r#"{"type":"random","count":5}"#,
+        )
+        .await;
+        assert_eq!(
+            body,
+            r#"{"code":0,"msg":"success","data":{"count":1,"detail":{"a1":"ok"}}}"#
+        );
+        let (_, metrics) = call(&addr, "GET", "/metrics", None, "").await;
+        assert!(
+            metrics.contains("elkeid_ac_grpc_conn_count 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("elkeid_center_http_auth_failures_total 2\n"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn auth_off_lets_everything_in() {
+        let (addr, _pool) = start(false).await;
+        assert_eq!(
+            call(&addr, "GET", "/conn/count", None, "").await.1,
+            r#"{"code":0,"msg":"success","data":0}"#
+        );
+    }
+}
