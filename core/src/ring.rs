@@ -473,7 +473,7 @@ impl<const N: usize> Ring<N> {
             return None;
         }
         let mut records = 0;
-        let mut bytes = 0;
+        let mut bytes: usize = 0;
         while records < self.count.min(max_records) {
             let entry = record_entry_len(self.slot(records).len as usize);
             if records > 0 && bytes.saturating_add(entry) > max_bytes {
