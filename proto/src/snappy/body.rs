@@ -77,6 +77,8 @@ pin_project! {
         inner: B,
         codec: Transcoder,
         pending: VecDeque<Bytes>,
+        // Delivered once `pending` (messages before the bad one) is drained.
+        error: Option<Status>,
         done: bool,
         abort: Abort,
     }
@@ -88,6 +90,7 @@ impl<B> TranscodeBody<B> {
             inner,
             codec: Transcoder::new(dir),
             pending: VecDeque::new(),
+            error: None,
             done: false,
             abort,
         }
@@ -117,15 +120,6 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let mut this = self.project();
         loop {
-            if let Some(data) = this.pending.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
-            if *this.done {
-                return Poll::Ready(None);
-            }
-            if let Abort::Watch(slot) = &*this.abort {
-                slot.register(cx.waker());
-            }
             let fail = |done: &mut bool, abort: &Abort, status: Status| {
                 *done = true;
                 counters::record_error(&status);
@@ -134,6 +128,18 @@ where
                 }
                 Poll::Ready(Some(Err(status)))
             };
+            if let Some(data) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if let Some(status) = this.error.take() {
+                return fail(this.done, this.abort, status);
+            }
+            if *this.done {
+                return Poll::Ready(None);
+            }
+            if let Abort::Watch(slot) = &*this.abort {
+                slot.register(cx.waker());
+            }
             let frame = match this.inner.as_mut().poll_frame(cx) {
                 Poll::Pending => {
                     // Replies already produced have been forwarded; if the
@@ -166,8 +172,9 @@ where
             match frame.into_data() {
                 Ok(data) => {
                     if let Err(e) = this.codec.push(data, this.pending) {
-                        this.pending.clear();
-                        return fail(this.done, this.abort, e.to_status());
+                        // Messages completed before the bad one still go out first.
+                        *this.done = true;
+                        *this.error = Some(e.to_status());
                     }
                 }
                 Err(frame) => {
@@ -187,6 +194,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.pending.is_empty()
+            && self.error.is_none()
             && (self.done || (self.inner.is_end_stream() && self.codec.at_boundary()))
     }
 
@@ -204,5 +212,90 @@ fn watched_status(abort: &Abort) -> Option<Status> {
     match abort {
         Abort::Watch(slot) => slot.take(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    fn msg(flag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![flag];
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Drains a body: (data bytes, first error).
+    async fn drain<B: Body<Data = Bytes, Error = Status> + Unpin>(
+        mut b: B,
+    ) -> (Vec<u8>, Option<Status>) {
+        let mut data = Vec::new();
+        while let Some(f) = b.frame().await {
+            match f {
+                Ok(f) => data.extend_from_slice(&f.into_data().unwrap_or_default()),
+                Err(e) => return (data, Some(e)),
+            }
+        }
+        (data, None)
+    }
+
+    #[tokio::test]
+    async fn messages_before_a_bad_one_are_delivered_then_the_error() {
+        let good = super::super::compress(b"first");
+        let input = [msg(1, &good), msg(0, b"second"), msg(1, b"not snappy")].concat();
+        let slot = Arc::new(AbortSlot::default());
+        let body = TranscodeBody::new(
+            Full::new(Bytes::from(input)),
+            Direction::Decompress { max: 100 },
+            Abort::Report(slot.clone()),
+        );
+        let (data, err) = drain(body).await;
+        assert_eq!(data, [msg(0, b"first"), msg(0, b"second")].concat());
+        assert_eq!(err.unwrap().code(), tonic::Code::Internal);
+        assert_eq!(
+            slot.take().unwrap().code(),
+            tonic::Code::Internal,
+            "reported to the response side"
+        );
+    }
+
+    #[tokio::test]
+    async fn watcher_replaces_handler_trailers_with_reported_status() {
+        let slot = Arc::new(AbortSlot::default());
+        slot.set(Status::resource_exhausted("too big"));
+        let mut ok = HeaderMap::new();
+        ok.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let inner = Full::new(Bytes::from(msg(0, b"reply")))
+            .map_err(|e| match e {})
+            .with_trailers(std::future::ready(Some(Ok::<_, std::convert::Infallible>(
+                ok,
+            ))));
+        let mut body = TranscodeBody::new(inner, Direction::Compress, Abort::Watch(slot));
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first[0], 1, "the ready reply is still sent, compressed");
+        let trailers = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers["grpc-status"], "8");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn truncated_body_is_an_error() {
+        let body = TranscodeBody::new(
+            Full::new(Bytes::from_static(&[0, 0, 0, 0, 9, 1, 2])),
+            Direction::Compress,
+            Abort::None,
+        );
+        let (data, err) = drain(body).await;
+        assert!(data.is_empty());
+        assert_eq!(err.unwrap().code(), tonic::Code::Internal);
     }
 }
