@@ -320,11 +320,15 @@ async fn snappy_client_and_server_exchange_snappy_frames_both_ways() {
     let msgs = grpc_messages(&wire.req_bytes);
     assert_eq!(msgs.len(), 3);
     for ((flag, payload), p) in msgs.iter().zip(&sent) {
-        assert_eq!(*flag, 1, "every request message is snappy compressed");
         let plain = p.encode_to_vec();
         if plain.is_empty() {
-            assert!(payload.is_empty(), "an empty message is zero bytes");
+            // grpc-go sends empty messages uncompressed; so do we.
+            assert_eq!((*flag, payload.len()), (0, 0), "empty message");
         } else {
+            assert_eq!(
+                *flag, 1,
+                "every non-empty request message is snappy compressed"
+            );
             assert_eq!(&payload[..10], &snappy::STREAM_IDENTIFIER);
             assert_eq!(snap_decode(payload), plain);
         }
@@ -722,6 +726,6 @@ async fn file_upload_client_streaming_over_snappy() {
         Some("snappy")
     );
     assert!(grpc_messages(&wire.req_bytes).iter().all(|(f, _)| *f == 1));
-    // SUCCESS encodes as an empty message: zero bytes, flag 1.
-    assert_eq!(grpc_messages(&wire.resp_bytes), vec![(1, Vec::new())]);
+    // SUCCESS encodes as an empty message: sent uncompressed, like grpc-go.
+    assert_eq!(grpc_messages(&wire.resp_bytes), vec![(0, Vec::new())]);
 }

@@ -18,7 +18,8 @@ use super::headers;
 use super::transcode::Direction;
 
 /// Tower layer for the client side of a gRPC channel: compresses every
-/// outgoing message into a snappy stream (`grpc-encoding: snappy`),
+/// non-empty outgoing message into a snappy stream (`grpc-encoding: snappy`;
+/// empty messages go uncompressed, as grpc-go sends them),
 /// advertises `grpc-accept-encoding: snappy`, and decompresses responses
 /// sent with `grpc-encoding: snappy` before tonic decodes them (at most
 /// [`max_decompressed`](Self::max_decompressed) bytes per message).

@@ -24,8 +24,8 @@ use super::transcode::Direction;
 /// identity stream: the header goes, every snappy message is decompressed
 /// (at most [`max_decompressed`](Self::max_decompressed) bytes each) and
 /// plain messages pass through. Their responses are then compressed message
-/// by message and sent with `grpc-encoding: snappy`, as the Go center does
-/// for a Go agent. A request that fails to decompress ends with an error
+/// by message (empty ones stay uncompressed, as in grpc-go) and sent with
+/// `grpc-encoding: snappy`, as the Go center does for a Go agent. A request that fails to decompress ends with an error
 /// (`resource-exhausted` over the cap, `internal` for a malformed stream)
 /// for the handler, and its response ends with that status as trailers.
 ///

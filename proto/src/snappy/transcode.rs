@@ -6,8 +6,9 @@
 //! - [`Direction::Decompress`]: flag-1 payloads are decoded from framed snappy
 //!   into flag-0 messages; flag-0 messages stream through untouched (without
 //!   being buffered).
-//! - [`Direction::Compress`]: flag-0 payloads are encoded into flag-1 framed
-//!   snappy streams; flag-1 messages stream through untouched.
+//! - [`Direction::Compress`]: non-empty flag-0 payloads are encoded into
+//!   flag-1 framed snappy streams; empty messages stay flag 0 (as grpc-go
+//!   sends them) and flag-1 messages stream through untouched.
 //!
 //! Only the message being rewritten is buffered, and in the decompress
 //! direction its declared length is checked against the cap first.
@@ -167,7 +168,9 @@ impl Transcoder {
         let len = len32 as usize;
         let rewrite = match (self.dir, flag) {
             (_, f) if f > 1 => return Err(TranscodeError::BadFlag(f)),
-            (Direction::Compress, 0) => true,
+            // grpc-go (1.66+, both Elkeid sides) sends an empty message
+            // uncompressed even with a compressor set: do the same.
+            (Direction::Compress, 0) => len > 0,
             (Direction::Decompress { max }, 1) => {
                 if len > framing::max_framed_len(max) {
                     return Err(TranscodeError::CompressedTooLong { len: len32, max });
