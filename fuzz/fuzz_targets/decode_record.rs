@@ -6,7 +6,9 @@ use elkeid_core::frame;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {
-    let Ok(rec) = frame::decode_record(body) else { return };
+    let Ok(rec) = frame::decode_record(body) else {
+        return;
+    };
     let mut out = vec![0u8; rec.encoded_len()];
     assert_eq!(rec.encode_to(&mut out), out.len());
     if rec.canonical {
@@ -14,7 +16,10 @@ fuzz_target!(|body: &[u8]| {
     }
     let again = frame::decode_record(&out).expect("re-encoding decodes");
     assert!(again.canonical);
-    assert_eq!((again.data_type, again.timestamp), (rec.data_type, rec.timestamp));
+    assert_eq!(
+        (again.data_type, again.timestamp),
+        (rec.data_type, rec.timestamp)
+    );
     let merged: Vec<u8> = rec.payload_parts().flatten().copied().collect();
     assert_eq!(again.payload, &merged[..]);
     assert_eq!(rec.payload_len(), merged.len());

@@ -25,7 +25,9 @@ fn one_shot(mut buf: &[u8]) -> (Vec<Rec>, Option<FrameError>) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&n_sizes, rest)) = data.split_first() else { return };
+    let Some((&n_sizes, rest)) = data.split_first() else {
+        return;
+    };
     let n_sizes = usize::from(n_sizes % 8);
     if rest.len() < n_sizes {
         return;
@@ -39,7 +41,9 @@ fuzz_target!(|data: &[u8]| {
     let mut pos = 0;
     let mut i = 0;
     'feed: while pos < stream.len() {
-        let size = sizes.get(i % sizes.len().max(1)).map_or(1, |&s| usize::from(s).max(1));
+        let size = sizes
+            .get(i % sizes.len().max(1))
+            .map_or(1, |&s| usize::from(s).max(1));
         i += 1;
         let n = size.min(stream.len() - pos);
         if i % 2 == 0 {

@@ -24,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
     let back: Vec<(&str, &str)> = payload::entries(buf.as_bytes())
         .map(|e| {
             let (k, v) = e.expect("our own payload decodes");
-            (std::str::from_utf8(k).unwrap(), std::str::from_utf8(v).unwrap())
+            (
+                std::str::from_utf8(k).unwrap(),
+                std::str::from_utf8(v).unwrap(),
+            )
         })
         .collect();
     assert_eq!(back, entries);

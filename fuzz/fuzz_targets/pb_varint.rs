@@ -21,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
     // Walk the input as a message, skipping every field.
     let mut pos = 0;
     while pos < data.len() {
-        let Ok(((field, wt), n)) = pb::decode_key(&data[pos..]) else { break };
+        let Ok(((field, wt), n)) = pb::decode_key(&data[pos..]) else {
+            break;
+        };
         pos += n;
         match pb::skip_field(field, wt, &data[pos..]) {
             Ok(n) => pos += n,

@@ -8,7 +8,9 @@ use elkeid_core::ring::{Batch, Class, Ring, RingConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let [budget, res_rec, res_bytes, ops @ ..] = data else { return };
+    let [budget, res_rec, res_bytes, ops @ ..] = data else {
+        return;
+    };
     let cfg = RingConfig {
         byte_budget: usize::from(*budget) * 4,
         agent_reserved_records: usize::from(*res_rec % 4),
@@ -22,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
         let (op, arg) = (pair[0], pair.get(1).copied().unwrap_or(0));
         match op % 4 {
             0 | 1 => {
-                let class = if op & 0x80 != 0 { Class::Agent } else { Class::Plugin };
+                let class = if op & 0x80 != 0 {
+                    Class::Agent
+                } else {
+                    Class::Plugin
+                };
                 id = id.wrapping_add(1);
                 let rec = vec![id; usize::from(arg)];
                 let room = ring.has_room(class, rec.len());
