@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# End-to-end smoke test of a foreign-architecture agent under qemu-user:
+#
+#   bash targets/smoke.sh aarch64-unknown-linux-musl
+#   bash targets/smoke.sh armv7-unknown-linux-musleabihf
+#   bash targets/smoke.sh x86_64-unknown-linux-musl        (native)
+#
+# 1. builds the host elkeid-center (debug) and, for the target, elkeid-agent
+#    and the example plugin (tests/src/bin/elkeid-example-plugin.rs);
+#    SMOKE_PROFILE=release-small uses the shipped profile for the agent
+#    (default: dev, which shares its build with targets/qemu-test.sh);
+# 2. packs the plugin as example-1.0.0.tar.gz, served by a local HTTP server
+#    on 127.0.0.1, and lists it in the center's components file;
+# 3. starts the center (generated dev PKI, NDJSON sink) and the agent under
+#    qemu-<arch>-static, over mutual TLS;
+# 4. waits until the center's <data-dir>/records/*.ndjson holds, from that
+#    agent: a 1000 heartbeat whose `arch` is the emulated machine (aarch64 /
+#    armv7l), records of the plugin (data_type 8000, run as a foreign binary
+#    through binfmt_misc) and the plugin's 1001 heartbeat;
+# 5. stops the agent with SIGTERM and expects exit code 0 and the plugin gone.
+#
+# Needs targets/setup.sh (qemu-user-static, binfmt_misc registration).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=targets/lib.sh
+. targets/lib.sh
+
+[ $# -eq 1 ] || die "usage: $0 <target>"
+t=$(expand_targets "$1")
+case "$t" in *" "*) die "one target at a time" ;; esac
+arch=$(uname_arch "$t")
+runner=$(qemu_runner "$t")
+profile=${SMOKE_PROFILE:-dev}
+timeout_s=${SMOKE_TIMEOUT:-300}
+start=$(date +%s)
+
+if [ -n "$runner" ]; then
+    command -v "$runner" >/dev/null || die "$runner not found: run targets/setup.sh"
+    q=${runner%-static}
+    # The agent runs under $runner explicitly, but the plugin it execs is a
+    # foreign binary too: only binfmt_misc makes that exec work.
+    [ "$(head -n1 "/proc/sys/fs/binfmt_misc/$q" 2>/dev/null)" = enabled ] ||
+        die "binfmt_misc has no enabled $q entry (the agent could not exec the plugin): run targets/setup.sh"
+fi
+
+# --- 1. build ---------------------------------------------------------------
+log "building elkeid-center (host) and elkeid-agent + elkeid-example-plugin ($t, $profile)"
+cargo build -q -p elkeid-center --bin elkeid-center
+cargo_env "$t"
+env "${CARGO_ENV[@]}" cargo build -q --profile "$profile" -p elkeid-agent --bin elkeid-agent --target "$t" "${CARGO_EXTRA[@]}"
+env "${CARGO_ENV[@]}" cargo build -q -p elkeid-tests --bin elkeid-example-plugin --target "$t" "${CARGO_EXTRA[@]}"
+pdir=$profile
+[ "$profile" = dev ] && pdir=debug
+center=target/debug/elkeid-center
+agent=target/$t/$pdir/elkeid-agent
+plugin=target/$t/debug/elkeid-example-plugin
+check_static "$agent"
+check_static "$plugin"
+build_s=$(( $(date +%s) - start ))
+
+# --- 2. serve the plugin ----------------------------------------------------
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/elkeid-smoke-$arch.XXXXXX")
+CENTER_PID="" AGENT_PID="" HTTP_PID=""
+stop_pid() { # PID: SIGTERM, then SIGKILL after 10 s
+    local p=$1
+    [ -n "$p" ] || return 0
+    kill "$p" 2>/dev/null || return 0
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+}
+# Plugin processes (own process group, started by the agent) are found by
+# their working directory inside this run's temp dir.
+plugin_pids() {
+    local p
+    for p in /proc/[0-9]*; do
+        case "$(readlink "$p/cwd" 2>/dev/null)" in "$TMP"/agent/plugin/*) echo "${p#/proc/}" ;; esac
+    done
+}
+cleanup() {
+    local rc=$?
+    stop_pid "$AGENT_PID"
+    for p in $(plugin_pids); do kill -9 "$p" 2>/dev/null || true; done
+    stop_pid "$CENTER_PID"
+    stop_pid "$HTTP_PID"
+    if [ "$rc" != 0 ]; then
+        log "FAILED; logs follow (kept in $TMP)"
+        for f in "$TMP/center.log" "$TMP/agent.log" "$TMP"/agent/plugin/example/example.stderr "$TMP/http.log"; do
+            [ -f "$f" ] && { echo "----- $f (last 40 lines)"; tail -n 40 "$f"; }
+        done
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+
+mkdir -p "$TMP/www" "$TMP/pkg" "$TMP/center" "$TMP/agent"
+cp "$plugin" "$TMP/pkg/example"
+chmod 0755 "$TMP/pkg/example"
+tar --owner=0 --group=0 -C "$TMP/pkg" -czf "$TMP/www/example-1.0.0.tar.gz" example
+sha=$(sha256sum "$TMP/www/example-1.0.0.tar.gz" | cut -d' ' -f1)
+
+python3 -u - "$TMP/www" "$TMP/http.port" >"$TMP/http.log" 2>&1 <<'PY' &
+import functools, http.server, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+open(sys.argv[2] + ".tmp", "w").write(str(srv.server_address[1]))
+import os; os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+srv.serve_forever()
+PY
+HTTP_PID=$!
+for _ in $(seq 1 100); do [ -s "$TMP/http.port" ] && break; sleep 0.1; done
+[ -s "$TMP/http.port" ] || die "the HTTP server did not start"
+http_port=$(cat "$TMP/http.port")
+
+cat >"$TMP/center/components.json" <<EOF
+{"default": [{"name": "example", "type": "tar.gz", "version": "1.0.0", "sha256": "$sha", "signature": "",
+  "download_url": ["http://127.0.0.1:$http_port/example-1.0.0.tar.gz"], "detail": "interval=500"}]}
+EOF
+
+# --- 3. center and agent ----------------------------------------------------
+"$center" --data-dir "$TMP/center" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 >"$TMP/center.log" 2>&1 &
+CENTER_PID=$!
+for _ in $(seq 1 300); do [ -s "$TMP/center/listen.json" ] && break; kill -0 "$CENTER_PID" || break; sleep 0.1; done
+grpc=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["grpc"])' "$TMP/center/listen.json") ||
+    die "the center did not write listen.json"
+pki=$TMP/center/pki
+log "center on $grpc; agent $agent under ${runner:-native} execution"
+
+agent_start=$(date +%s)
+${runner:+"$runner"} "$agent" --server "$grpc" --ca "$pki/ca.crt" --cert "$pki/client.crt" --key "$pki/client.key" \
+    --work-dir "$TMP/agent" --heartbeat-secs 5 --log-level debug --foreground >"$TMP/agent.log" 2>&1 &
+AGENT_PID=$!
+
+# --- 4. what the center received --------------------------------------------
+python3 - "$TMP/center/records" "$arch" "$timeout_s" "$AGENT_PID" <<'PY'
+import glob, json, os, sys, time
+rec_dir, arch, timeout, agent_pid = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+deadline = time.monotonic() + timeout
+want = {"heartbeat 1000 with arch=" + arch: None, "plugin records 8000": None, "plugin heartbeat 1001": None}
+while True:
+    recs = []
+    for f in sorted(glob.glob(os.path.join(rec_dir, "*.ndjson"))):
+        for line in open(f, encoding="utf-8", errors="replace"):
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                pass  # a line being written
+    hb = [r for r in recs if r.get("data_type") == 1000 and r.get("product") == "elkeid-agent"]
+    ours = [r for r in hb if r.get("fields", {}).get("arch") == arch]
+    agent_id = ours[0]["agent_id"] if ours else None
+    ticks = [r for r in recs if r.get("data_type") == 8000 and r.get("agent_id") == agent_id
+             and r.get("fields", {}).get("kind") == "tick"]
+    phb = [r for r in recs if r.get("data_type") == 1001 and r.get("agent_id") == agent_id
+           and r.get("fields", {}).get("name") == "example"]
+    tick_pids = {r["fields"].get("pid") for r in ticks}
+    phb_live = [r for r in phb if r["fields"].get("pid") in tick_pids]
+    want["heartbeat 1000 with arch=" + arch] = ours[0] if ours else None
+    want["plugin records 8000"] = ticks[0] if ticks else None
+    want["plugin heartbeat 1001"] = phb_live[0] if phb_live else None
+    if all(want.values()):
+        break
+    try:
+        os.kill(agent_pid, 0)
+    except OSError:
+        sys.exit("smoke: the agent exited early")
+    if time.monotonic() > deadline:
+        seen = sorted({(r.get("data_type"), r.get("fields", {}).get("arch")) for r in recs}, key=str)
+        sys.exit("smoke: timed out; missing: %s; seen (data_type, arch): %s; heartbeat archs: %s"
+                 % ([k for k, v in want.items() if not v], seen, [r.get("fields", {}).get("arch") for r in hb]))
+    time.sleep(0.5)
+h = want["heartbeat 1000 with arch=" + arch]["fields"]
+print("smoke: agent %s (%s): arch=%s platform=%s/%s kernel=%s rss=%s; %d plugin records, %d plugin heartbeats"
+      % (agent_id, want["heartbeat 1000 with arch=" + arch].get("version"), h.get("arch"), h.get("platform"),
+         h.get("platform_version"), h.get("kernel_version"), h.get("rss"), len(ticks), len(phb)))
+PY
+deliver_s=$(( $(date +%s) - agent_start ))
+desc=$(file -b "$TMP/agent/plugin/example/example")
+log "the plugin the agent ran: $desc"
+case "$t" in
+    aarch64-*) grep -q 'ARM aarch64' <<<"$desc" || die "plugin is not an aarch64 binary" ;;
+    armv7-*) grep -q 'ARM, EABI5' <<<"$desc" || die "plugin is not an armv7 binary" ;;
+esac
+
+# --- 5. graceful stop ------------------------------------------------------
+kill -TERM "$AGENT_PID"
+rc=0
+for _ in $(seq 1 600); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$AGENT_PID" 2>/dev/null; then die "the agent did not exit within 60 s of SIGTERM"; fi
+wait "$AGENT_PID" || rc=$?
+AGENT_PID=""
+[ "$rc" = 0 ] || die "the agent exited with $rc after SIGTERM"
+left=$(plugin_pids)
+[ -z "$left" ] || die "plugin processes left after the agent stopped: $left"
+
+log "$t: PASS (build ${build_s}s, first records+heartbeats after ${deliver_s}s, total $(( $(date +%s) - start ))s)"
