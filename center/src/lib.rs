@@ -112,6 +112,24 @@ fn write_listen(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Result<(), Ru
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }
 
+/// Every 240 s plus a random 0..30 s, the manager's extra info (tags) of all
+/// connected agents (Elkeid's schedule). Ends when the pool is gone.
+async fn refresh_extra_info(manager: Arc<dyn Manager>, pool: std::sync::Weak<pool::Pool>) {
+    loop {
+        let jitter = {
+            use ring::rand::SecureRandom;
+            let mut b = [0u8; 1];
+            let _ = ring::rand::SystemRandom::new().fill(&mut b);
+            u64::from(b[0]) * 30_000 / 256
+        };
+        tokio::time::sleep(Duration::from_secs(240) + Duration::from_millis(jitter)).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let ids = pool.list();
+        drop(pool);
+        manager.refresh(&ids).await;
+    }
+}
+
 /// `(ca, cert, key)`: the configured files, or the dev PKI (generated when missing).
 fn tls_material(config: &Config, dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), RunError> {
     let g = &config.grpc;
@@ -225,6 +243,7 @@ pub async fn run(
         config.commands.clone(),
         metrics.clone(),
     );
+    let refresher = tokio::spawn(refresh_extra_info(manager.clone(), Arc::downgrade(&pool)));
     let ctx = records::Ctx {
         sinks: sinks.clone(),
         manager,
@@ -332,6 +351,7 @@ pub async fn run(
     }
     grpc_task.abort();
     http_task.abort();
+    refresher.abort();
     // Dropping the servers dropped their task-queue handles: the batcher flushes and ends.
     let _ = tokio::time::timeout(grace, tasks_done).await;
     sinks.flush().await;

@@ -10,7 +10,8 @@
 //!   string->string objects) -> `{"code":0}`;
 //! - extra info: `POST /api/v1/agent/queryInfo` `{"id_list":[id]}` on each new
 //!   stream -> `{"code":0,"data":{"<id>":{"tags":…}}}`; `tags` becomes the
-//!   records' `tag`. (Elkeid's periodic full refresh is not done.)
+//!   records' `tag`; every 240 s (+ up to 30 s) one call for all connected
+//!   ids replaces the cache, as Elkeid does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -203,6 +204,32 @@ impl Manager for ElkeidManager {
         });
     }
 
+    fn refresh<'a>(&'a self, agent_ids: &'a [String]) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if agent_ids.is_empty() {
+                return;
+            }
+            let Ok(body) = json(&serde_json::json!({ "id_list": agent_ids })) else {
+                return;
+            };
+            match self
+                .call::<HashMap<String, ExtraInfo>>("/api/v1/agent/queryInfo", body)
+                .await
+            {
+                Ok(info) => {
+                    let fresh: HashMap<String, String> = info
+                        .unwrap_or_default()
+                        .into_iter()
+                        .take(MAX_TAGS)
+                        .map(|(id, i)| (id, i.tags))
+                        .collect();
+                    *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                }
+                Err(error) => tracing::warn!(%error, "manager extra-info refresh failed"),
+            }
+        })
+    }
+
     fn tag(&self, agent_id: &str) -> String {
         self.tags
             .lock()
@@ -264,10 +291,15 @@ mod tests {
             )
             .route(
                 "/api/v1/agent/queryInfo",
-                post(move |Json(_): Json<Value>| {
+                post(move |Json(body): Json<Value>| {
                     let _f = f3.clone();
                     async move {
-                        Json(serde_json::json!({"code": 1, "msg": "no such agent"}))
+                        if body["id_list"].as_array().is_some_and(|l| !l.is_empty()) {
+                            Json(serde_json::json!({"code": 0, "msg": "success",
+                                "data": {"a1": {"tags": "prod", "psm_name": "", "psm_path": ""}}}))
+                        } else {
+                            Json(serde_json::json!({"code": 1, "msg": "no such agent"}))
+                        }
                     }
                 }),
             );
@@ -307,6 +339,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("code 1"), "{e}");
+        assert_eq!(m.tag("a1"), "");
+        m.refresh(&["a1".to_string()]).await;
+        assert_eq!(m.tag("a1"), "prod");
     }
 
     #[tokio::test]

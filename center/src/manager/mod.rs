@@ -90,6 +90,11 @@ pub(crate) trait Manager: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), ManagerError>>;
     /// A new stream was registered (Elkeid: extra-info lookup).
     fn agent_connected(&self, _agent_id: &str) {}
+    /// Periodic full refresh of the extra info of every connected agent
+    /// (Elkeid: every 240 s + up to 30 s); the new answer replaces the cache.
+    fn refresh<'a>(&'a self, _agent_ids: &'a [String]) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
     /// `tag` for the agent's records (Elkeid extra info), else empty.
     fn tag(&self, _agent_id: &str) -> String {
         String::new()
