@@ -9,16 +9,31 @@
 //! starts a fresh stream and an empty message is zero bytes.
 //!
 //! ```no_run
-//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(
+//! #     svc: impl elkeid_proto::grpc::transfer_server::Transfer,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
+//! use elkeid_proto::grpc::{transfer_client::TransferClient, transfer_server::TransferServer};
 //! use elkeid_proto::snappy::{SnappyClientLayer, SnappyServerLayer};
-//! // Center: tonic::transport::Server::builder().layer(SnappyServerLayer::new())
-//! //             .add_service(TransferServer::new(svc)).serve(addr)
-//! // Agent:  let channel = SnappyClientLayer::new().layer(channel);
-//! //         let mut client = TransferClient::new(channel);
+//! use tower_layer::Layer;
+//!
+//! // Center (tonic features `transport` + `router`): snappy, identity, and
+//! // whatever tonic itself enables (gzip, zstd) are all accepted.
+//! let serve = tonic::transport::Server::builder()
+//!     .layer(SnappyServerLayer::new().with_max_decompressed(10 << 20))
+//!     .add_service(TransferServer::new(svc))
+//!     .serve("127.0.0.1:6751".parse()?);
+//!
+//! // Agent: any `Service<http::Request<tonic::body::Body>>` transport.
+//! let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:6751").connect().await?;
+//! let client = TransferClient::new(SnappyClientLayer::new().layer(channel));
+//!
+//! // One message on its own:
 //! let framed = elkeid_proto::snappy::compress(b"hello");
-//! let back = elkeid_proto::snappy::decompress(&framed, 1024)?;
-//! assert_eq!(back, b"hello");
-//! # Ok(()) }
+//! assert_eq!(&framed[..10], &elkeid_proto::snappy::STREAM_IDENTIFIER);
+//! assert_eq!(elkeid_proto::snappy::decompress(&framed, 1024)?, b"hello");
+//! # drop((serve, client));
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! # Layout
