@@ -170,10 +170,12 @@ async fn main() {
     let r = http(api, "POST", "/command/", &headers, &body).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
+    let (cpu_push, _) = proc_stat(apid);
+    let push_at = Instant::now();
     let want = base + args.records + 1;
     let (mut t0, mut cpu0) = (None, 0u64);
     let start = Instant::now();
-    let mut last = base;
+    let last;
     loop {
         let n = received(api).await;
         if t0.is_none() && n > base {
@@ -197,6 +199,8 @@ async fn main() {
     let delivered = last - base;
     let hz = 100.0;
     let cpu = (cpu1 - cpu0) as f64 / hz / secs;
+    let total_secs = (t1 - push_at).as_secs_f64();
+    let cpu_total = (cpu1 - cpu_push) as f64 / hz;
     let threads = std::fs::read_dir(format!("/proc/{apid}/task")).map_or(0, |d| d.count());
     println!(
         "records written by the plugin : {} (+1 end marker), {}-byte frame bodies",
@@ -216,6 +220,11 @@ async fn main() {
         args.records as f64 / secs
     );
     println!("agent CPU                      : {:.2} cores", cpu);
+    println!(
+        "from config push (download, spawn, flood, delivery): {total_secs:.3} s, {:.0} records/s, agent CPU {cpu_total:.2} s = {:.2} us/record",
+        args.records as f64 / total_secs,
+        cpu_total * 1e6 / args.records as f64
+    );
     println!(
         "agent peak RSS (VmHWM)         : {:.1} MiB",
         hwm as f64 / 1024.0

@@ -4,7 +4,7 @@
 //! non-empty detail is the plugin's whole environment):
 //! - `count=N` (default 1 000 000): records of data_type 7000 with one
 //!   field `s` = sequence number zero-padded so the frame body is `size`
-//!   bytes (default 200), written as fast as the pipe takes them in 256 KiB
+//!   bytes (default 200, at least about 30), written as fast as the pipe takes them in 256 KiB
 //!   batches; then one marker record data_type 7001 `{done: N}`.
 //! - `hostile=1`: instead, write one frame declaring a 4 GiB body.
 //! - `crash=1`: instead, write one marker record (data_type 7002) and exit 1.
@@ -31,7 +31,6 @@ fn detail(key: &str) -> Option<String> {
 }
 
 /// Appends one frame: u32 LE length + Record {1: dt, 2: ts, 3: Payload {1: {1: key, 2: value}}}.
-/// All lengths here stay below 128 except the outer ones, encoded as varints.
 fn push_frame(out: &mut Vec<u8>, data_type: u32, ts: u32, key: &str, value: &str) {
     fn varint(out: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
@@ -81,9 +80,22 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
         let size: usize = detail("size").and_then(|v| v.parse().ok()).unwrap_or(200);
-        // Frame body = 2 + ts(5) + 2 + payload; payload = 2 + 2 + key(1) + 2 + value (value < 128: 1-byte lengths).
-        let overhead = 2 + 5 + 2 + 2 + 2 + 1 + 2;
-        let width = size.saturating_sub(overhead).clamp(20, 120);
+        // Pick the value width that makes the frame body exactly `size`
+        // bytes (as far as varint length steps allow).
+        let mut width = size.saturating_sub(21).max(1);
+        for _ in 0..8 {
+            let mut probe = Vec::new();
+            push_frame(&mut probe, 7000, ts, "s", &"0".repeat(width));
+            let body = probe.len() - 4;
+            if body == size {
+                break;
+            }
+            width = if body > size {
+                width.saturating_sub(body - size).max(1)
+            } else {
+                width + (size - body)
+            };
+        }
         let mut buf = Vec::with_capacity(300 * 1024);
         for seq in 0..count {
             push_frame(&mut buf, 7000, ts, "s", &format!("{seq:0width$}"));
