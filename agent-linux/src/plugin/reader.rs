@@ -221,6 +221,35 @@ mod tests {
         assert_eq!(counters.take(), (0, 0, 0, 0));
     }
 
+    /// When both pipes have data, fd 5 records enter the ring first.
+    #[tokio::test(flavor = "current_thread")]
+    async fn high_priority_pipe_is_read_first() {
+        use prost::Message as _;
+        use tokio::io::AsyncWriteExt as _;
+        let buffer = Buffer::new(RingConfig::default());
+        let counters = Counters::default();
+        let (mut w4, r4) = pipe::pipe().unwrap();
+        let (mut w5, r5) = pipe::pipe().unwrap();
+        for _ in 0..3 {
+            w4.write_all(&frame(4, 1, "k", "normal")).await.unwrap();
+        }
+        for _ in 0..3 {
+            w5.write_all(&frame(5, 1, "k", "high")).await.unwrap();
+        }
+        drop((w4, w5));
+        read_records(r4, r5, &buffer, 1 << 20, &counters)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let (_batch, n) = buffer
+            .begin_packet(usize::MAX, usize::MAX, &[], &mut out)
+            .unwrap();
+        assert_eq!(n, 6);
+        let p = elkeid_proto::grpc::PackagedData::decode(out.as_slice()).unwrap();
+        let types: Vec<i32> = p.records.iter().map(|r| r.data_type).collect();
+        assert_eq!(types, [5, 5, 5, 4, 4, 4]);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn hostile_length_is_an_error_without_allocation() {
         use tokio::io::AsyncWriteExt as _;
