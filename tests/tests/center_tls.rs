@@ -43,8 +43,7 @@ async fn agents_without_a_certificate_from_the_ca_are_refused() {
     };
     let e = try_agent(&center, &none, "no-cert")
         .await
-        .err()
-        .expect("no client certificate: refused");
+        .expect_err("no client certificate: refused");
     eprintln!("no client cert -> {e}");
 
     let (cert, key, _foreign_ca) = foreign_client();
@@ -54,8 +53,7 @@ async fn agents_without_a_certificate_from_the_ca_are_refused() {
     };
     let e = try_agent(&center, &foreign, "foreign-cert")
         .await
-        .err()
-        .expect("foreign CA: refused");
+        .expect_err("foreign CA: refused");
     eprintln!("foreign CA -> {e}");
 
     // The center keeps serving properly authenticated agents.

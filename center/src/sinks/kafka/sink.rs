@@ -261,6 +261,17 @@ impl Sink for KafkaSink {
     fn lag(&self) -> usize {
         usize::try_from(self.stats.pending.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("accepted", s.accepted.load(Ordering::Relaxed)),
+            ("delivered", s.delivered.load(Ordering::Relaxed)),
+            ("dropped", s.dropped.load(Ordering::Relaxed)),
+            ("oversized", s.oversized.load(Ordering::Relaxed)),
+            ("produce_errors", s.produce_errors.load(Ordering::Relaxed)),
+        ]
+    }
 }
 
 fn other(msg: String) -> SinkError {

@@ -214,6 +214,12 @@ async fn records_round_trip_through_a_real_broker() {
     );
     assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(sink.in_flight_bytes(), 0);
+    assert_eq!(sink.lag(), 0);
+    let counters = sink.counters();
+    assert!(
+        counters.contains(&("delivered", 11)) && counters.contains(&("dropped", 0)),
+        "{counters:?}"
+    );
     let got = read_all(&broker, &topic, 3).await;
     check_all(&got, 3, &batches);
 }

@@ -1,0 +1,501 @@
+//! Load generator for `elkeid-center`: N simulated agents, each on its own
+//! mutual-TLS connection speaking the agent side of `/grpc.Transfer/Transfer`
+//! (snappy by default), sending a heartbeat and then packets of records at a
+//! fixed rate, while signed `POST /command/` calls go to random agents.
+//!
+//! Reports: accepted connections, the center's RSS (from
+//! `/proc/<pid>/status`, `--center-pid`), records/s ingested (the center's
+//! `elkeid_center_records_received_total` over the window) and command
+//! round-trip p50/p99 (HTTP request sent -> task received on the agent's
+//! stream).
+//!
+//! ```text
+//! elkeid-center --data-dir /tmp/lg --sink null --conn-limit 20000 &
+//! loadgen --data-dir /tmp/lg --grpc 127.0.0.1:6751 --http 127.0.0.1:6752 \
+//!     --center-pid $! --agents 1000 --packets-per-sec 1 --records-per-packet 10 --duration 30
+//! ```
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use elkeid_proto::codec::RawEncodeCodec;
+use elkeid_proto::grpc::Command;
+use elkeid_proto::snappy::SnappyClientLayer;
+use elkeid_tests::center::{
+    AgentPki, SERVER_NAME, heartbeat, http, packet, record, signed_headers, unix_now,
+};
+use prost::Message;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tower_layer::Layer;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Simulated Elkeid agents against a running elkeid-center")]
+struct Args {
+    /// The center's data dir (reads `pki/` and `api-keys.toml`).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Center gRPC address.
+    #[arg(long)]
+    grpc: SocketAddr,
+    /// Center HTTP API address.
+    #[arg(long)]
+    http: SocketAddr,
+    /// Center pid, for RSS.
+    #[arg(long)]
+    center_pid: Option<u32>,
+    /// Simulated agents (one TLS connection each).
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// Packets per second per agent (0 = heartbeat only).
+    #[arg(long, default_value_t = 1.0)]
+    packets_per_sec: f64,
+    /// Records per packet.
+    #[arg(long, default_value_t = 10)]
+    records_per_packet: usize,
+    /// Measurement window after all agents connected, seconds.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Commands per second during the window (to random agents).
+    #[arg(long, default_value_t = 20.0)]
+    commands_per_sec: f64,
+    /// Concurrent TLS handshakes while connecting.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Send uncompressed (identity) instead of snappy.
+    #[arg(long)]
+    identity: bool,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Give up connecting after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    connect_timeout: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    connected: AtomicU64,
+    failed: AtomicU64,
+    ended: AtomicU64,
+    packets: AtomicU64,
+    records: AtomicU64,
+    send_stalls: AtomicU64,
+    commands_sent: AtomicU64,
+    commands_failed: AtomicU64,
+    rtts_us: Mutex<Vec<u64>>,
+    pending: Mutex<HashMap<String, Instant>>,
+    first_error: Mutex<Option<String>>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+    let want = (args.agents as u64 * 2 + 1024).min(hard);
+    if soft < want {
+        let _ = rlimit::Resource::NOFILE.set(want, hard);
+    }
+    let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((0, 0));
+    eprintln!("loadgen: RLIMIT_NOFILE {soft} (hard {hard})");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(args));
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn self_rss_kib() -> Option<u64> {
+    rss_kib(std::process::id())
+}
+
+async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let r = http(addr, "GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8(r.body).ok()?;
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// A process-exec-like record (~300 bytes).
+fn sample_record(i: usize) -> elkeid_proto::grpc::EncodedRecord {
+    record(
+        59,
+        unix_now(),
+        &[
+            (
+                "argv",
+                "/usr/bin/python3 /opt/app/worker.py --queue default --concurrency 4",
+            ),
+            ("exe", "/usr/bin/python3.11"),
+            ("pid", &(10_000 + i).to_string()),
+            ("ppid", "1"),
+            ("pgid", "4242"),
+            ("uid", "1000"),
+            ("username", "app"),
+            ("cwd", "/opt/app"),
+            ("tty", "-"),
+            ("sip", "10.0.0.5"),
+            ("sport", "51234"),
+            ("dip", "10.0.0.9"),
+            ("dport", "5432"),
+            ("pid_tree", "4242.python3<1.systemd"),
+        ],
+    )
+}
+
+async fn run(args: Args) {
+    let read = |f: &str| {
+        std::fs::read(args.data_dir.join("pki").join(f)).unwrap_or_else(|e| panic!("pki/{f}: {e}"))
+    };
+    let pki = AgentPki {
+        ca: read("ca.crt"),
+        identity: Some((read("client.crt"), read("client.key"))),
+    };
+    let keys: toml::Table =
+        toml::from_str(&std::fs::read_to_string(args.data_dir.join("api-keys.toml")).unwrap())
+            .unwrap();
+    let (ak, sk) = keys["aksk"]
+        .as_table()
+        .unwrap()
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .unwrap();
+    let (cert, key) = pki.identity.clone().unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(SERVER_NAME);
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let connect_gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let records: Vec<_> = (0..args.records_per_packet).map(sample_record).collect();
+    let rss_before = args.center_pid.and_then(rss_kib);
+    let lg_rss_before = self_rss_kib();
+
+    eprintln!(
+        "loadgen: connecting {} agents to {}",
+        args.agents, args.grpc
+    );
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        let id = format!("lg-{i:06}");
+        let first = Bytes::from(packet(&id, vec![heartbeat(unix_now())]).encode_to_vec());
+        let body = Bytes::from(packet(&id, records.clone()).encode_to_vec());
+        let ctx = AgentCtx {
+            id,
+            url: format!("https://{}", args.grpc),
+            tls: tls.clone(),
+            identity: args.identity,
+            first,
+            body,
+            records: args.records_per_packet as u64,
+            period: (args.packets_per_sec > 0.0)
+                .then(|| Duration::from_secs_f64(1.0 / args.packets_per_sec)),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            stopping: stopping.clone(),
+            gate: connect_gate.clone(),
+        };
+        tasks.push(tokio::spawn(agent(ctx)));
+    }
+    let connect_deadline = Instant::now() + Duration::from_secs(args.connect_timeout);
+    loop {
+        let done = stats.connected.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+        if done >= args.agents as u64 || Instant::now() >= connect_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    let connected = stats.connected.load(Ordering::Relaxed);
+    eprintln!(
+        "loadgen: {connected} connected, {} failed in {connect_secs:.1} s",
+        stats.failed.load(Ordering::Relaxed)
+    );
+    // Let the first heartbeats settle, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed = {
+        let h = signed_headers(&ak, &sk, "GET", "/conn/count", b"", unix_now());
+        http(args.http, "GET", "/conn/count", &h, b"").await.json()["data"].as_u64()
+    };
+    let rec0 = metric(args.http, "elkeid_center_records_received_total").await;
+    let sent0 = stats.records.load(Ordering::Relaxed);
+    let w0 = Instant::now();
+    let mut rss_max = args.center_pid.and_then(rss_kib).unwrap_or(0);
+
+    // Commands at a fixed rate to random agents.
+    let cmd_task = {
+        let stats = stats.clone();
+        let (ak, sk, http_addr) = (ak.clone(), sk.clone(), args.http);
+        let n = args.agents;
+        let rate = args.commands_per_sec;
+        let dur = Duration::from_secs(args.duration);
+        tokio::spawn(async move {
+            if rate <= 0.0 || n == 0 {
+                return;
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let end = Instant::now() + dur;
+            let mut seq: u64 = 0;
+            let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+            while Instant::now() < end {
+                tick.tick().await;
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let target = format!("lg-{:06}", rng % n as u64);
+                seq += 1;
+                let token = format!("rtt-{seq}");
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "agent_id": target,
+                    "command": {"task": {"data_type": 1050, "name": "loadgen", "data": "ping", "token": token}}
+                }))
+                .unwrap();
+                let stats = stats.clone();
+                let (ak, sk) = (ak.clone(), sk.clone());
+                tokio::spawn(async move {
+                    let h = signed_headers(&ak, &sk, "POST", "/command/", &body, unix_now());
+                    stats
+                        .pending
+                        .lock()
+                        .unwrap()
+                        .insert(token.clone(), Instant::now());
+                    let r = http(http_addr, "POST", "/command/", &h, &body).await;
+                    stats.commands_sent.fetch_add(1, Ordering::Relaxed);
+                    let ok = r.status == 200
+                        && serde_json::from_slice::<serde_json::Value>(&r.body)
+                            .is_ok_and(|v| v["code"] == 0);
+                    if !ok {
+                        stats.commands_failed.fetch_add(1, Ordering::Relaxed);
+                        stats.pending.lock().unwrap().remove(&token);
+                        let mut fe = stats.first_error.lock().unwrap();
+                        if fe.is_none() {
+                            *fe = Some(format!(
+                                "command: {} {}",
+                                r.status,
+                                String::from_utf8_lossy(&r.body)
+                            ));
+                        }
+                    }
+                });
+            }
+        })
+    };
+
+    while w0.elapsed() < Duration::from_secs(args.duration) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(r) = args.center_pid.and_then(rss_kib) {
+            rss_max = rss_max.max(r);
+        }
+    }
+    let _ = cmd_task.await;
+    let window = w0.elapsed().as_secs_f64();
+    let rec1 = metric(args.http, "elkeid_center_records_received_total").await;
+    let sent1 = stats.records.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await; // late command replies
+    let rss_end = args.center_pid.and_then(rss_kib);
+    let lg_rss = self_rss_kib();
+    stopping.store(true, Ordering::Relaxed);
+    stop.notify_waiters();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+
+    let mut rtts = stats.rtts_us.lock().unwrap().clone();
+    rtts.sort_unstable();
+    let ingested = match (rec0, rec1) {
+        (Some(a), Some(b)) => (b - a) / window,
+        _ => f64::NAN,
+    };
+    let report = serde_json::json!({
+        "agents": args.agents,
+        "accepted_connections": connected,
+        "failed_connections": stats.failed.load(Ordering::Relaxed),
+        "listed_by_center": listed,
+        "streams_ended_early": stats.ended.load(Ordering::Relaxed),
+        "connect_secs": (connect_secs * 10.0).round() / 10.0,
+        "window_secs": (window * 10.0).round() / 10.0,
+        "packets_per_sec_per_agent": args.packets_per_sec,
+        "records_per_packet": args.records_per_packet,
+        "compression": if args.identity { "identity" } else { "snappy" },
+        "records_sent_per_sec": ((sent1 - sent0) as f64 / window).round(),
+        "records_ingested_per_sec": ingested.round(),
+        "center_rss_mib_before": rss_before.map(|k| k / 1024),
+        "center_rss_mib_max": rss_max / 1024,
+        "center_rss_mib_end": rss_end.map(|k| k / 1024),
+        "loadgen_rss_mib_before": lg_rss_before.map(|k| k / 1024),
+        "loadgen_rss_mib": lg_rss.map(|k| k / 1024),
+        "commands_sent": stats.commands_sent.load(Ordering::Relaxed),
+        "commands_failed": stats.commands_failed.load(Ordering::Relaxed),
+        "commands_received": rtts.len(),
+        "command_rtt_ms_p50": pct(&rtts, 0.50),
+        "command_rtt_ms_p99": pct(&rtts, 0.99),
+        "command_rtt_ms_max": pct(&rtts, 1.0),
+        "first_error": stats.first_error.lock().unwrap().clone(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
+
+struct AgentCtx {
+    id: String,
+    url: String,
+    tls: ClientTlsConfig,
+    identity: bool,
+    first: Bytes,
+    body: Bytes,
+    records: u64,
+    period: Option<Duration>,
+    stats: Arc<Stats>,
+    stop: Arc<tokio::sync::Notify>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<Semaphore>,
+}
+
+fn note_error(stats: &Stats, e: String) {
+    let mut fe = stats.first_error.lock().unwrap();
+    if fe.is_none() {
+        *fe = Some(e);
+    }
+}
+
+async fn agent(ctx: AgentCtx) {
+    let permit = ctx.gate.clone().acquire_owned().await.ok();
+    let channel = match Endpoint::from_shared(ctx.url.clone())
+        .and_then(|e| e.tls_config(ctx.tls.clone()))
+        .map(|e| e.connect_timeout(Duration::from_secs(30)))
+    {
+        Ok(e) => e.connect().await,
+        Err(e) => Err(e),
+    };
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
+            note_error(&ctx.stats, format!("connect: {e:?}"));
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(2);
+    let _ = tx.send(ctx.first.clone()).await;
+    let path = PathAndQuery::from_static("/grpc.Transfer/Transfer");
+    let req = tonic::Request::new(ReceiverStream::new(rx));
+    let resp = if ctx.identity {
+        let mut g = tonic::client::Grpc::new(channel);
+        match g.ready().await {
+            Ok(()) => {
+                g.streaming(req, path, RawEncodeCodec::<Command>::new())
+                    .await
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        }
+    } else {
+        let mut g = tonic::client::Grpc::new(SnappyClientLayer::new().layer(channel));
+        match g.ready().await {
+            Ok(()) => {
+                g.streaming(req, path, RawEncodeCodec::<Command>::new())
+                    .await
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        }
+    };
+    drop(permit);
+    let mut inbound = match resp {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
+            note_error(&ctx.stats, format!("open stream: {e:?}"));
+            return;
+        }
+    };
+    ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
+
+    let stats = ctx.stats.clone();
+    let stopping = ctx.stopping.clone();
+    let id = ctx.id.clone();
+    let receiver = tokio::spawn(async move {
+        loop {
+            match inbound.message().await {
+                Ok(Some(cmd)) => {
+                    if let Some(t) = cmd.task {
+                        let start = stats.pending.lock().unwrap().remove(&t.token);
+                        if let Some(start) = start {
+                            let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            stats.rtts_us.lock().unwrap().push(us);
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    if !stopping.load(Ordering::Relaxed) {
+                        stats.ended.fetch_add(1, Ordering::Relaxed);
+                        note_error(&stats, format!("agent {id}: stream ended"));
+                    }
+                    return;
+                }
+            }
+        }
+    });
+
+    let stop = ctx.stop.notified();
+    tokio::pin!(stop);
+    match ctx.period {
+        Some(period) => {
+            // Spread agents over the period.
+            let jitter = period.mul_f64((fxhash(&ctx.id) % 1000) as f64 / 1000.0);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + jitter, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = tick.tick() => {
+                        match tx.try_send(ctx.body.clone()) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(b)) => {
+                                ctx.stats.send_stalls.fetch_add(1, Ordering::Relaxed);
+                                if tx.send(b).await.is_err() { break; }
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
+                        ctx.stats.packets.fetch_add(1, Ordering::Relaxed);
+                        ctx.stats.records.fetch_add(ctx.records, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        None => stop.await,
+    }
+    drop(tx);
+    receiver.abort();
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,111 @@
+//! Records reach a real Kafka-protocol broker as `MQData` (spec §1.4) and
+//! the NDJSON sink at the same time.
+//!
+//! Needs `ELKEID_TEST_KAFKA=host:port` (`eval "$(tests/kafka-broker.sh
+//! start)"`); without it this fails under `CI` and is skipped otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use elkeid_tests::Center;
+use elkeid_tests::center::{
+    eventually, heartbeat, kafka_broker, kafka_read, payload, record, unix_now,
+};
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reach_kafka_as_mqdata_and_ndjson() {
+    let Some(broker) = kafka_broker() else { return };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let topic = format!("e2e-center-{}-{nanos}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(
+        dir.path(),
+        &[
+            "--sink",
+            "kafka",
+            "--sink",
+            "ndjson",
+            "--kafka-brokers",
+            &broker,
+            "--kafka-topic",
+            &topic,
+        ],
+    );
+    let before = unix_now();
+    let hb = heartbeat(before - 5);
+    let exec = record(5003, before - 4, &[("exe", "/usr/bin/id"), ("pid", "4242")]);
+    let mut raw = record(6003, before - 3, &[]);
+    raw.data = bytes::Bytes::from_static(b"\xde\xad\xbe\xef"); // not a Payload: still forwarded unchanged
+    let a = center.open_stream("kafka-agent-1", vec![hb.clone()]).await;
+    a.send(vec![exec.clone(), raw.clone()]).await;
+    let b = center
+        .open_stream("kafka-agent-2", vec![record(1010, before, &[("log", "x")])])
+        .await;
+
+    let c = &center;
+    let (broker_ref, topic_ref) = (&broker, &topic);
+    let got = eventually(T, || async move {
+        let _ = c;
+        let got = kafka_read(broker_ref, topic_ref).await;
+        (got.len() >= 4).then_some(got)
+    })
+    .await
+    .expect("4 messages in Kafka");
+    let after = unix_now();
+    assert_eq!(got.len(), 4, "one message per record");
+
+    let mine: Vec<_> = got
+        .iter()
+        .filter(|(_, k, _)| k == b"kafka-agent-1")
+        .collect();
+    assert_eq!(mine.len(), 3, "key = agent id");
+    for ((_, _, m), want) in mine.iter().zip([&hb, &exec, &raw]) {
+        assert_eq!(m.data_type, want.data_type);
+        assert_eq!(m.agent_time, want.timestamp);
+        assert_eq!(m.body, want.data, "body = the record's bytes unchanged");
+        assert_eq!(m.agent_id, "kafka-agent-1");
+        assert_eq!(
+            m.intranet_ipv4, "10.9.8.7,192.168.1.2",
+            "lists joined with ','"
+        );
+        assert_eq!(m.extranet_ipv4, "203.0.113.5");
+        assert_eq!(m.intranet_ipv6, "fd00::7");
+        assert_eq!(m.extranet_ipv6, "");
+        assert_eq!(m.hostname, "host-kafka-agent-1");
+        assert_eq!(m.version, "1.9.1.4");
+        assert_eq!(m.product, "elkeid-rs-test");
+        assert!(
+            (before..=after).contains(&m.svr_time),
+            "svr_time {} in [{before}, {after}]",
+            m.svr_time
+        );
+        assert_eq!(
+            (m.psm_name.as_str(), m.psm_path.as_str(), m.tag.as_str()),
+            ("", "", "")
+        );
+    }
+    // The two records of one packet share its svr_time.
+    assert_eq!(mine[1].2.svr_time, mine[2].2.svr_time);
+    let other: Vec<_> = got
+        .iter()
+        .filter(|(_, k, _)| k == b"kafka-agent-2")
+        .collect();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].2.data_type, 1010);
+    assert_eq!(other[0].2.body, payload(&[("log", "x")]));
+
+    // The NDJSON sink got the same records.
+    let lines = eventually(T, || async move {
+        let l = c.ndjson_records();
+        (l.len() >= 4).then_some(l)
+    })
+    .await
+    .expect("4 NDJSON lines");
+    assert_eq!(lines.len(), 4);
+    drop((a, b));
+}
