@@ -483,7 +483,7 @@ fn fake_sd(
 }
 
 #[test]
-fn service_discovery_then_sigterm_flushes_and_exits_0() {
+fn service_discovery_usr1_usr2_then_sigterm_flushes_and_exits_0() {
     let cdir = tempfile::tempdir().unwrap();
     let adir = tempfile::tempdir().unwrap();
     let center = Center::start(cdir.path(), &[]);
@@ -513,6 +513,26 @@ fn service_discovery_then_sigterm_flushes_and_exits_0() {
     );
 
     let pid = agent.pid().to_string();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    // SIGUSR1: debug toggle + state dump in the log; SIGUSR2: release buffers.
+    kill("-USR1");
+    agent.wait("state dump", Duration::from_secs(30), |a| {
+        a.log().contains("state dump").then_some(())
+    });
+    kill("-USR2");
+    agent.wait("SIGUSR2 handled", Duration::from_secs(30), |a| {
+        a.log()
+            .contains("SIGUSR2: releasing cached buffers")
+            .then_some(())
+    });
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
