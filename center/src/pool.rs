@@ -1,6 +1,10 @@
 //! The connection pool: one entry per live agent stream, keyed by agent id.
 //!
 //! - `conn_limit` slots (a semaphore) taken before any work on a stream.
+//!   When none is free, a stream whose first packet names an agent that is
+//!   already registered takes over that agent's slot (see
+//!   [`Pool::take_over_slot`]), so a full center does not lock out
+//!   reconnecting agents either.
 //! - A newer stream with an already registered agent id wins: the old one is
 //!   closed (its response stream ends with `ABORTED`), counted
 //!   (`elkeid_center_agent_conflicts_total`) and logged. Elkeid refused the
@@ -81,6 +85,8 @@ pub(crate) struct Conn {
     /// 1001 details by plugin name.
     pub(crate) plugins: Mutex<Plugins>,
     first_heartbeat_seen: AtomicBool,
+    /// The connection slot; moved to a replacing stream when none is free.
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl Conn {
@@ -106,13 +112,19 @@ impl Conn {
 pub(crate) struct Registration {
     pool: Arc<Pool>,
     pub(crate) conn: Arc<Conn>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.pool.unregister(&self.conn);
         self.conn.closed.cancel();
+        drop(
+            self.conn
+                .permit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 }
 
@@ -158,6 +170,13 @@ impl Pool {
         self.slots.clone().try_acquire_owned().ok()
     }
 
+    /// With no free slot: takes the slot of the stream registered under
+    /// `agent_id` (about to be replaced by the caller's stream), if any.
+    pub(crate) fn take_over_slot(&self, agent_id: &str) -> Option<OwnedSemaphorePermit> {
+        let conn = self.get(agent_id)?;
+        conn.permit.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
     /// Registers a stream under `agent_id`, replacing (and closing) any
     /// previous stream with the same id.
     pub(crate) fn register(
@@ -177,6 +196,7 @@ impl Pool {
             detail: Mutex::new(None),
             plugins: Mutex::new(BTreeMap::new()),
             first_heartbeat_seen: AtomicBool::new(false),
+            permit: Mutex::new(Some(permit)),
         });
         let old = self.map().insert(agent_id.to_string(), conn.clone());
         inc(&self.metrics.streams_total);
@@ -194,7 +214,6 @@ impl Pool {
             Registration {
                 pool: self.clone(),
                 conn,
-                _permit: permit,
             },
             rx,
         )
@@ -333,6 +352,22 @@ mod tests {
         // both slots are back
         let _x = p.try_slot().unwrap();
         let _y = p.try_slot().unwrap();
+    }
+
+    #[test]
+    fn reconnect_takes_over_the_slot_when_full() {
+        let p = pool(1, 4);
+        let (old, _rx1) = p.register("a", "x:1".into(), p.try_slot().unwrap());
+        assert!(p.try_slot().is_none());
+        assert!(p.take_over_slot("b").is_none());
+        let permit = p.take_over_slot("a").unwrap();
+        assert!(p.take_over_slot("a").is_none(), "one slot, taken once");
+        let (new, _rx2) = p.register("a", "x:2".into(), permit);
+        assert!(old.conn.closed.is_cancelled());
+        drop(old);
+        assert!(p.try_slot().is_none(), "the new stream holds the only slot");
+        drop(new);
+        assert!(p.try_slot().is_some());
     }
 
     #[tokio::test(start_paused = true)]

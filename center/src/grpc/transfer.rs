@@ -1,7 +1,9 @@
 //! The agent stream: `/grpc.Transfer/Transfer` (spec §5.2).
 //!
-//! 1. A slot is taken without waiting (`conn_limit`), else
-//!    `RESOURCE_EXHAUSTED "out of max connection limit"`.
+//! 1. A slot is taken without waiting (`conn_limit`). When none is free the
+//!    stream is refused with `RESOURCE_EXHAUSTED "out of max connection
+//!    limit"` right after its first packet, unless that packet names an agent
+//!    already registered, whose slot the new stream then takes over.
 //! 2. The first `PackagedData` must come within `first_packet_timeout`
 //!    (else `DEADLINE_EXCEEDED`, slot released) and name the agent (empty
 //!    `agent_id` -> `INVALID_ARGUMENT`).
@@ -55,11 +57,7 @@ impl Transfer for TransferSvc {
         req: Request<Streaming<PackagedData>>,
     ) -> Result<Response<CommandStream>, Status> {
         let m = &self.ctx.metrics;
-        let Some(permit) = self.pool.try_slot() else {
-            inc(&m.refused_limit);
-            tracing::warn!(peer = %super::peer(req.remote_addr()), "stream refused: out of max connection limit");
-            return Err(Status::resource_exhausted("out of max connection limit"));
-        };
+        let slot = self.pool.try_slot();
         let addr = super::peer(req.remote_addr());
         let mut inbound = req.into_inner();
         let first = match tokio::time::timeout(self.first_timeout, inbound.message()).await {
@@ -86,6 +84,13 @@ impl Transfer for TransferSvc {
             ));
         }
         let agent_id = first.agent_id.clone();
+        // No free slot: only a reconnect of a registered agent may proceed,
+        // taking over the slot of the stream it replaces.
+        let Some(permit) = slot.or_else(|| self.pool.take_over_slot(&agent_id)) else {
+            inc(&m.refused_limit);
+            tracing::warn!(agent_id = %agent_id, peer = %addr, "stream refused: out of max connection limit");
+            return Err(Status::resource_exhausted("out of max connection limit"));
+        };
         let (reg, rx) = self.pool.register(&agent_id, addr.clone(), permit);
         tracing::info!(agent_id = %agent_id, peer = %addr, "agent connected");
         self.ctx.manager.agent_connected(&agent_id);
