@@ -381,6 +381,80 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), body);
     }
 
+    /// HTTPS over rustls against a real TLS server whose CA is only in
+    /// `extra_ca`; the same server is refused without that CA.
+    #[tokio::test(flavor = "current_thread")]
+    async fn https_download_verifies_the_server() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut ca_p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_p.clone().self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_p, &ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let ca_file = d.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = b"tls-served plugin".to_vec();
+        let served = body.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut req = vec![0u8; 4096];
+                let _ = tls.read(&mut req).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    served.len()
+                );
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(&served).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let urls = vec![format!("https://{addr}/p")];
+        let dest = d.path().join("dl");
+        let dl = Downloader::new(DownloadConfig {
+            extra_ca: Some(ca_file),
+            ..DownloadConfig::default()
+        });
+        dl.fetch_verified(&urls, &sha(&body), &dest).await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        // Only the system roots: the handshake fails, nothing is kept.
+        std::fs::remove_file(&dest).unwrap();
+        let plain = Downloader::new(DownloadConfig::default());
+        let e = plain
+            .fetch_verified(&urls, &sha(&body), &dest)
+            .await
+            .unwrap_err();
+        // (An unknown-issuer handshake error, or "no CA certificates" on a
+        // machine without a system bundle.)
+        assert!(matches!(e, DownloadError::AllFailed(_)), "{e}");
+        assert!(!e.to_string().contains("sha256"), "{e}");
+        assert!(!dest.exists());
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn sha_mismatch_and_cap_leave_nothing() {
         let body = b"x".repeat(5000);
