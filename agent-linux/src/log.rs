@@ -19,7 +19,6 @@ use elkeid_core::payload::PayloadBuf;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::Layer;
-use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
 use crate::config::LogLevel;
@@ -137,23 +136,62 @@ impl Rotating {
     }
 }
 
-#[derive(Debug, Clone)]
-struct RotWriter(Arc<Rotating>);
-
-impl Write for RotWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write_line(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC) for a Unix time.
+fn utc_timestamp(d: std::time::Duration) -> String {
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
 }
 
-impl<'a> MakeWriter<'a> for RotWriter {
-    type Writer = RotWriter;
-    fn make_writer(&'a self) -> RotWriter {
-        self.clone()
+/// Writes one text line per enabled event to the capped file and, in the
+/// foreground, to stderr: `<utc time> <LEVEL> <target>: <msg> k=v ...`.
+struct LineLayer {
+    file: Arc<Rotating>,
+    stderr: bool,
+}
+
+impl<S: Subscriber> Layer<S> for LineLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let m = event.metadata();
+        if !enabled(m.level()) {
+            return;
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut line = format!(
+            "{} {:>5} {}: {}",
+            utc_timestamp(now),
+            m.level(),
+            m.target(),
+            f.msg
+        );
+        for (k, v) in &f.rest {
+            let _ = write!(line, " {k}={v}");
+        }
+        line.push('\n');
+        self.file.write_line(line.as_bytes());
+        if self.stderr {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
     }
 }
 
@@ -252,23 +290,12 @@ pub fn init(
         &work_dir.join("log").join("elkeid-agent.log"),
         max_bytes,
     )?);
-    let file = tracing_subscriber::fmt::layer()
-        .with_ansi(false)
-        .with_writer(RotWriter(rot))
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            enabled(m.level())
-        }));
-    let stderr = foreground.then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_ansi(false)
-            .with_writer(std::io::stderr)
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                enabled(m.level())
-            }))
-    });
+    let lines = LineLayer {
+        file: rot,
+        stderr: foreground,
+    };
     let sub = tracing_subscriber::registry()
-        .with(file)
-        .with(stderr)
+        .with(lines)
         .with(ErrorRecords);
     tracing::subscriber::set_global_default(sub).map_err(|_| LogError::AlreadySet)
 }
@@ -276,6 +303,45 @@ pub fn init(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_timestamps() {
+        use std::time::Duration;
+        assert_eq!(
+            utc_timestamp(Duration::from_secs(0)),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        // date -u -d @1700000000.123456
+        assert_eq!(
+            utc_timestamp(Duration::from_micros(1_700_000_000_123_456)),
+            "2023-11-14T22:13:20.123456Z"
+        );
+        // 2024-02-29 (leap day) 12:00:00 UTC
+        assert_eq!(
+            utc_timestamp(Duration::from_secs(1_709_208_000)),
+            "2024-02-29T12:00:00.000000Z"
+        );
+    }
+
+    #[test]
+    fn lines_go_to_the_capped_file() {
+        let d = tempfile::tempdir().unwrap();
+        let rot = Arc::new(Rotating::open(&d.path().join("a.log"), 1 << 20).unwrap());
+        let sub = tracing_subscriber::registry().with(LineLayer {
+            file: rot,
+            stderr: false,
+        });
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(peer = "x", n = 3, "hello");
+            tracing::trace!("hidden");
+        });
+        let text = std::fs::read_to_string(d.path().join("a.log")).unwrap();
+        assert!(
+            text.ends_with(" INFO elkeid_agent::log::tests: hello peer=x n=3\n"),
+            "{text:?}"
+        );
+        assert!(!text.contains("hidden"));
+    }
 
     #[test]
     fn rotation_caps_total_size() {
