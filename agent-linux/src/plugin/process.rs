@@ -85,7 +85,18 @@ pub(crate) fn spawn(paths: &Paths, detail: &str) -> io::Result<Spawned> {
         &mut cmd,
         [task_r.as_raw_fd(), rec_w.as_raw_fd(), high_w.as_raw_fd()],
     );
-    let child = cmd.spawn()?;
+    // ETXTBSY: another thread forked while the executable was open for
+    // writing (tests, or a concurrent install); it clears within moments.
+    let mut attempts = 0;
+    let child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 5 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => break r?,
+        }
+    };
     // The child has its copies now; closing ours makes EOF/EPIPE work.
     drop((task_r, rec_w, high_w));
     let pid = child
