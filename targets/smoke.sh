@@ -16,7 +16,8 @@
 # 4. waits until the center's <data-dir>/records/*.ndjson holds, from that
 #    agent: a 1000 heartbeat whose `arch` is the emulated machine (aarch64 /
 #    armv7l), records of the plugin (data_type 8000, run as a foreign binary
-#    through binfmt_misc) and the plugin's 1001 heartbeat;
+#    through binfmt_misc) and the plugin's 1001 heartbeat; then a task sent
+#    through the center's signed HTTP API comes back as the plugin's 6000;
 # 5. stops the agent with SIGTERM and expects exit code 0 and the plugin gone.
 #
 # Needs targets/setup.sh (qemu-user-static, binfmt_misc registration).
@@ -175,6 +176,50 @@ print("smoke: agent %s (%s): arch=%s platform=%s/%s kernel=%s rss=%s; %d plugin 
          h.get("platform_version"), h.get("kernel_version"), h.get("rss"), len(ticks), len(phb)))
 PY
 deliver_s=$(( $(date +%s) - agent_start ))
+
+# A task through the center's signed HTTP API (POST /command/) to the plugin
+# (fd 3 under emulation), echoed back as a 6000 record.
+python3 - "$TMP/center" "$arch" "$timeout_s" <<'PY'
+import glob, hashlib, hmac, json, os, sys, time, tomllib, urllib.request
+data_dir, arch, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+listen = json.load(open(os.path.join(data_dir, "listen.json")))
+ak, sk = next(iter(tomllib.load(open(os.path.join(data_dir, "api-keys.toml"), "rb"))["aksk"].items()))
+def records():
+    out = []
+    for f in sorted(glob.glob(os.path.join(data_dir, "records", "*.ndjson"))):
+        for line in open(f, encoding="utf-8", errors="replace"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+agent_id = next(r["agent_id"] for r in records()
+                if r.get("data_type") == 1000 and r.get("fields", {}).get("arch") == arch)
+token = "smoke-" + arch
+body = json.dumps({"agent_id": agent_id, "command": {"task": {
+    "data_type": 1234, "name": "example", "data": "hello from " + arch, "token": token}}}).encode()
+ts = str(int(time.time()))
+to_sign = "\\n".join(["POST", "/command", "", ak, ts, hashlib.sha256(body).hexdigest()])
+sig = hmac.new(sk.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+req = urllib.request.Request("http://%s/command/" % listen["http"], data=body, method="POST", headers={
+    "Content-Type": "application/json", "AccessKey": ak, "Signature": sig, "TimeStamp": ts})
+reply = json.load(urllib.request.urlopen(req, timeout=30))
+if reply.get("code") != 0:
+    sys.exit("smoke: POST /command/ refused: %s" % reply)
+deadline = time.monotonic() + timeout
+while True:
+    echo = [r for r in records() if r.get("data_type") == 6000 and r.get("agent_id") == agent_id
+            and r.get("fields", {}).get("token") == token]
+    if echo:
+        f = echo[0]["fields"]
+        if f.get("data") != "hello from " + arch or f.get("plugin") != "example":
+            sys.exit("smoke: task echo has the wrong content: %s" % f)
+        print("smoke: task %s round-tripped through the %s plugin" % (token, arch))
+        break
+    if time.monotonic() > deadline:
+        sys.exit("smoke: no 6000 echo of task %s" % token)
+    time.sleep(0.5)
+PY
 desc=$(file -b "$TMP/agent/plugin/example/example")
 log "the plugin the agent ran: $desc"
 case "$t" in
