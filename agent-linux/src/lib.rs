@@ -102,8 +102,8 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
     let tasks = [
         tokio::task::spawn_local(signals::run(agent.clone())),
         tokio::task::spawn_local(heartbeat::run(agent.clone())),
-        tokio::task::spawn_local(transport::run(agent.clone(), tls)),
     ];
+    let mut transport = tokio::task::spawn_local(transport::run(agent.clone(), tls));
     let why = agent.stopped().await;
     tracing::info!(reason = ?why, "stopping: shutting plugins down");
     agent.plugins.shutdown().await;
@@ -120,6 +120,15 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
             ring_len = agent.buffer.len(),
             "flush deadline passed; records left unsent"
         );
+    }
+    // End the Transfer stream cleanly (if connected), then stop the rest.
+    agent.closing.set(true);
+    agent.kick.notify_one();
+    if tokio::time::timeout(Duration::from_secs(2), &mut transport)
+        .await
+        .is_err()
+    {
+        transport.abort();
     }
     for t in tasks {
         t.abort();

@@ -59,6 +59,8 @@ pub(crate) struct Agent {
     pub(crate) kick: Notify,
     /// An upload is running.
     pub(crate) upload_busy: Cell<bool>,
+    /// Graceful stop: end the Transfer stream once the ring is empty.
+    pub(crate) closing: Cell<bool>,
     /// SIGUSR2 asked to drop cached buffers.
     pub(crate) release_memory: Cell<bool>,
     /// Previous heartbeat samples (rates).
@@ -97,6 +99,7 @@ impl Agent {
             channel: RefCell::new(None),
             kick: Notify::new(),
             upload_busy: Cell::new(false),
+            closing: Cell::new(false),
             release_memory: Cell::new(false),
             hb: RefCell::new(crate::heartbeat::Prev::default()),
             stop,

@@ -37,6 +37,8 @@ pub(crate) const MAX_BATCH_BYTES: usize = elkeid_core::ring::DEFAULT_BATCH_BYTES
 const SEND_INTERVAL: Duration = Duration::from_millis(100);
 /// Cap of a service-discovery response.
 const MAX_SD_RESPONSE: usize = 256 * 1024;
+/// How long a closing session waits for the center to end its side.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -183,8 +185,9 @@ async fn dial(
     None
 }
 
-/// Runs forever (until the task is dropped): connect, run a session,
-/// back off, reconnect.
+/// Connects, runs a session, backs off and reconnects, forever; returns
+/// only once `agent.closing` is set and the ring was flushed (the request
+/// stream is then ended cleanly).
 pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
     let name = match tls::server_name(&agent.cfg.server_name) {
         Ok(n) => n,
@@ -223,6 +226,9 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
             Ok(()) => tracing::info!("transfer session ended"),
             Err(error) => tracing::warn!(%error, "transfer session ended"),
         }
+        if agent.closing.get() {
+            return;
+        }
         backoff = if started.elapsed() > Duration::from_secs(30) {
             BACKOFF_MIN
         } else {
@@ -257,9 +263,18 @@ async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
         }
         Err::<(), _>(SessionError::Ended)
     };
+    tokio::pin!(receiver);
     tokio::select! {
-        r = send_loop(agent, tx) => r,
-        r = receiver => r,
+        r = send_loop(agent, tx) => {
+            // Closing: the request stream has ended (tx dropped); give the
+            // center a moment to end its side cleanly.
+            r?;
+            match tokio::time::timeout(CLOSE_GRACE, &mut receiver).await {
+                Ok(Err(SessionError::Ended)) | Err(_) => Ok(()),
+                Ok(r) => r,
+            }
+        }
+        r = &mut receiver => r,
     }
 }
 
@@ -278,6 +293,9 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
             _ = agent.kick.notified() => {}
         }
         crate::log::drain_error_records(agent);
+        if agent.closing.get() && agent.buffer.is_empty() {
+            return Ok(());
+        }
         if agent.release_memory.replace(false) {
             buf = Vec::new();
         }
