@@ -125,6 +125,9 @@ async fn plugin_lifecycle_end_to_end() {
     })
     .expect("restarted plugin ticks");
     assert!(!std::path::Path::new(&format!("/proc/{pid1}")).exists());
+    // The crashed run's stderr is kept next to the new one.
+    let old_stderr = std::fs::read_to_string(dir.join("example.stderr.1")).unwrap();
+    assert!(old_stderr.contains("crashing on request"), "{old_stderr}");
     let hb = wait_for(T, || {
         records(&center, &id, 1000)
             .into_iter()

@@ -5,7 +5,9 @@
 //! fill the disk). When the file would pass the cap it is renamed to
 //! `<name>.stderr.1` (replacing the previous one) and a fresh file is
 //! started, so a plugin's stderr never takes more than twice the cap on
-//! disk. Each start truncates `<name>.stderr` (as Elkeid does). The drain
+//! disk. Each start begins a fresh `<name>.stderr`; a non-empty previous
+//! one becomes `<name>.stderr.1` (Elkeid truncates it, losing the output of
+//! a plugin that just crashed). The drain
 //! ends at EOF, i.e. when the plugin and everything it forked have closed
 //! fd 2. Writes are small appends to the page cache, done inline.
 
@@ -33,6 +35,10 @@ fn open(path: &std::path::Path) -> io::Result<File> {
 /// file errors are logged once and the pipe is then drained to nowhere (so
 /// the plugin never blocks on a full stderr pipe).
 pub(crate) async fn drain(rx: pipe::Receiver, paths: Paths, cap: u64) {
+    // Keep the previous run's output (often the reason it crashed).
+    if std::fs::metadata(&paths.stderr).is_ok_and(|m| m.len() > 0) {
+        let _ = std::fs::rename(&paths.stderr, &paths.stderr_old);
+    }
     let mut file = match open(&paths.stderr) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -100,5 +106,14 @@ mod tests {
         // The newest bytes are in the current file.
         let tail = std::fs::read(&paths.stderr).unwrap();
         assert_eq!(*tail.last().unwrap(), b'a' + 29 % 26);
+
+        // A restart keeps the previous run's output as `.stderr.1`.
+        let (mut tx, rx) = pipe::pipe().unwrap();
+        let task = tokio::spawn(drain(rx, paths.clone(), 10_000));
+        tx.write_all(b"second run\n").await.unwrap();
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(std::fs::read(&paths.stderr).unwrap(), b"second run\n");
+        assert_eq!(std::fs::read(&paths.stderr_old).unwrap(), tail);
     }
 }
