@@ -152,3 +152,111 @@ impl Buffer {
         self.ring.borrow_mut().rollback(batch);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elkeid_proto::grpc::PackagedData;
+    use prost::Message;
+
+    fn small() -> RingConfig {
+        RingConfig {
+            byte_budget: 64 * 1024,
+            agent_reserved_records: 4,
+            agent_reserved_bytes: 8 * 1024,
+        }
+    }
+
+    /// A plugin frame body: Record{data_type, timestamp, data: Payload{k: v}}.
+    fn frame_body(dt: u8, v: &[u8]) -> Vec<u8> {
+        let mut entry = vec![0x0a, 1, b'k', 0x12, v.len() as u8];
+        entry.extend_from_slice(v);
+        let mut payload = vec![0x0a, entry.len() as u8];
+        payload.extend(entry);
+        let mut body = vec![0x08, dt, 0x10, 0x01, 0x1a, payload.len() as u8];
+        body.extend(payload);
+        body
+    }
+
+    #[test]
+    fn packet_decodes_as_packaged_data_in_order() {
+        let b = Buffer::new(small());
+        let body = frame_body(7, b"plugin");
+        let rec = elkeid_core::frame::decode_record(&body).unwrap();
+        b.push_frame(&rec).unwrap();
+        assert!(b.push_agent(1000, 5, b"\x0a\x06\x0a\x01a\x12\x01b"));
+        assert_eq!(b.len(), 2);
+        let mut out = Vec::new();
+        let (batch, n) = b
+            .begin_packet(RING_SLOTS, 1 << 20, b"\x12\x02id", &mut out)
+            .unwrap();
+        assert_eq!(n, 2);
+        let p = PackagedData::decode(&out[..]).unwrap();
+        assert_eq!(p.agent_id, "id");
+        assert_eq!(p.records.len(), 2);
+        assert_eq!((p.records[0].data_type, p.records[0].timestamp), (7, 1));
+        assert_eq!((p.records[1].data_type, p.records[1].timestamp), (1000, 5));
+        // A failed send keeps the records, in order.
+        b.rollback(batch);
+        assert_eq!(b.len(), 2);
+        out.clear();
+        let (batch, _) = b.begin_packet(RING_SLOTS, 1 << 20, b"", &mut out).unwrap();
+        assert_eq!(
+            PackagedData::decode(&out[..]).unwrap().records[0].data_type,
+            7
+        );
+        b.commit(batch);
+        assert!(b.is_empty());
+        assert_eq!(b.bytes(), 0);
+    }
+
+    #[test]
+    fn plugin_records_get_back_pressure_agent_records_the_reserve_then_count_drops() {
+        let b = Buffer::new(small());
+        let body = frame_body(9, &[b'x'; 100]);
+        let rec = elkeid_core::frame::decode_record(&body).unwrap();
+        let mut pushed = 0;
+        while b.push_frame(&rec).is_ok() {
+            pushed += 1;
+            assert!(pushed < 10_000);
+        }
+        assert!(pushed > 0);
+        assert_eq!(
+            b.drops(),
+            0,
+            "plugin records are never dropped, the caller waits"
+        );
+        // Agent records still fit in the reserve ...
+        assert!(b.push_agent(1000, 1, &[b'y'; 64]));
+        // ... until even the reserve is full: then they are counted.
+        let mut stored = 1;
+        while b.push_agent(1000, 1, &[b'y'; 64]) {
+            stored += 1;
+            assert!(stored < 10_000);
+        }
+        assert_eq!(b.drops(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commit_wakes_space_waiters_and_high_water_wakes_sender() {
+        let b = Buffer::new(small());
+        let body = frame_body(9, &[b'x'; 100]);
+        let rec = elkeid_core::frame::decode_record(&body).unwrap();
+        while b.push_frame(&rec).is_ok() {}
+        // The ring is past its high-water mark: the sender was woken.
+        tokio::time::timeout(std::time::Duration::from_secs(1), b.high_water())
+            .await
+            .unwrap();
+        let waiter = b.space();
+        tokio::pin!(waiter);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(10), &mut waiter).await;
+        assert!(early.is_err(), "no space was freed yet");
+        let mut out = Vec::new();
+        let (batch, _) = b.begin_packet(RING_SLOTS, 1 << 20, b"", &mut out).unwrap();
+        b.commit(batch);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .unwrap();
+        assert!(b.push_frame(&rec).is_ok());
+    }
+}
