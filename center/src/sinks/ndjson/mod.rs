@@ -40,7 +40,7 @@ use super::{PacketBatch, Sink, SinkError, SinkFuture};
 use crate::config::NdjsonConfig;
 
 /// Batches queued to the writer thread before `send` waits.
-const QUEUE: usize = 4096;
+const QUEUE: usize = 256;
 /// User-space write buffer.
 const BUF: usize = 1024 * 1024;
 /// Flush-to-OS period.
