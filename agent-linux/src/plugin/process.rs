@@ -53,7 +53,9 @@ pub(crate) struct Spawned {
     pub(crate) stderr: pipe::Receiver,
 }
 
-/// Starts `<dir>/<name>` with the pipe layout above.
+/// Starts `<dir>/<name>` with the pipe layout above. Call it from the
+/// runtime thread: the parent-death signal follows the thread that forked,
+/// and blocking-pool threads come and go.
 pub(crate) fn spawn(paths: &Paths, detail: &str) -> io::Result<Spawned> {
     let (task_r, task_w) = std::io::pipe()?;
     let (rec_r, rec_w) = std::io::pipe()?;
@@ -118,10 +120,12 @@ pub(crate) fn spawn(paths: &Paths, detail: &str) -> io::Result<Spawned> {
 /// clobbered by an earlier `dup2` nor left close-on-exec (`dup2(fd, fd)` is a
 /// no-op that keeps the flag): first copy every source above 9 (the copies
 /// are close-on-exec and vanish at exec), then `dup2` the copies onto 3/4/5,
-/// which clears close-on-exec on the targets only. Finally any other
-/// descriptor without close-on-exec is closed.
+/// which clears close-on-exec on the targets only. Then the child asks for
+/// SIGKILL when the agent dies, and finally any other descriptor without
+/// close-on-exec is closed.
 #[allow(unsafe_code)]
 fn map_fds(cmd: &mut Command, src: [RawFd; 3]) {
+    let parent = std::process::id() as libc::pid_t;
     let child_side = move || -> io::Result<()> {
         let mut high = [0 as RawFd; 3];
         for (slot, fd) in high.iter_mut().zip(src) {
@@ -139,6 +143,26 @@ fn map_fds(cmd: &mut Command, src: [RawFd; 3]) {
             // async-signal-safe, no allocation.
             if unsafe { libc::dup2(fd, target) } < 0 {
                 return Err(io::Error::last_os_error());
+            }
+        }
+        // If the agent dies (SIGKILL, OOM), the plugin dies with it instead
+        // of lingering as an orphan that a restarted agent would duplicate.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid are plain syscalls,
+        // async-signal-safe.
+        unsafe {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The agent may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
         }
         // Descriptors the agent itself inherited without close-on-exec
@@ -168,8 +192,9 @@ fn map_fds(cmd: &mut Command, src: [RawFd; 3]) {
         Ok(())
     };
     // SAFETY: the closure runs in the forked child before exec and only
-    // calls fcntl, dup2 and reads errno (all async-signal-safe); it takes no
-    // locks and does not allocate (`[RawFd; 3]` is captured by copy).
+    // calls fcntl, dup2, prctl, getppid, getrlimit, close and reads errno
+    // (all async-signal-safe); it takes no locks and does not allocate
+    // (`[RawFd; 3]` and the pid are captured by copy).
     unsafe {
         cmd.pre_exec(child_side);
     }
