@@ -120,6 +120,15 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// utime + stime of `pid` in clock ticks (USER_HZ, 100 on Linux).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime/stime are 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
 fn self_rss_kib() -> Option<u64> {
     rss_kib(std::process::id())
 }
@@ -247,6 +256,8 @@ async fn run(args: Args) {
     };
     let rec0 = metric(args.http, "elkeid_center_records_received_total").await;
     let sent0 = stats.records.load(Ordering::Relaxed);
+    let cpu0 = args.center_pid.and_then(cpu_ticks);
+    let lg_cpu0 = cpu_ticks(std::process::id());
     let w0 = Instant::now();
     let mut rss_max = args.center_pid.and_then(rss_kib).unwrap_or(0);
 
@@ -319,6 +330,12 @@ async fn run(args: Args) {
     let window = w0.elapsed().as_secs_f64();
     let rec1 = metric(args.http, "elkeid_center_records_received_total").await;
     let sent1 = stats.records.load(Ordering::Relaxed);
+    let cpu_pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => ((b - a) as f64 / window).round(), // ticks/s at 100 Hz = % of one core
+        _ => f64::NAN,
+    };
+    let center_cpu = cpu_pct(cpu0, args.center_pid.and_then(cpu_ticks));
+    let lg_cpu = cpu_pct(lg_cpu0, cpu_ticks(std::process::id()));
     tokio::time::sleep(Duration::from_secs(2)).await; // late command replies
     let rss_end = args.center_pid.and_then(rss_kib);
     let lg_rss = self_rss_kib();
@@ -350,6 +367,8 @@ async fn run(args: Args) {
         "center_rss_mib_before": rss_before.map(|k| k / 1024),
         "center_rss_mib_max": rss_max / 1024,
         "center_rss_mib_end": rss_end.map(|k| k / 1024),
+        "center_cpu_pct_of_one_core": center_cpu,
+        "loadgen_cpu_pct_of_one_core": lg_cpu,
         "loadgen_rss_mib_before": lg_rss_before.map(|k| k / 1024),
         "loadgen_rss_mib": lg_rss.map(|k| k / 1024),
         "commands_sent": stats.commands_sent.load(Ordering::Relaxed),
