@@ -161,10 +161,16 @@ async fn oversized_messages_end_the_stream_with_a_clear_status() {
     );
     // grpc-go says ResourceExhausted; tonic's own size check says OutOfRange.
     assert!(
-        matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange),
+        matches!(
+            status.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+        ),
         "{status:?}"
     );
-    assert!(status.message().contains("10485760"), "names the limit: {status:?}");
+    assert!(
+        status.message().contains("10485760"),
+        "names the limit: {status:?}"
+    );
 
     still_serving(&center, "after-big").await;
     assert!(!center.conn_list().await.iter().any(|x| x == "big-plain"));
