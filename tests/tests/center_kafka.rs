@@ -109,3 +109,75 @@ async fn records_reach_kafka_as_mqdata_and_ndjson() {
     assert_eq!(lines.len(), 4);
     drop((a, b));
 }
+
+/// Graceful shutdown flushes the Kafka sink: records still waiting out a
+/// long linger when SIGTERM arrives are in Kafka once the center exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_records_still_lingering() {
+    let Some(broker) = kafka_broker() else { return };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let topic = format!("e2e-flush-{}-{nanos}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let mut center = Center::start(
+        dir.path(),
+        &[
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            &broker,
+            "--kafka-topic",
+            &topic,
+            "--kafka-linger-ms",
+            "60000",
+        ],
+    );
+    let s = center
+        .open_stream("flush-agent", vec![heartbeat(unix_now())])
+        .await;
+    let recs: Vec<_> = (0..20)
+        .map(|i| record(5003, unix_now(), &[("seq", &i.to_string())]))
+        .collect();
+    s.send(recs).await;
+    // Wait until the center has received all 21 records (they now sit in
+    // the sink's 60 s linger), then ask it to stop.
+    let c = &center;
+    eventually(T, || async move {
+        let r = elkeid_tests::center::http(c.http, "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8(r.body).unwrap();
+        let n = text
+            .lines()
+            .find(|l| l.starts_with("elkeid_center_records_received_total "))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())?;
+        (n >= 21.0).then_some(())
+    })
+    .await
+    .expect("center received 21 records");
+    assert!(
+        kafka_read(&broker, &topic).await.is_empty(),
+        "still lingering before SIGTERM"
+    );
+    let pid = center.child.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    drop(s);
+    let status = tokio::task::block_in_place(|| {
+        elkeid_tests::wait_for(T, || center.child.0.try_wait().unwrap())
+    })
+    .expect("center exits after SIGTERM");
+    assert!(status.success(), "clean exit: {status}");
+    let got = kafka_read(&broker, &topic).await;
+    assert_eq!(got.len(), 21, "every lingering record flushed before exit");
+    let seqs: Vec<_> = got.iter().skip(1).map(|(_, _, m)| m.body.clone()).collect();
+    let want: Vec<_> = (0..20)
+        .map(|i| payload(&[("seq", &i.to_string())]))
+        .collect();
+    assert_eq!(seqs, want, "in order");
+}
