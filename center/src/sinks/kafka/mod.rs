@@ -29,6 +29,12 @@
 //! - Partitions follow Sarama's hash partitioner, so one agent's records
 //!   keep their order on one partition, as with an Elkeid center. The
 //!   partition count is read at connect time.
+//! - `connect` needs the cluster: it fails (and the center refuses to start,
+//!   naming the brokers) when no broker answers within `request_timeout_ms`
+//!   or the topic is missing and `create_topic` is off. After that, a broker
+//!   outage only stalls (or, under `drop`, sheds) traffic until it returns.
+//! - SASL/PLAIN is wired through rskafka's `SaslConfig::Plain`; the test
+//!   broker (tansu) offers only SCRAM, so it is covered by config tests only.
 //! - `flush` (graceful shutdown) produces everything queued and waits for
 //!   the acknowledgements, at most `flush_timeout_ms`.
 //!
