@@ -41,11 +41,19 @@ fn run() -> Result<(), String> {
     std::fs::create_dir_all(&data).map_err(|e| format!("{}: {e}", data.display()))?;
     let listen = data.join("listen.json");
     let _ = std::fs::remove_file(&listen);
-    println!("quickstart: starting elkeid-center (data dir {})", data.display());
+    println!(
+        "quickstart: starting elkeid-center (data dir {})",
+        data.display()
+    );
     let center = Command::new(bin_dir.join("elkeid-center"))
         .arg("--data-dir")
         .arg(&data)
-        .args(["--grpc-addr", "127.0.0.1:6751", "--http-addr", "127.0.0.1:6752"])
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:6751",
+            "--http-addr",
+            "127.0.0.1:6752",
+        ])
         .stdin(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start elkeid-center: {e}"))?;
@@ -55,7 +63,10 @@ fn run() -> Result<(), String> {
     let pki = data.join("pki");
     let work = data.join("agent");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    println!("quickstart: starting elkeid-agent (work dir {})", work.display());
+    println!(
+        "quickstart: starting elkeid-agent (work dir {})",
+        work.display()
+    );
     let agent = Command::new(bin_dir.join("elkeid-agent"))
         .arg("--work-dir")
         .arg(&work)
