@@ -30,7 +30,10 @@ pub fn bin(package: &str, name: &str) -> PathBuf {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {name} failed"
+        );
         built.push(name.to_string());
     }
     path
@@ -107,8 +110,17 @@ impl Center {
             serde_json::from_str(&s).ok()
         })
         .expect("elkeid-center wrote listen.json");
-        let addr = |k: &str| v[k].as_str().and_then(|s| s.parse().ok()).expect("addr in listen.json");
-        Center { grpc: addr("grpc"), http: addr("http"), child, data_dir: dir.to_path_buf() }
+        let addr = |k: &str| {
+            v[k].as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("addr in listen.json")
+        };
+        Center {
+            grpc: addr("grpc"),
+            http: addr("http"),
+            child,
+            data_dir: dir.to_path_buf(),
+        }
     }
 
     /// `<data-dir>/pki/<file>`.
