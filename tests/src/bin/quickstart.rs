@@ -30,7 +30,15 @@ fn run() -> Result<(), String> {
     let data = PathBuf::from(std::env::var("ELKEID_DATA").unwrap_or_else(|_| "elkeid-data".into()));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
-        .args(["build", "-p", "elkeid-center", "-p", "elkeid-agent"])
+        .args([
+            "build",
+            "-p",
+            "elkeid-center",
+            "-p",
+            "elkeid-agent",
+            "--manifest-path",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
