@@ -88,13 +88,19 @@ impl Center {
     /// Starts the center with `--data-dir dir --grpc-addr 127.0.0.1:0
     /// --http-addr 127.0.0.1:0` plus `extra` args and waits for `listen.json`.
     pub fn start(dir: &Path, extra: &[&str]) -> Center {
+        Center::start_at(dir, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`Center::start`] with a fixed gRPC address (e.g. to restart a
+    /// center on the port its agents know).
+    pub fn start_at(dir: &Path, grpc_addr: &str, extra: &[&str]) -> Center {
         let exe = bin("elkeid-center", "elkeid-center");
         let listen = dir.join("listen.json");
         let _ = std::fs::remove_file(&listen);
         let child = Command::new(exe)
             .arg("--data-dir")
             .arg(dir)
-            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", grpc_addr, "--http-addr", "127.0.0.1:0"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())

@@ -176,39 +176,7 @@ fn stop_center(mut c: Center) -> (PathBuf, std::net::SocketAddr) {
 
 /// Starts a center on `dir` with a fixed gRPC address.
 fn start_center_at(dir: &Path, grpc: std::net::SocketAddr) -> Center {
-    let listen = dir.join("listen.json");
-    let _ = std::fs::remove_file(&listen);
-    let child = Command::new(bin("elkeid-center", "elkeid-center"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--grpc-addr",
-            &grpc.to_string(),
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn elkeid-center");
-    let child = KillOnDrop(child);
-    let v: serde_json::Value = wait_for(Duration::from_secs(30), || {
-        let s = std::fs::read_to_string(&listen).ok()?;
-        serde_json::from_str(&s).ok()
-    })
-    .expect("restarted center wrote listen.json");
-    let addr = |k: &str| {
-        v[k].as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("addr in listen.json")
-    };
-    Center {
-        grpc: addr("grpc"),
-        http: addr("http"),
-        child,
-        data_dir: dir.to_path_buf(),
-    }
+    Center::start_at(dir, &grpc.to_string(), &[])
 }
 
 fn hb_seqs(records: &[serde_json::Value]) -> Vec<u64> {
