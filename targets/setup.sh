@@ -40,7 +40,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------
 PKGS=(qemu-user-static binfmt-support gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf
-      musl-tools musl-dev:armhf file shellcheck dash busybox python3)
+      musl-tools musl-dev:armhf file shellcheck dash busybox python3 openssl)
 
 if ! dpkg --print-foreign-architectures | grep -qx armhf; then
     log "adding dpkg architecture armhf"
