@@ -35,9 +35,16 @@ pub(crate) struct Metrics {
     pub(crate) uploads_failed: AtomicU64,
     pub(crate) auth_failures: AtomicU64,
     data_types: Mutex<BTreeMap<i32, u64>>,
+    /// Records whose data_type arrived after [`MAX_DATA_TYPES`] distinct
+    /// ones were already tracked (exported as `data_type="other"`).
+    data_types_other: AtomicU64,
     sink_errors: Mutex<BTreeMap<&'static str, u64>>,
     sink_dropped: Mutex<BTreeMap<&'static str, u64>>,
 }
+
+/// Most distinct `data_type` series kept: agents choose the values, so an
+/// unbounded map would let one agent grow the center's memory at will.
+pub(crate) const MAX_DATA_TYPES: usize = 1024;
 
 /// Increments an atomic counter by one.
 pub(crate) fn inc(c: &AtomicU64) {
@@ -49,7 +56,12 @@ impl Metrics {
     pub(crate) fn add_data_types(&self, counts: &[(i32, u64)]) {
         let mut m = self.data_types.lock().unwrap_or_else(|e| e.into_inner());
         for &(dt, n) in counts {
-            *m.entry(dt).or_default() += n;
+            if m.len() >= MAX_DATA_TYPES && !m.contains_key(&dt) {
+                self.data_types_other.fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
+            let c = m.entry(dt).or_default();
+            *c = c.saturating_add(n);
         }
     }
 
@@ -103,6 +115,13 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "elkeid_ac_output_data_type_count{{data_type=\"{dt}\"}} {n}"
+            );
+        }
+        let other = g(&self.data_types_other);
+        if other > 0 {
+            let _ = writeln!(
+                s,
+                "elkeid_ac_output_data_type_count{{data_type=\"other\"}} {other}"
             );
         }
         let counters: [(&str, &str, u64); 17] = [
@@ -257,5 +276,24 @@ mod tests {
         assert!(
             t.contains("elkeid_center_sink_records_total{sink=\"kafka\",kind=\"delivered\"} 5\n")
         );
+    }
+
+    #[test]
+    fn distinct_data_types_are_bounded() {
+        let m = Metrics::default();
+        let counts: Vec<(i32, u64)> = (0..5000).map(|dt| (dt, 1)).collect();
+        m.add_data_types(&counts);
+        m.add_data_types(&[(0, 1), (4999, 2)]);
+        let t = m.render(0, &[], &[]);
+        let series = t
+            .lines()
+            .filter(|l| l.starts_with("elkeid_ac_output_data_type_count{"))
+            .count();
+        assert_eq!(series, MAX_DATA_TYPES + 1);
+        assert!(t.contains("elkeid_ac_output_data_type_count{data_type=\"0\"} 2\n"));
+        let other = 5000 - MAX_DATA_TYPES as u64 + 2;
+        assert!(t.contains(&format!(
+            "elkeid_ac_output_data_type_count{{data_type=\"other\"}} {other}\n"
+        )));
     }
 }
