@@ -51,7 +51,7 @@ fn cpu_frac(ticks: u64, secs: f64) -> f64 {
 
 /// Seconds since `start_unix` (at least 1 to avoid 0-division on fresh processes).
 fn since_start(start_unix: i64) -> f64 {
-    (crate::state::now_unix() - start_unix).max(1) as f64
+    crate::state::now_unix().saturating_sub(start_unix).max(1) as f64
 }
 
 /// Builds the 1000 payload and updates `prev`.
@@ -280,5 +280,13 @@ mod tests {
         assert_eq!(rate(100, 0.0), 0.0);
         let t = clock_ticks() as f64;
         assert!((cpu_frac(clock_ticks() * 2, 4.0) - 0.5).abs() < 1e-9, "{t}");
+    }
+
+    #[test]
+    fn since_start_survives_bogus_proc_times() {
+        // start times come from /proc (btime + start ticks); nonsense there
+        // must not overflow.
+        assert!(since_start(i64::MIN) > 1e18);
+        assert_eq!(since_start(i64::MAX), 1.0);
     }
 }

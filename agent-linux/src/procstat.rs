@@ -80,7 +80,7 @@ pub(crate) fn sample_at(
         read_bytes,
         write_bytes,
         nfd,
-        start_time_unix: btime.saturating_add((start_ticks / tps) as i64),
+        start_time_unix: btime.saturating_add(i64::try_from(start_ticks / tps).unwrap_or(i64::MAX)),
     })
 }
 
@@ -175,5 +175,19 @@ mod tests {
         std::fs::create_dir_all(d.path().join("7")).unwrap();
         std::fs::write(d.path().join("7/stat"), "7 (x").unwrap();
         assert!(sample_at(d.path(), 7, 100, 4096).is_err());
+    }
+
+    #[test]
+    fn huge_start_ticks_saturate_instead_of_wrapping() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("9")).unwrap();
+        std::fs::write(
+            d.path().join("9/stat"),
+            "9 (x) S 1 9 9 0 -1 0 0 0 0 0 1 1 0 0 20 0 1 0 18446744073709551615 0 1 0\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("stat"), "btime 1700000000\n").unwrap();
+        let s = sample_at(d.path(), 9, 1, 4096).unwrap();
+        assert_eq!(s.start_time_unix, i64::MAX);
     }
 }
