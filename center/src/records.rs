@@ -128,12 +128,10 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
         pkt.records.len() as u64,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let mut counts: Vec<(i32, u64)> = Vec::new();
+    // A map, not a linear scan: a packet may hold ~10^6 distinct data_types.
+    let mut counts: std::collections::BTreeMap<i32, u64> = std::collections::BTreeMap::new();
     for rec in &pkt.records {
-        match counts.iter_mut().find(|(dt, _)| *dt == rec.data_type) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((rec.data_type, 1)),
-        }
+        *counts.entry(rec.data_type).or_default() += 1;
         let dt = rec.data_type;
         if !(dt == 1000 || dt == 1001 || dt == 1010 || dt == 1011 || TASK_TYPES.contains(&dt)) {
             continue;
@@ -184,7 +182,7 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
             }
         }
     }
-    m.add_data_types(&counts);
+    m.add_data_types(&counts.into_iter().collect::<Vec<_>>());
     let batch = Arc::new(PacketBatch {
         svr_time: now,
         tag: ctx.manager.tag(&pkt.agent_id),
