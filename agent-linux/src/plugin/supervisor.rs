@@ -192,7 +192,15 @@ async fn run_once(sh: &Shared, p: &Plugin, queue: &mut mpsc::Receiver<Vec<u8>>) 
                 let _ = child.wait().await;
             }
             if !reader_done {
-                let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reader).await;
+                match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reader).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(plugin = %p.name, error = %e, "record pipe error while draining a stopped plugin");
+                    }
+                    Err(_) => {
+                        tracing::warn!(plugin = %p.name, "records left unread in the pipes of a stopped plugin are discarded");
+                    }
+                }
             }
             tracing::info!(plugin = %p.name, pid, "plugin stopped");
             End::Stopped
@@ -202,11 +210,19 @@ async fn run_once(sh: &Shared, p: &Plugin, queue: &mut mpsc::Receiver<Vec<u8>>) 
             // Leftover members of the group would keep the pipes open.
             process::kill_group(pid);
             let mut broken = None;
-            if !reader_done
-                && let Ok(Err(e @ (ReadError::Frame { .. } | ReadError::TooBigForRing(_)))) =
-                    tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reader).await
-            {
-                broken = Some(e);
+            if !reader_done {
+                match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut reader).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e @ (ReadError::Frame { .. } | ReadError::TooBigForRing(_)))) => {
+                        broken = Some(e);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(plugin = %p.name, error = %e, "record pipe error while draining an exited plugin");
+                    }
+                    Err(_) => {
+                        tracing::warn!(plugin = %p.name, "records left unread in the pipes of an exited plugin are discarded");
+                    }
+                }
             }
             let how = match &st {
                 Ok(st) => match (st.code(), std::os::unix::process::ExitStatusExt::signal(st)) {
