@@ -753,12 +753,14 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         2000,
     )?;
     let commands = CommandConfig {
-        queue_len: usize::try_from(positive("commands.queue_len", queue_len)?).map_err(|_| {
-            ConfigError::Invalid {
+        queue_len: usize::try_from(positive("commands.queue_len", queue_len)?)
+            .ok()
+            // tokio's mpsc::channel panics above this (at the first stream).
+            .filter(|&n| n <= tokio::sync::Semaphore::MAX_PERMITS)
+            .ok_or(ConfigError::Invalid {
                 key: "commands.queue_len",
                 msg: "too large".into(),
-            }
-        })?,
+            })?,
         send_timeout: Duration::from_millis(positive("commands.send_timeout_ms", send_ms)?),
         result_timeout: Duration::from_millis(positive("commands.result_timeout_ms", result_ms)?),
     };
@@ -787,6 +789,26 @@ mod tests {
         let mut v = vec!["elkeid-center"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn command_queue_len_beyond_tokio_max_is_refused() {
+        let r = resolve(
+            cli(&["--command-queue", "18446744073709551615"]),
+            FileConfig::default(),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(ConfigError::Invalid {
+                    key: "commands.queue_len",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let c = resolve(cli(&["--command-queue", "7"]), FileConfig::default()).unwrap();
+        assert_eq!(c.commands.queue_len, 7);
     }
 
     #[test]
