@@ -27,6 +27,7 @@ pub(crate) struct Metrics {
     pub(crate) conflicts: AtomicU64,
     pub(crate) streams_total: AtomicU64,
     pub(crate) payload_errors: AtomicU64,
+    pub(crate) oversized_packets: AtomicU64,
     pub(crate) task_results_dropped: AtomicU64,
     pub(crate) task_results_failed: AtomicU64,
     pub(crate) config_pushes: AtomicU64,
@@ -124,7 +125,7 @@ impl Metrics {
                 "elkeid_ac_output_data_type_count{{data_type=\"other\"}} {other}"
             );
         }
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 18] = [
             (
                 "elkeid_center_tcp_refused_total",
                 "TCP connections closed: too many open.",
@@ -169,6 +170,11 @@ impl Metrics {
                 "elkeid_center_payload_decode_errors_total",
                 "Record bodies that are not a valid Payload.",
                 g(&self.payload_errors),
+            ),
+            (
+                "elkeid_center_packets_oversized_total",
+                "Packets refused: per-record copies of their host metadata too large.",
+                g(&self.oversized_packets),
             ),
             (
                 "elkeid_center_task_results_dropped_total",

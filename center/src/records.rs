@@ -119,10 +119,38 @@ pub(crate) fn agent_detail(
     m
 }
 
+/// Most bytes of packet-level host metadata (agent id, hostname, version,
+/// product, IP lists) times records a packet may carry: every record is
+/// stored and sent with its own copy of that metadata, so a hostile agent
+/// could otherwise turn a 10 MiB packet into terabytes (real agents: about
+/// 2048 records x 1 KiB).
+pub(crate) const MAX_PACKET_EXPANSION: u64 = 256 * 1024 * 1024;
+
+/// Bytes of packet-level metadata copied into every record.
+fn meta_len(pkt: &PackagedData) -> u64 {
+    let ips = [
+        &pkt.intranet_ipv4,
+        &pkt.extranet_ipv4,
+        &pkt.intranet_ipv6,
+        &pkt.extranet_ipv6,
+    ]
+    .iter()
+    .flat_map(|l| l.iter())
+    .map(|s| s.len() as u64 + 1)
+    .sum::<u64>();
+    (pkt.agent_id.len() + pkt.hostname.len() + pkt.version.len() + pkt.product.len()) as u64 + ips
+}
+
 /// Processes one received packet and hands it to the sinks.
 pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData) {
     let now = now_unix();
     let m = &ctx.metrics;
+    let expansion = meta_len(&pkt).saturating_mul(pkt.records.len() as u64);
+    if expansion > MAX_PACKET_EXPANSION {
+        inc(&m.oversized_packets);
+        tracing::warn!(agent_id = %conn.agent_id, records = pkt.records.len(), meta_bytes = meta_len(&pkt), "packet refused: host metadata x records too large");
+        return;
+    }
     inc(&m.recv_packets);
     m.recv_records.fetch_add(
         pkt.records.len() as u64,
@@ -260,6 +288,58 @@ mod tests {
             serde_json::to_string(&numeric("1700000000.00000000")).unwrap(),
             "1700000000"
         );
+    }
+
+    #[tokio::test]
+    async fn packet_with_huge_metadata_times_records_is_refused() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let metrics = Arc::new(Metrics::default());
+        let dir = tempfile::tempdir().unwrap();
+        let manager = crate::manager::local::LocalManager::start(
+            dir.path().join("components.json"),
+            dir.path().join("results.ndjson"),
+        );
+        let (tasks, _done) = TaskQueue::start(manager.clone(), metrics.clone());
+        let ctx = Ctx {
+            sinks: Sinks::new(Vec::new(), metrics.clone()),
+            manager,
+            tasks,
+            metrics: metrics.clone(),
+        };
+        let pool = crate::pool::Pool::new(
+            4,
+            crate::config::CommandConfig {
+                queue_len: 4,
+                send_timeout: std::time::Duration::from_secs(2),
+                result_timeout: std::time::Duration::from_secs(2),
+            },
+            metrics.clone(),
+        );
+        let (reg, _rx) = pool.register("a", "x:1".into(), pool.try_slot().unwrap());
+        let rec = elkeid_proto::grpc::EncodedRecord {
+            data_type: 5,
+            ..Default::default()
+        };
+        // 1 MiB hostname x 300 records: 300 MiB of copies.
+        let hostile = PackagedData {
+            agent_id: "a".into(),
+            hostname: "h".repeat(1 << 20),
+            records: vec![rec.clone(); 300],
+            ..Default::default()
+        };
+        handle_packet(&ctx, &reg.conn, hostile).await;
+        assert_eq!(metrics.oversized_packets.load(Relaxed), 1);
+        assert_eq!(metrics.recv_packets.load(Relaxed), 0);
+        let normal = PackagedData {
+            agent_id: "a".into(),
+            hostname: "host-1".into(),
+            intranet_ipv4: vec!["10.0.0.1".into(); 64],
+            records: vec![rec; 2048],
+            ..Default::default()
+        };
+        handle_packet(&ctx, &reg.conn, normal).await;
+        assert_eq!(metrics.oversized_packets.load(Relaxed), 1);
+        assert_eq!(metrics.recv_packets.load(Relaxed), 1);
     }
 
     #[test]
