@@ -126,6 +126,10 @@ pub(crate) fn agent_detail(
 /// 2048 records x 1 KiB).
 pub(crate) const MAX_PACKET_EXPANSION: u64 = 256 * 1024 * 1024;
 
+/// Largest 1000/1001 heartbeat body kept as connection detail (real ones
+/// are under 2 KiB; up to 256 plugin details are kept per connection).
+pub(crate) const MAX_DETAIL_BYTES: usize = 64 * 1024;
+
 /// Bytes of packet-level metadata copied into every record.
 fn meta_len(pkt: &PackagedData) -> u64 {
     let ips = [
@@ -162,6 +166,13 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
         *counts.entry(rec.data_type).or_default() += 1;
         let dt = rec.data_type;
         if !(dt == 1000 || dt == 1001 || dt == 1010 || dt == 1011 || TASK_TYPES.contains(&dt)) {
+            continue;
+        }
+        if (dt == 1000 || dt == 1001) && rec.data.len() > MAX_DETAIL_BYTES {
+            // Kept per connection (1001: per plugin name): bound what one
+            // agent can pin in memory. The record still goes to the sinks.
+            inc(&m.payload_errors);
+            tracing::warn!(agent_id = %conn.agent_id, data_type = dt, bytes = rec.data.len(), "heartbeat too large to keep as connection detail");
             continue;
         }
         let fields = match crate::payload::decode(&rec.data) {
@@ -340,6 +351,28 @@ mod tests {
         handle_packet(&ctx, &reg.conn, normal).await;
         assert_eq!(metrics.oversized_packets.load(Relaxed), 1);
         assert_eq!(metrics.recv_packets.load(Relaxed), 1);
+
+        // A plugin heartbeat too large to keep per connection.
+        let big = elkeid_proto::grpc::EncodedRecord {
+            data_type: 1001,
+            data: crate::payload::encode(&[("name", "p"), ("x", &"y".repeat(100_000))]).into(),
+            ..Default::default()
+        };
+        let small = elkeid_proto::grpc::EncodedRecord {
+            data_type: 1001,
+            data: crate::payload::encode(&[("name", "q"), ("pversion", "1")]).into(),
+            ..Default::default()
+        };
+        let pkt = PackagedData {
+            agent_id: "a".into(),
+            records: vec![big, small],
+            ..Default::default()
+        };
+        handle_packet(&ctx, &reg.conn, pkt).await;
+        let plugins = reg.conn.plugins.lock().unwrap();
+        assert!(!plugins.contains_key("p"));
+        assert!(plugins.contains_key("q"));
+        assert_eq!(metrics.payload_errors.load(Relaxed), 1);
     }
 
     #[test]
