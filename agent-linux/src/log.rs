@@ -126,6 +126,14 @@ impl Rotating {
                 .ok();
             st.1 = 0;
         }
+        if st.0.is_none() {
+            // A failed reopen (rotation, full disk) must not end file logging.
+            st.0 = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok();
+        }
         // A single line larger than the cap is cut.
         let take = buf.len().min(self.half_cap as usize);
         if let Some(f) = st.0.as_mut()
@@ -358,6 +366,21 @@ mod tests {
             .len();
         assert!(a + b <= 4096, "{a} + {b}");
         assert!(b > 0);
+    }
+
+    #[test]
+    fn logging_resumes_after_a_failed_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("log");
+        let p = dir.join("a.log");
+        let r = Rotating::open(&p, 4096).unwrap();
+        r.write_line(&[b'x'; 100]);
+        // Rotation while the directory is gone: the reopen fails.
+        std::fs::remove_dir_all(&dir).unwrap();
+        r.write_line(&[b'y'; 2000]);
+        std::fs::create_dir_all(&dir).unwrap();
+        r.write_line(b"back\n");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "back\n");
     }
 
     #[test]
