@@ -119,29 +119,35 @@ impl Center {
 
     /// Every line of every `DIR/records/*.ndjson` file, parsed, oldest file first.
     pub fn ndjson_records(&self) -> Vec<serde_json::Value> {
-        let dir = self.data_dir.join("records");
-        let mut files: Vec<_> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
-                .collect(),
-            Err(_) => return Vec::new(),
-        };
-        files.sort();
-        let mut out = Vec::new();
-        for f in files {
-            let text = std::fs::read_to_string(&f).unwrap();
-            // A line still being written has no newline yet: skip it.
-            for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
-                out.push(
-                    serde_json::from_str(line)
-                        .unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", f.display())),
-                );
-            }
-        }
-        out
+        ndjson_records_in(&self.data_dir)
     }
+}
+
+/// Every complete line of every `<data_dir>/records/*.ndjson` file, parsed,
+/// oldest file first (works on a stopped center's data dir too).
+pub fn ndjson_records_in(data_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let dir = data_dir.join("records");
+    let mut files: Vec<_> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
+            .collect(),
+        Err(_) => return Vec::new(),
+    };
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        // A line still being written has no newline yet: skip it.
+        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            out.push(
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", f.display())),
+            );
+        }
+    }
+    out
 }
 
 /// A TLS channel to `addr` verifying the server as `elkeid.com` against

@@ -127,20 +127,8 @@ impl Agent {
 
     /// Same, from a center data dir (the center may be stopped).
     fn records_in(&self, data_dir: &Path, data_type: i64) -> Vec<serde_json::Value> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join("records"))
-            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.retain(|p| p.extension().is_some_and(|x| x == "ndjson"));
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| {
-                let text = std::fs::read_to_string(f).unwrap_or_default();
-                text.split_inclusive('\n')
-                    .filter(|l| l.ends_with('\n'))
-                    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-                    .collect::<Vec<_>>()
-            })
+        elkeid_tests::center::ndjson_records_in(data_dir)
+            .into_iter()
             .filter(|r| {
                 r["agent_id"] == self.id.as_str() && r["data_type"].as_i64() == Some(data_type)
             })

@@ -196,22 +196,7 @@ fn agent_log(work: &Path) -> String {
 
 /// Complete NDJSON lines of `agent_id` and `data_type` in the center's sink.
 fn records(center: &Center, agent_id: &str, data_type: i64) -> Vec<serde_json::Value> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(center.data_dir.join("records"))
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.retain(|p| p.extension().is_some_and(|x| x == "ndjson"));
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            let text = std::fs::read_to_string(f).unwrap_or_default();
-            text.split_inclusive('\n')
-                .filter(|l| l.ends_with('\n'))
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .filter(|r| r["agent_id"] == agent_id && r["data_type"].as_i64() == Some(data_type))
-        .collect()
+    elkeid_tests::plugin::records(center, agent_id, data_type)
 }
 
 /// A raw TLS client (TLS 1.2 only if `tls12`, else the default versions, so
