@@ -51,7 +51,7 @@ fn cpu_frac(ticks: u64, secs: f64) -> f64 {
 
 /// Seconds since `start_unix` (at least 1 to avoid 0-division on fresh processes).
 fn since_start(start_unix: i64) -> f64 {
-    crate::state::now_unix().saturating_sub(start_unix).max(1) as f64
+    crate::clock::now_unix().saturating_sub(start_unix).max(1) as f64
 }
 
 /// Builds the 1000 payload and updates `prev`.

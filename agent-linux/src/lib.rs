@@ -13,7 +13,8 @@
 //! - `tasks`: agent tasks 1050 (upload), 1051 (idc/region), 1060 (shutdown).
 //! - [`log`]: tracing to a size-capped file, stderr, and 1010 records.
 //! - `signals`: SIGTERM / SIGUSR1 / SIGUSR2.
-//! - `http_client`: tiny HTTP/1.1 GET client (service discovery).
+//! - `fetch`: the one HTTP(S) client (artifact downloads with SHA-256
+//!   checks for plugins and self-update; service discovery).
 //! - `plugin/`, `update`: plugin management and self-update.
 //!
 //! Everything runs on one tokio `current_thread` runtime inside a `LocalSet`;
@@ -25,9 +26,10 @@ pub mod config;
 pub mod log;
 
 mod buffer;
+mod clock;
+mod fetch;
 mod heartbeat;
 mod host;
-mod http_client;
 mod identity;
 mod plugin;
 mod procstat;

@@ -266,7 +266,7 @@ impl<S: Subscriber> Layer<S> for ErrorRecords {
             PENDING_DROPS.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.push_back((crate::state::now_unix(), p.as_bytes().to_vec()));
+        q.push_back((crate::clock::now_unix(), p.as_bytes().to_vec()));
     }
 }
 

@@ -179,7 +179,8 @@ impl Agent {
     /// Pushes an agent-generated record (counted as a drop if even the
     /// reserve is full).
     pub(crate) fn push(&self, data_type: i32, payload: &[u8]) -> bool {
-        self.buffer.push_agent(data_type, now_unix(), payload)
+        self.buffer
+            .push_agent(data_type, crate::clock::now_unix(), payload)
     }
 
     /// A 5100 task-failure record.
@@ -192,12 +193,4 @@ impl Agent {
         self.push(5100, p.as_bytes());
         self.kick.notify_one();
     }
-}
-
-/// Unix seconds now.
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -5,7 +5,6 @@
 //!   1001 snapshots, shutdown), [`PluginContext`], 1010 reporting and the
 //!   abnormal list for the 1000 heartbeat's `state`.
 //! - `layout`: name validation and `<work-dir>/plugin/<name>/` paths.
-//! - `download`: HTTP(S) GET with caps, timeouts and SHA-256 verification.
 //! - `extract`: hardened `tar.gz` extraction.
 //! - `install`: reuse / download / extract into staging, then commit.
 //! - `process`: spawning with the fd 0-5 layout, process-group kill.
@@ -23,7 +22,6 @@
 //! manager answer turns into a fleet-wide outage); set
 //! [`PluginContext::empty_config_removes_all`] for Elkeid's behaviour.
 
-pub(crate) mod download;
 pub(crate) mod extract;
 pub(crate) mod install;
 pub(crate) mod layout;
@@ -45,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::buffer::Buffer;
-use download::{DownloadConfig, Downloader};
+use crate::fetch::{DownloadConfig, Downloader};
 use layout::Paths;
 use reader::Counters;
 use supervisor::Plugin;
@@ -141,7 +139,7 @@ impl Shared {
             .field("plugin", plugin)
             .field("pver", version);
         self.buffer
-            .push_agent(DT_AGENT_LOG, unix_now(), p.as_bytes());
+            .push_agent(DT_AGENT_LOG, crate::clock::now_unix(), p.as_bytes());
         let mut ab = self.abnormal.borrow_mut();
         if ab.len() >= MAX_ABNORMAL {
             ab.remove(0);
@@ -411,18 +409,10 @@ async fn stop(e: Entry) {
     }
 }
 
-/// Unix seconds now.
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use elkeid_core::ring::RingConfig;
-    use sha2::Digest;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
@@ -442,7 +432,9 @@ mod tests {
             r#type: String::new(),
             version: version.into(),
             sha256: String::new(),
-            signature: download::hex(&sha2::Sha256::digest(body.as_bytes())),
+            signature: crate::fetch::hex(
+                ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref(),
+            ),
             download_urls: Vec::new(),
             detail: String::new(),
         }

@@ -62,7 +62,7 @@ pub(crate) enum SessionError {
 pub(crate) enum DiscoveryError {
     /// The HTTP request failed.
     #[error("service discovery: {0}")]
-    Http(#[from] crate::http_client::HttpError),
+    Http(#[from] crate::fetch::DownloadError),
     /// The response is not the expected JSON.
     #[error("service discovery: bad response: {0}")]
     Json(String),
@@ -108,7 +108,7 @@ pub(crate) fn parse_discovery(body: &[u8]) -> Result<Vec<String>, DiscoveryError
 
 async fn discover(sd: &str, timeout: Duration) -> Result<Vec<String>, DiscoveryError> {
     let url = format!("http://{sd}/registry/detail?name=hids_svr_grpc&count=10");
-    let body = crate::http_client::get(&url, timeout, MAX_SD_RESPONSE).await?;
+    let body = crate::fetch::get(&url, timeout, MAX_SD_RESPONSE).await?;
     parse_discovery(&body)
 }
 
