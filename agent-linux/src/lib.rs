@@ -27,6 +27,7 @@ pub mod log;
 
 mod buffer;
 mod clock;
+mod command;
 mod fetch;
 mod heartbeat;
 mod host;
@@ -77,15 +78,31 @@ pub fn restore_old_binary(exe: &std::path::Path) -> std::io::Result<bool> {
     update::restore_old_binary(exe)
 }
 
+/// What [`preflight`] checked and built (the TLS client configuration).
+#[derive(Debug)]
+pub struct Preflight {
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+/// Validates the configuration without touching the filesystem: the CA,
+/// certificate and key are read and loaded and the server name is checked.
+/// The binary calls this before it creates `work_dir` or its log file, so a
+/// bad configuration leaves nothing behind.
+pub fn preflight(cfg: &config::Config) -> Result<Preflight, RunError> {
+    let tls = transport::tls::client_config(cfg).map_err(|e| RunError::Tls(e.to_string()))?;
+    transport::tls::server_name(&cfg.server_name).map_err(|e| RunError::Tls(e.to_string()))?;
+    Ok(Preflight { tls })
+}
+
 /// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
 /// plugins, flushes the ring to the center (bounded by `flush_deadline`)
 /// and returns why it stopped. Must run inside a `LocalSet`.
-pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
+pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|source| RunError::WorkDir {
         path: cfg.work_dir.clone(),
         source,
     })?;
-    let tls = transport::tls::client_config(&cfg).map_err(|e| RunError::Tls(e.to_string()))?;
+    let tls = pre.tls;
     let (id, source) = identity::load(&cfg.work_dir, cfg.specified_agent_id.as_deref())
         .map_err(|e| RunError::Identity(e.to_string()))?;
     tracing::info!(agent_id = %id, source = ?source, version = config::VERSION, "elkeid-agent starting");
