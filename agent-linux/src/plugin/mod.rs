@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::buffer::Buffer;
+use crate::command::{PluginOp, plan_sync};
 use crate::fetch::{DownloadConfig, Downloader};
 use layout::Paths;
 use reader::Counters;
@@ -203,56 +204,38 @@ impl PluginManager {
             return;
         }
         self.shared.abnormal.borrow_mut().clear();
-        let mut desired: BTreeMap<String, Config> = BTreeMap::new();
-        for c in configs {
-            if c.name == layout::AGENT_NAME {
-                continue;
-            }
-            if let Err(e) = layout::validate_name(&c.name) {
-                self.shared.report(
-                    &c.name,
-                    &c.version,
-                    &format!("load plugin {:?} failed: {e}", c.name),
-                );
-                continue;
-            }
-            desired.insert(c.name.clone(), c);
-        }
-        if desired.is_empty() && !self.ctx.empty_config_removes_all {
-            if !self.plugins.borrow().is_empty() {
-                tracing::warn!(
-                    running = self.plugins.borrow().len(),
-                    "empty plugin config list: keeping the running plugins (set empty_config_removes_all for Elkeid's behaviour)"
-                );
-            }
-            return;
-        }
-        let gone: Vec<String> = self
+        let running: BTreeMap<String, String> = self
             .plugins
             .borrow()
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .cloned()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.plugin.version.clone()))
             .collect();
-        for name in gone {
-            self.remove(&name).await;
+        let plan = plan_sync(configs, &running, self.ctx.empty_config_removes_all, |n| {
+            layout::validate_name(n).map_err(|e| e.to_string())
+        });
+        if plan.kept_all {
+            tracing::warn!(
+                running = running.len(),
+                "empty plugin config list: keeping the running plugins (set empty_config_removes_all for Elkeid's behaviour)"
+            );
         }
-        for (name, cfg) in desired {
-            let same = self
-                .plugins
-                .borrow()
-                .get(&name)
-                .is_some_and(|e| e.plugin.version == cfg.version);
-            if same {
-                continue;
-            }
-            if let Err(msg) = self.load(cfg).await {
-                let version = msg.1;
-                self.shared.report(
-                    &name,
-                    &version,
-                    &format!("load plugin {name} failed: {}", msg.0),
-                );
+        for op in plan.ops {
+            match op {
+                PluginOp::Reject { name, version, msg } => {
+                    self.shared.report(&name, &version, &msg);
+                }
+                PluginOp::Remove(name) => self.remove(&name).await,
+                PluginOp::Install(cfg) | PluginOp::Upgrade(cfg) => {
+                    let name = cfg.name.clone();
+                    if let Err(msg) = self.load(cfg).await {
+                        let version = msg.1;
+                        self.shared.report(
+                            &name,
+                            &version,
+                            &format!("load plugin {name} failed: {}", msg.0),
+                        );
+                    }
+                }
             }
         }
     }

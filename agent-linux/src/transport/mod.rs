@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use elkeid_proto::codec::RawEncodeCodec;
-use elkeid_proto::grpc::{Command, Config as PluginConfig};
+use elkeid_proto::grpc::Command;
 use elkeid_proto::snappy::SnappyClient;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tonic::codegen::http::uri::PathAndQuery;
 
 use crate::buffer::RING_SLOTS;
-use crate::config::{PRODUCT, VERSION};
+use crate::command::Action;
 use crate::state::{Agent, Exit};
 use channel::Channel;
 
@@ -335,13 +335,19 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
     }
 }
 
-/// Handles one Command (§3.5, with Elkeid's "task drops configs" fixed).
+/// Handles one Command: [`crate::command::plan`] decides, this executes.
 fn dispatch(agent: &Rc<Agent>, cmd: Command) {
     agent.rx_commands.set(agent.rx_commands.get() + 1);
-    if let Some(task) = cmd.task {
-        if task.object_name == PRODUCT {
-            crate::tasks::handle(agent, task);
-        } else {
+    for action in crate::command::plan(cmd) {
+        execute(agent, action);
+    }
+}
+
+/// Executes one action of a received command.
+fn execute(agent: &Rc<Agent>, action: Action) {
+    match action {
+        Action::RunAgentTask(task) => crate::tasks::handle(agent, task),
+        Action::DeliverTask(task) => {
             let token = task.token.clone();
             let name = task.object_name.clone();
             if let Err(error) = agent.plugins.send_task(task) {
@@ -349,43 +355,32 @@ fn dispatch(agent: &Rc<Agent>, cmd: Command) {
                 agent.task_failed(&token, &error.to_string());
             }
         }
-        if cmd.configs.is_empty() {
-            return;
+        Action::ClearAbnormal => agent.abnormal.borrow_mut().clear(),
+        Action::SelfUpdate(cfg) => {
+            let a = agent.clone();
+            tokio::task::spawn_local(async move {
+                let ctx = crate::update::UpdateContext {
+                    work_dir: a.cfg.work_dir.clone(),
+                };
+                match crate::update::self_update(&ctx, &cfg).await {
+                    Ok(crate::update::UpdateOutcome::Replaced(path)) => {
+                        tracing::info!(version = %cfg.version, "self-update installed, restarting");
+                        a.stop(Exit::Reexec(path));
+                    }
+                    Err(error) => {
+                        tracing::error!(version = %cfg.version, %error, "agent update failed");
+                        a.set_abnormal(format!("agent update failed: {error}"));
+                    }
+                }
+            });
+        }
+        Action::SyncPlugins(plugins) => {
+            let a = agent.clone();
+            tokio::task::spawn_local(async move {
+                a.plugins.sync(plugins).await;
+            });
         }
     }
-    config_sync(agent, cmd.configs);
-}
-
-/// Config sync: `elkeid-agent` entry with another version -> self-update;
-/// the rest is the desired plugin set.
-fn config_sync(agent: &Rc<Agent>, configs: Vec<PluginConfig>) {
-    agent.abnormal.borrow_mut().clear();
-    let (own, plugins): (Vec<PluginConfig>, Vec<PluginConfig>) =
-        configs.into_iter().partition(|c| c.name == PRODUCT);
-    if let Some(cfg) = own.into_iter().next()
-        && cfg.version != VERSION
-    {
-        let a = agent.clone();
-        tokio::task::spawn_local(async move {
-            let ctx = crate::update::UpdateContext {
-                work_dir: a.cfg.work_dir.clone(),
-            };
-            match crate::update::self_update(&ctx, &cfg).await {
-                Ok(crate::update::UpdateOutcome::Replaced(path)) => {
-                    tracing::info!(version = %cfg.version, "self-update installed, restarting");
-                    a.stop(Exit::Reexec(path));
-                }
-                Err(error) => {
-                    tracing::error!(version = %cfg.version, %error, "agent update failed");
-                    a.set_abnormal(format!("agent update failed: {error}"));
-                }
-            }
-        });
-    }
-    let a = agent.clone();
-    tokio::task::spawn_local(async move {
-        a.plugins.sync(plugins).await;
-    });
 }
 
 #[cfg(test)]
