@@ -5,10 +5,13 @@
 //! - `identity`: agent id (§3.2 of the wire spec, without the empty-id bug).
 //! - `host`: hostname, IP lists, platform, kernel, DMI and system facts.
 //! - `procstat`: per-process samples from procfs for both heartbeats.
-//! - `buffer`: the core ring behind a `RefCell`, with back-pressure wake-ups.
-//! - `state`: the shared `Agent` (counters, connection, stop signal).
-//! - `transport/`: mTLS + h2 connection, address selection, send and
-//!   receive loops, command dispatch.
+//! - `buffer`: the core ring behind a `RefCell`, with back-pressure and
+//!   "send now" wake-ups.
+//! - `agent`: the top; builds and owns the parts below, executes commands.
+//! - `command`: pure `Command -> Vec<Action>` and the plugin-sync diff.
+//! - `counters`, `meta`, `stop`: plain counters, host metadata, stop signal.
+//! - `transport/`: mTLS + h2 connection (owns the `Link`),
+//!   address selection, send and receive loops.
 //! - `heartbeat`: 1000 / 1001 records.
 //! - `tasks`: agent tasks 1050 (upload), 1051 (idc/region), 1060 (shutdown).
 //! - [`log`]: tracing to a size-capped file, stderr, and 1010 records.
@@ -25,17 +28,20 @@
 pub mod config;
 pub mod log;
 
+mod agent;
 mod buffer;
 mod clock;
 mod command;
+mod counters;
 mod fetch;
 mod heartbeat;
 mod host;
 mod identity;
+mod meta;
 mod plugin;
 mod procstat;
 mod signals;
-mod state;
+mod stop;
 mod tasks;
 mod transport;
 mod update;
@@ -43,7 +49,7 @@ mod update;
 use std::rc::Rc;
 use std::time::Duration;
 
-pub use state::Exit;
+pub use stop::Exit;
 
 /// Errors that stop the agent at start-up (the binary exits with 64 for
 /// configuration-class errors).
@@ -116,20 +122,15 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         buffer.clone(),
     )));
     let flush_deadline = cfg.flush_deadline;
-    let agent = state::Agent::new(cfg, id, buffer, plugins);
-
-    let tasks = [
-        tokio::task::spawn_local(signals::run(agent.clone())),
-        tokio::task::spawn_local(heartbeat::run(agent.clone())),
-    ];
-    let mut transport = tokio::task::spawn_local(transport::run(agent.clone(), tls));
-    let why = agent.stopped().await;
+    let agent = agent::Agent::new(cfg, id, buffer, plugins);
+    let (tasks, mut transport) = agent.spawn(tls);
+    let why = agent.stop.stopped().await;
     tracing::info!(reason = ?why, "stopping: shutting plugins down");
     agent.plugins.shutdown().await;
-    crate::log::drain_error_records(&agent);
+    crate::log::drain_error_records(&agent.buffer);
     let deadline = tokio::time::Instant::now() + flush_deadline;
     while !agent.buffer.is_empty() && tokio::time::Instant::now() < deadline {
-        agent.kick.notify_one();
+        agent.buffer.kick();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if agent.buffer.is_empty() {
@@ -141,8 +142,8 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         );
     }
     // End the Transfer stream cleanly (if connected), then stop the rest.
-    agent.closing.set(true);
-    agent.kick.notify_one();
+    agent.link.closing.set(true);
+    agent.buffer.kick();
     if tokio::time::timeout(Duration::from_secs(2), &mut transport)
         .await
         .is_err()
