@@ -396,6 +396,53 @@ fn bad_config_exits_64_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca"));
 }
 
+#[test]
+fn bad_tls_fails_before_touching_the_filesystem_and_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let wd = d.path().join("work");
+    let ca = d.path().join("missing-ca.crt");
+    let out = Command::new(bin("elkeid-agent", "elkeid-agent"))
+        .arg("--work-dir")
+        .arg(&wd)
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(d.path().join("missing.crt"))
+        .arg("--key")
+        .arg(d.path().join("missing.key"))
+        .args(["--server", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    // The error names its subject: which PEM and which file.
+    assert!(
+        err.contains(&format!("cannot read ca {}", ca.display())),
+        "{err}"
+    );
+    // Nothing was created: no work dir, no log directory or file.
+    assert!(!wd.exists(), "work dir created before validation: {err}");
+
+    // A present but unusable CA file: named as well, still nothing created.
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let out = Command::new(bin("elkeid-agent", "elkeid-agent"))
+        .arg("--work-dir")
+        .arg(&wd)
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&ca)
+        .arg("--key")
+        .arg(&ca)
+        .args(["--server", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains(&ca.display().to_string()), "{err}");
+    assert!(!wd.exists(), "work dir created before validation: {err}");
+}
+
 /// A one-shot-per-connection service-discovery server answering
 /// `/registry/detail` with `center`; returns its address and the request
 /// lines it saw.
