@@ -214,7 +214,7 @@ pub async fn run(
     let sinks = match sinks::build(&config, &metrics).await {
         Ok(s) => s,
         Err(sinks::BuildError::Config { key, msg }) => {
-            return Err(ConfigError::Invalid { key, msg }.into());
+            return Err(config.origins.invalid(key, msg).into());
         }
         Err(e) => return Err(RunError::Sink(e.to_string())),
     };
