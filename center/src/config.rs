@@ -922,6 +922,37 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_flag_the_file_key_or_nothing_else() {
+        let c = Cli::parse_args_from(["elkeid-center", "--conn-limit", "x"]).unwrap();
+        assert_eq!(
+            c.origins.subject("grpc.conn_limit"),
+            Some("flag --conn-limit")
+        );
+        assert_eq!(c.origins.subject("grpc.addr"), None);
+        let e = resolve(c, FileConfig::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("flag --conn-limit (key `grpc.conn_limit`)"),
+            "{e}"
+        );
+        // A file value: the key alone.
+        let file = parse_file(Path::new("c.toml"), "[grpc]\nconn_limit = 0\n").unwrap();
+        let c = Cli::parse_args_from(["elkeid-center"]).unwrap();
+        let e = resolve(c, file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config: bad value for key `grpc.conn_limit`: must be greater than 0"
+        );
+        // Every table entry names a real argument.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        for (key, id) in KEY_ARGS {
+            assert!(
+                cmd.get_arguments().any(|a| a.get_id().as_str() == *id),
+                "{key} -> {id}"
+            );
+        }
+    }
+
+    #[test]
     fn command_queue_len_beyond_tokio_max_is_refused() {
         let r = resolve(
             cli(&["--command-queue", "18446744073709551615"]),
