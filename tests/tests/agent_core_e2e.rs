@@ -10,52 +10,7 @@ use std::time::Duration;
 use elkeid_tests::{Center, KillOnDrop, bin, wait_for};
 
 /// Every field name of spec §3.8, plus our own counters.
-const HEARTBEAT_FIELDS: &[&str] = &[
-    "kernel_version",
-    "arch",
-    "platform",
-    "platform_family",
-    "platform_version",
-    "state",
-    "state_detail",
-    "idc",
-    "region",
-    "net_mode",
-    "rx_speed",
-    "tx_speed",
-    "cpu",
-    "rss",
-    "read_speed",
-    "write_speed",
-    "pid",
-    "nfd",
-    "start_time",
-    "tx_tps",
-    "rx_tps",
-    "du",
-    "ngr",
-    "nproc",
-    "total_mem",
-    "load_1",
-    "load_5",
-    "load_15",
-    "running_procs",
-    "total_procs",
-    "host_serial",
-    "host_id",
-    "host_model",
-    "host_vendor",
-    "dns",
-    "gateway",
-    "cpu_name",
-    "boot_time",
-    "cpu_usage",
-    "mem_usage",
-    "drop_cnt",
-    "ring_len",
-    "ring_bytes",
-    "reconnects",
-];
+const HEARTBEAT_FIELDS: &[&str] = &elkeid_core::schema::heartbeat::KEYS;
 
 const WORKERS: usize = 2;
 
