@@ -56,7 +56,7 @@ pub(crate) const MAX_TASK_FRAME: usize = 1024 * 1024;
 /// Most abnormal messages kept for the heartbeat.
 const MAX_ABNORMAL: usize = 32;
 /// Data type of agent log records.
-pub(crate) const DT_AGENT_LOG: i32 = 1010;
+pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 
 /// What the plugin manager needs from the agent.
 #[derive(Debug, Clone)]
