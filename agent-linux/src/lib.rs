@@ -13,6 +13,7 @@
 //! - `tasks`: agent tasks 1050 (upload), 1051 (idc/region), 1060 (shutdown).
 //! - [`log`]: tracing to a size-capped file, stderr, and 1010 records.
 //! - `signals`: SIGTERM / SIGUSR1 / SIGUSR2.
+//! - [`status`]: `<work-dir>/status.json` and `elkeid-agent status`.
 //! - `http_client`: tiny HTTP/1.1 GET client (service discovery).
 //! - `plugin/`, `update`: plugin management and self-update.
 //!
@@ -33,6 +34,7 @@ mod plugin;
 mod procstat;
 mod signals;
 mod state;
+pub mod status;
 mod tasks;
 mod transport;
 mod update;
@@ -102,6 +104,7 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
     let tasks = [
         tokio::task::spawn_local(signals::run(agent.clone())),
         tokio::task::spawn_local(heartbeat::run(agent.clone())),
+        tokio::task::spawn_local(status::run(agent.clone())),
     ];
     let mut transport = tokio::task::spawn_local(transport::run(agent.clone(), tls));
     let why = agent.stopped().await;

@@ -177,6 +177,7 @@ async fn dial(
         {
             Ok(ch) => {
                 tracing::info!(addr = %addr, net_mode = mode, "connected to center");
+                crate::status::connected(&addr);
                 return Some((ch, mode));
             }
             Err(error) => tracing::warn!(addr = %addr, %error, "dial failed"),
@@ -222,6 +223,12 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
         let started = tokio::time::Instant::now();
         let r = session(&agent, ch).await;
         agent.channel.replace(None);
+        crate::status::disconnected(
+            &r.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        );
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
             Err(error) => tracing::warn!(%error, "transfer session ended"),
