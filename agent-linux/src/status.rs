@@ -379,7 +379,9 @@ pub fn render(s: &Status, live: Liveness, errors: &[String], now: i64) -> String
         s.agent_id
     ));
     let c = &s.connection;
-    let conn = if c.connected {
+    let conn = if c.connected && live != Liveness::Running {
+        format!("was connected to {} (last known state)", c.server)
+    } else if c.connected {
         format!("connected to {} since {}", c.server, ago(now, c.since))
     } else if c.server.is_empty() {
         "not connected yet".to_string()
@@ -501,7 +503,11 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
     if json {
         let v = serde_json::json!({
             "running": live == Liveness::Running,
-            "liveness": format!("{live:?}").to_lowercase(),
+            "liveness": match live {
+                Liveness::Running => "running",
+                Liveness::Stale => "not_responding",
+                Liveness::NotRunning => "not_running",
+            },
             "status": s,
             "last_errors": errors,
         });
@@ -596,6 +602,12 @@ mod tests {
         assert!(r.contains("not running (last seen 10s ago)"), "{r}");
         assert!(
             r.contains("disconnected from 10.0.0.5:6751 101s ago: center ended the stream"),
+            "{r}"
+        );
+        let r = render(&s, Liveness::Stale, &[], 2000);
+        assert!(r.contains("not responding (status 10s old)"), "{r}");
+        assert!(
+            r.contains("was connected to 10.0.0.5:6751 (last known state)"),
             "{r}"
         );
     }
