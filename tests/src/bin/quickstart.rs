@@ -284,8 +284,8 @@ async fn run(args: &Args, procs: &mut Procs) -> Result<(), String> {
     }
 }
 
-/// The directory of this executable, holding the other binaries; with
-/// `cargo run` (CARGO set) missing ones are built first.
+/// The directory of this executable, holding the other binaries; under
+/// `cargo run` (CARGO set) they are built (or found fresh) first.
 fn binaries() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let dir = exe
@@ -293,17 +293,18 @@ fn binaries() -> Result<PathBuf, String> {
         .map(Path::to_path_buf)
         .ok_or("no parent directory for current_exe")?;
     let names = ["elkeid-center", "elkeid-agent", "elkeid-example-plugin"];
-    if names.iter().all(|n| dir.join(n).exists()) {
+    let cargo = std::env::var("CARGO").ok();
+    if cargo.is_none() && names.iter().all(|n| dir.join(n).exists()) {
         return Ok(dir);
     }
-    let Ok(cargo) = std::env::var("CARGO") else {
+    let Some(cargo) = cargo else {
         return Err(format!(
             "{} lacks {names:?}: build them first with `cargo build` (then run target/debug/quickstart)",
             dir.display()
         ));
     };
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "elkeid-center", "-p", "elkeid-agent"])
+    cmd.args(["build", "-q", "-p", "elkeid-center", "-p", "elkeid-agent"])
         .args(["-p", "elkeid-tests", "--bin", "elkeid-example-plugin"])
         .arg("--manifest-path")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
