@@ -118,6 +118,10 @@ async fn run(args: &Args, procs: &mut Procs) -> Result<(), String> {
         &args.grpc_addr,
         "--http-addr",
         &args.http_addr,
+        // HTTPS API with the generated server certificate whatever the
+        // center's default: the README's raw curl recipe expects it.
+        "--http-tls",
+        "true",
     ]);
     procs.center = Some(spawn("elkeid-center", &mut center_cmd, &center_log)?);
     let http = wait(Duration::from_secs(30), procs, || {
@@ -266,7 +270,7 @@ async fn run(args: &Args, procs: &mut Procs) -> Result<(), String> {
     println!(
         "\nWhere things are:\n  records        {d}/records/*.ndjson (one JSON object per line)\n  \
          task results   {d}/task-results.ndjson\n  center log     {}\n  agent log      {} \
-         (and {}/log/)\n  API            {http} (signed; keys in {d}/api-keys.toml, CA {d}/pki/ca.crt)\n  \
+         (and {}/log/)\n  API            https://{http} (signed; keys in {d}/api-keys.toml, CA {d}/pki/ca.crt)\n  \
          operator cmds  {shown} --help",
         center_log.display(),
         agent_log.display(),
