@@ -3,6 +3,7 @@
 #
 #   bash targets/smoke.sh aarch64-unknown-linux-musl
 #   bash targets/smoke.sh armv7-unknown-linux-musleabihf
+#   bash targets/smoke.sh mips-unknown-linux-musl   (also mipsel-, riscv64gc-)
 #   bash targets/smoke.sh x86_64-unknown-linux-musl        (native)
 #
 # 1. builds the host elkeid-center (debug) and, for the target, elkeid-agent
@@ -15,7 +16,8 @@
 #    qemu-<arch>-static, over mutual TLS;
 # 4. waits until the center's <data-dir>/records/*.ndjson holds, from that
 #    agent: a 1000 heartbeat whose `arch` is the emulated machine (aarch64 /
-#    armv7l), records of the plugin (data_type 8000, run as a foreign binary
+#    armv7l / mips / riscv64; mips and mipsel both say `mips`, so the
+#    plugin's ELF header is checked for the byte order too), records of the plugin (data_type 8000, run as a foreign binary
 #    through binfmt_misc) and the plugin's 1001 heartbeat; then a task sent
 #    through the center's signed HTTP API comes back as the plugin's 6000;
 # 5. stops the agent with SIGTERM and expects exit code 0 and the plugin gone.
@@ -222,10 +224,8 @@ while True:
 PY
 desc=$(file -b "$TMP/agent/plugin/example/example")
 log "the plugin the agent ran: $desc"
-case "$t" in
-    aarch64-*) grep -q 'ARM aarch64' <<<"$desc" || die "plugin is not an aarch64 binary" ;;
-    armv7-*) grep -q 'ARM, EABI5' <<<"$desc" || die "plugin is not an armv7 binary" ;;
-esac
+want_elf=$(elf_machine "$t")
+grep -q "$want_elf" <<<"$desc" || die "the plugin is not a '$want_elf' binary"
 
 # --- 5. graceful stop ------------------------------------------------------
 kill -TERM "$AGENT_PID"
