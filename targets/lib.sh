@@ -38,6 +38,25 @@ cargo_env() {
     fi
 }
 
+# cargo arguments/env for the shipped agent (profile release-small): on the
+# router targets std itself is rebuilt from rust-src with the agent's
+# opt-level "z" and std's `optimize_for_size` feature, and without std's
+# `backtrace` feature (symbolizing backtraces: gimli, addr2line,
+# rustc-demangle, ~70 KiB; the shipped binary is stripped, so it could not
+# name a frame anyway) and `panic-unwind` (release-small is panic=abort).
+# Panic messages are still printed. x86_64 keeps the prebuilt std.
+# shellcheck disable=SC2034,SC2054
+agent_release_env() {
+    cargo_env "$1"
+    case "$1" in
+        x86_64-unknown-linux-musl) ;;
+        *)
+            CARGO_ENV=(RUSTC_BOOTSTRAP=1)
+            CARGO_EXTRA=(-Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size)
+            ;;
+    esac
+}
+
 strip_tool() {
     case "$1" in
         x86_64-unknown-linux-musl) echo strip ;;

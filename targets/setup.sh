@@ -150,10 +150,10 @@ build_musl() { # name gcc-prefix cflags...
 libgcc.a%s %:if-exists(libgcc_eh.a%s)
 
 *startfile:
-$prefix/lib/crt1.o $prefix/lib/crti.o %{static:crtbeginT.o%s;:crtbegin.o%s}
+$prefix/lib/crt1.o $prefix/lib/crti.o crtbeginS.o%s
 
 *endfile:
-crtend.o%s $prefix/lib/crtn.o
+crtendS.o%s $prefix/lib/crtn.o
 
 *link:
 -nostdlib %{static:-static} %{rdynamic:-export-dynamic}

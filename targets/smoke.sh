@@ -98,10 +98,15 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$TMP/www" "$TMP/pkg" "$TMP/center" "$TMP/agent"
-cp "$plugin" "$TMP/pkg/example"
-chmod 0755 "$TMP/pkg/example"
-tar --owner=0 --group=0 -C "$TMP/pkg" -czf "$TMP/www/example-1.0.0.tar.gz" example
+# Two plugins from the same binary (a plugin's name is its directory), so the
+# agent's footprint below is measured with two plugins attached.
+for name in example example2; do
+    cp "$plugin" "$TMP/pkg/$name"
+    chmod 0755 "$TMP/pkg/$name"
+    tar --owner=0 --group=0 -C "$TMP/pkg" -czf "$TMP/www/$name-1.0.0.tar.gz" "$name"
+done
 sha=$(sha256sum "$TMP/www/example-1.0.0.tar.gz" | cut -d' ' -f1)
+sha2=$(sha256sum "$TMP/www/example2-1.0.0.tar.gz" | cut -d' ' -f1)
 
 python3 -u - "$TMP/www" "$TMP/http.port" >"$TMP/http.log" 2>&1 <<'PY' &
 import functools, http.server, sys
@@ -118,7 +123,9 @@ http_port=$(cat "$TMP/http.port")
 
 cat >"$TMP/center/components.json" <<EOF
 {"default": [{"name": "example", "type": "tar.gz", "version": "1.0.0", "sha256": "$sha", "signature": "",
-  "download_url": ["http://127.0.0.1:$http_port/example-1.0.0.tar.gz"], "detail": "interval=500"}]}
+  "download_url": ["http://127.0.0.1:$http_port/example-1.0.0.tar.gz"], "detail": "interval=500"},
+ {"name": "example2", "type": "tar.gz", "version": "1.0.0", "sha256": "$sha2", "signature": "",
+  "download_url": ["http://127.0.0.1:$http_port/example2-1.0.0.tar.gz"], "detail": "interval=500"}]}
 EOF
 
 # --- 3. center and agent ----------------------------------------------------
@@ -178,6 +185,17 @@ print("smoke: agent %s (%s): arch=%s platform=%s/%s kernel=%s rss=%s; %d plugin 
          h.get("platform_version"), h.get("kernel_version"), h.get("rss"), len(ticks), len(phb)))
 PY
 deliver_s=$(( $(date +%s) - agent_start ))
+
+# Footprint of the connected agent with its two plugins, after a few quiet
+# seconds. Under emulation this is the qemu-user process (emulator + guest +
+# translated-code cache): an upper bound of what the agent needs natively.
+for _ in $(seq 1 100); do
+    [ "$(plugin_pids | wc -l)" -ge 2 ] && break
+    sleep 0.2
+done
+sleep "${SMOKE_SETTLE:-5}"
+rss=$(awk '/^(VmRSS|VmHWM|Threads):/ { printf "%s %s%s ", $1, $2, ($3 ? " " $3 : "") }' "/proc/$AGENT_PID/status")
+log "agent footprint with $(plugin_pids | wc -l) plugin processes (${runner:-native}, $profile): $rss"
 
 # A task through the center's signed HTTP API (POST /command/) to the plugin
 # (fd 3 under emulation), echoed back as a 6000 record.
