@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 . targets/lib.sh
 
 want=${1:-all}
+tdir=${CARGO_TARGET_DIR:-target}
 what=${2:-both}
 case "$what" in agent|center|both) ;; *) die "second argument: agent|center|both, got '$what'" ;; esac
 
@@ -36,7 +37,7 @@ build_one() {
         env "${CARGO_ENV[@]}" cargo build --profile release-small -p elkeid-agent --bin elkeid-agent \
             --target "$t" "${CARGO_EXTRA[@]}"
         cargo_env "$t"
-        install -m 0755 "target/$t/release-small/elkeid-agent" "$out/elkeid-agent"
+        install -m 0755 "$tdir/$t/release-small/elkeid-agent" "$out/elkeid-agent"
         "$(strip_tool "$t")" "$out/elkeid-agent"
         check_static "$out/elkeid-agent"
     fi
@@ -44,7 +45,7 @@ build_one() {
         log "$t: elkeid-center (profile release)"
         env "${CARGO_ENV[@]}" cargo build --release -p elkeid-center --bin elkeid-center \
             --target "$t" "${CARGO_EXTRA[@]}"
-        install -m 0755 "target/$t/release/elkeid-center" "$out/elkeid-center"
+        install -m 0755 "$tdir/$t/release/elkeid-center" "$out/elkeid-center"
         "$(strip_tool "$t")" "$out/elkeid-center"
         check_static "$out/elkeid-center"
     fi

@@ -48,15 +48,17 @@ fi
 
 # --- 1. build ---------------------------------------------------------------
 log "building elkeid-center (host) and elkeid-agent + elkeid-example-plugin ($t, $profile)"
-cargo build -q -p elkeid-center --bin elkeid-center
+# SMOKE_CENTER=<path>: use that host center binary instead of building one.
+[ -n "${SMOKE_CENTER:-}" ] || cargo build -q -p elkeid-center --bin elkeid-center
 cargo_env "$t"
 env "${CARGO_ENV[@]}" cargo build -q --profile "$profile" -p elkeid-agent --bin elkeid-agent --target "$t" "${CARGO_EXTRA[@]}"
 env "${CARGO_ENV[@]}" cargo build -q -p elkeid-tests --bin elkeid-example-plugin --target "$t" "${CARGO_EXTRA[@]}"
 pdir=$profile
 [ "$profile" = dev ] && pdir=debug
-center=target/debug/elkeid-center
-agent=target/$t/$pdir/elkeid-agent
-plugin=target/$t/debug/elkeid-example-plugin
+tdir=${CARGO_TARGET_DIR:-target}
+center=${SMOKE_CENTER:-$tdir/debug/elkeid-center}
+agent=$tdir/$t/$pdir/elkeid-agent
+plugin=$tdir/$t/debug/elkeid-example-plugin
 check_static "$agent"
 check_static "$plugin"
 build_s=$(( $(date +%s) - start ))
