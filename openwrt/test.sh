@@ -171,7 +171,8 @@ declare -A RUST_TARGET=([aarch64_cortex-a53]=aarch64-unknown-linux-musl [aarch64
                         [mips_24kc]=mips-unknown-linux-musl [mipsel_24kc]=mipsel-unknown-linux-musl
                         [riscv64_riscv64]=riscv64gc-unknown-linux-musl)
 declare -A BIN=()
-# OPENWRT_TEST_ARCHS narrows the set (e.g. while only some targets are built).
+# OPENWRT_TEST_ARCHS narrows the set (e.g. while only some targets are built);
+# it must keep aarch64_generic and one of arm_cortex-a7_neon-vfpv4/mipsel_24kc.
 for arch in ${OPENWRT_TEST_ARCHS:-aarch64_cortex-a53 aarch64_generic arm_cortex-a7_neon-vfpv4 mips_24kc mipsel_24kc riscv64_riscv64}; do
     t=${RUST_TARGET[$arch]}
     if [ -z "${BIN[$t]:-}" ]; then BIN[$t]=$(agent_bin_for "$t"); fi
@@ -179,8 +180,12 @@ for arch in ${OPENWRT_TEST_ARCHS:-aarch64_cortex-a53 aarch64_generic arm_cortex-
     check "$arch: built $(basename "$ipk")" test -s "$ipk"
     inspect_ipk "$ipk" "$arch" "$(elf_machine "$t")" "${BIN[$t]}"
 done
+# (aarch64 is always among OPENWRT_TEST_ARCHS; the foreign binary is armv7's,
+# or mipsel's when the set was narrowed.)
+wrong=${BIN[armv7-unknown-linux-musleabihf]:-${BIN[mipsel-unknown-linux-musl]:-}}
+[ -n "$wrong" ] || die "OPENWRT_TEST_ARCHS needs an armv7 or mipsel architecture too"
 check "build-ipk.sh refuses a binary of the wrong architecture" \
-    bash -c "! bash openwrt/build-ipk.sh aarch64_generic '${BIN[armv7-unknown-linux-musleabihf]}' '$TMP/ipk-wrong' 2>/dev/null"
+    bash -c "! bash openwrt/build-ipk.sh aarch64_generic '$wrong' '$TMP/ipk-wrong' 2>/dev/null"
 if [ -n "${BIN[mips-unknown-linux-musl]:-}" ]; then
     check "build-ipk.sh refuses a big-endian MIPS binary as mipsel_24kc" \
         bash -c "! bash openwrt/build-ipk.sh mipsel_24kc '${BIN[mips-unknown-linux-musl]}' '$TMP/ipk-wrong' 2>/dev/null"
