@@ -46,6 +46,14 @@
 //!
 //! The Kafka defaults are applied by the Kafka sink (`sinks/kafka/config.rs`).
 //!
+//! | `--etcd URL` (comma list) | `ELKEID_CENTER_ETCD` | `cluster.etcd` | none (a single center) |
+//! | `--cluster-advertise HOST` | `ELKEID_CENTER_CLUSTER_ADVERTISE` | `cluster.advertise` | the IP of `--grpc-addr` (required when that is 0.0.0.0/::) |
+//! | `--cluster-id ID` | `ELKEID_CENTER_CLUSTER_ID` | `cluster.id` | `ADVERTISE:HTTP_PORT` |
+//! | `--cluster-prefix P` | `ELKEID_CENTER_CLUSTER_PREFIX` | `cluster.prefix` | `/elkeid-rs/` |
+//! | `--cluster-lease-ttl-secs N` | `ELKEID_CENTER_CLUSTER_LEASE_TTL_SECS` | `cluster.lease_ttl_secs` | `10` (2..=3600) |
+//!
+//! The cluster keys are resolved by `cluster/config.rs`.
+//!
 //! Unknown file keys are errors. Any bad key makes the binary exit with code
 //! 64 and a message naming the key.
 //!

@@ -77,6 +77,20 @@ pub(crate) async fn registry_detail(
         .into_response();
     };
     let mut centers = c.centers();
+    // Least loaded first (agents dial in order); equal loads in random
+    // order so that a burst of agents does not all pick the same center.
+    let mut ties = vec![0u8; centers.len()];
+    {
+        use ring::rand::SecureRandom;
+        let _ = ring::rand::SystemRandom::new().fill(&mut ties);
+    }
+    let mut keyed: Vec<(u64, u8, CenterInfo)> = centers
+        .drain(..)
+        .zip(ties)
+        .map(|(c, r)| (c.load(), r, c))
+        .collect();
+    keyed.sort_by_key(|(l, r, _)| (*l, *r));
+    centers.extend(keyed.into_iter().map(|(_, _, c)| c));
     if centers.is_empty() {
         let mut me = c.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
         me.weight = s.pool.count() as u64;

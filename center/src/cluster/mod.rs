@@ -72,9 +72,9 @@ pub(crate) struct CenterInfo {
 }
 
 impl CenterInfo {
-    /// Load in thousandths of capacity (for ordering).
-    fn load(&self) -> u64 {
-        self.weight.saturating_mul(1000) / self.capacity.max(1)
+    /// Load in millionths of capacity (for ordering).
+    pub(crate) fn load(&self) -> u64 {
+        self.weight.saturating_mul(1_000_000) / self.capacity.max(1)
     }
 }
 
@@ -479,6 +479,7 @@ mod tests {
             capacity: cap,
         };
         assert!(c(10, 100).load() > c(10, 1000).load());
-        assert_eq!(c(5, 0).load(), 5000);
+        assert_eq!(c(5, 0).load(), 5_000_000);
+        assert!(c(1, 10_000).load() > c(0, 10_000).load());
     }
 }
