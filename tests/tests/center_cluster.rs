@@ -36,9 +36,9 @@ const T: Duration = Duration::from_secs(30);
 /// lease TTL (3 s) + SD refresh (2 s) + the agent's first backoffs.
 const RECONNECT_BOUND: Duration = Duration::from_secs(30);
 
-fn etcd_bin() -> Option<PathBuf> {
+fn etcd_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ELKEID_TEST_ETCD_BIN").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
+        return PathBuf::from(p);
     }
     let on_path = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -46,18 +46,13 @@ fn etcd_bin() -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     match on_path {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => panic!(
-            "no etcd binary but CI is set: the cluster test needs etcd \
-             (eval \"$(tests/etcd.sh start)\")"
+        Some(p) => p,
+        // Without etcd the test is compiled as ignored (tests/build.rs);
+        // under CI it runs and must find one.
+        None => panic!(
+            "no etcd binary: the cluster test needs etcd \
+             (eval \"$(bash tests/etcd.sh start)\")"
         ),
-        None => {
-            eprintln!(
-                "!!!!!!!! SKIPPED: no etcd (ELKEID_TEST_ETCD_BIN unset, no etcd on PATH); the cluster \
-                 test needs one (eval \"$(tests/etcd.sh start)\") !!!!!!!!"
-            );
-            None
-        }
     }
 }
 
@@ -218,9 +213,15 @@ fn heartbeats_since(dirs: &[&Path], id: &str, since: i64) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_etcd),
+    ignore = "SKIPPED: no etcd (ELKEID_TEST_ETCD_BIN unset, no etcd on PATH): eval \"$(bash tests/etcd.sh start)\""
+)]
 async fn three_centers_on_etcd_route_commands_and_survive_failures() {
-    let Some(etcd_bin) = etcd_bin() else { return };
-    let kafka = kafka_broker();
+    let etcd_bin = etcd_bin();
+    // Records through the shared Kafka sink when a broker is there (always
+    // under CI: kafka_broker() insists); NDJSON is checked either way.
+    let kafka = (cfg!(elkeid_test_kafka)).then(kafka_broker);
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("[cluster test +{:.1}s] {what}", t0.elapsed().as_secs_f64());
     let mut etcd = Etcd::start(etcd_bin).await;
