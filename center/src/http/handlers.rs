@@ -22,7 +22,7 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     let body = s
         .metrics
         .render(s.pool.count(), &s.sinks.lag(), &s.sinks.counters());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// `POST /command` (no slash): gin's 307 to `/command/`.
