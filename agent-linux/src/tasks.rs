@@ -48,12 +48,12 @@ pub(crate) fn task_failed(buffer: &Buffer, token: &str, msg: &str) {
     buffer.kick();
 }
 
-/// Upload a file.
-pub(crate) use elkeid_core::schema::data_type::TASK_UPLOAD as DT_UPLOAD;
 /// Set idc / region.
 pub(crate) use elkeid_core::schema::data_type::TASK_SET_META as DT_SET_META;
 /// Shut down.
 pub(crate) use elkeid_core::schema::data_type::TASK_SHUTDOWN as DT_SHUTDOWN;
+/// Upload a file.
+pub(crate) use elkeid_core::schema::data_type::TASK_UPLOAD as DT_UPLOAD;
 
 /// gRPC path of file uploads.
 const UPLOAD_PATH: &str = "/grpc.FileExt/Upload";
