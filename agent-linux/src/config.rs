@@ -45,6 +45,9 @@ Usage: elkeid-agent [OPTIONS]
   --ring-bytes N         byte budget of the record ring (default 8388608)
   --heartbeat-secs N     heartbeat interval (default 60)
   --foreground           also log to stderr
+  --empty-config-removes-all[=true|false]
+                         an empty plugin config list removes every plugin
+                         (Elkeid's behaviour; default off: keep them)
   --version              print the version and exit
   --help                 print this help and exit
 
@@ -202,6 +205,9 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// How long SIGTERM waits to flush the ring to the center.
     pub flush_deadline: Duration,
+    /// An empty plugin config list stops and deletes every plugin (Elkeid's
+    /// behaviour); off: an empty list keeps the running plugins.
+    pub empty_config_removes_all: bool,
 }
 
 impl Config {
@@ -243,6 +249,7 @@ impl Config {
             sd_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(15),
             flush_deadline: Duration::from_secs(5),
+            empty_config_removes_all: false,
         }
     }
 
@@ -273,6 +280,7 @@ struct FileConfig {
     sd_timeout_secs: Option<i64>,
     dial_timeout_secs: Option<i64>,
     flush_deadline_secs: Option<i64>,
+    empty_config_removes_all: Option<bool>,
     #[serde(default)]
     tls: FileTls,
     #[serde(default)]
@@ -366,6 +374,9 @@ fn apply_file(cfg: &mut Config, f: FileConfig) -> Result<(), ConfigError> {
     if let Some(v) = f.flush_deadline_secs {
         cfg.flush_deadline = Duration::from_secs(range("flush_deadline_secs", v, 0, 600)? as u64);
     }
+    if let Some(v) = f.empty_config_removes_all {
+        cfg.empty_config_removes_all = v;
+    }
     if let Some(p) = f.tls.ca {
         cfg.ca = Some(Pem::File(p));
     }
@@ -423,6 +434,8 @@ where
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
             "--foreground" => flags.push((name, None)),
+            // A switch that also takes `=true|false` (to override the file).
+            "--empty-config-removes-all" => flags.push((name, inline)),
             "--config" | "--work-dir" | "--server" | "--public" | "--sd" | "--region" | "--idc"
             | "--ca" | "--cert" | "--key" | "--server-name" | "--workers" | "--log-level"
             | "--log-max-bytes" | "--ring-bytes" | "--heartbeat-secs" => {
@@ -484,6 +497,18 @@ where
         let key = name.trim_start_matches('-');
         match name.as_str() {
             "--foreground" => cfg.foreground = true,
+            "--empty-config-removes-all" => {
+                cfg.empty_config_removes_all = match v.to_ascii_lowercase().as_str() {
+                    "" | "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!("{v:?} is not true or false"),
+                        ));
+                    }
+                }
+            }
             "--server" => private_flags.push(check_addr(key, &v)?),
             "--public" => public_flags.push(check_addr(key, &v)?),
             "--sd" => sd_flags.push(check_addr(key, &v)?),
@@ -648,6 +673,38 @@ private = ["10.1.0.1:6751"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("servers.x.private"), "{e}");
+    }
+
+    #[test]
+    fn empty_config_removes_all_from_file_and_flag() {
+        assert!(!run(&[], &[]).unwrap().empty_config_removes_all);
+        assert!(
+            run(&["--empty-config-removes-all"], &[])
+                .unwrap()
+                .empty_config_removes_all
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a.toml");
+        std::fs::write(&f, "empty_config_removes_all = true\n").unwrap();
+        let file = f.to_str().unwrap();
+        assert!(
+            run(&["--config", file], &[])
+                .unwrap()
+                .empty_config_removes_all
+        );
+        // The flag overrides the file either way.
+        assert!(
+            !run(&["--config", file, "--empty-config-removes-all=false"], &[])
+                .unwrap()
+                .empty_config_removes_all
+        );
+        let e = run(&["--empty-config-removes-all=maybe"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty-config-removes-all"), "{e}");
+        std::fs::write(&f, "empty_config_removes_all = \"yes\"\n").unwrap();
+        let e = run(&["--config", file], &[]).unwrap_err().to_string();
+        assert!(e.contains("empty_config_removes_all"), "{e}");
     }
 
     #[test]

@@ -218,13 +218,10 @@ pub async fn run(
     };
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let sinks = match sinks::build(&config, &metrics).await {
-        Ok(s) => s,
-        Err(sinks::BuildError::Config { key, msg }) => {
-            return Err(config.origins.invalid(key, msg).into());
-        }
-        Err(e) => return Err(RunError::Sink(e.to_string())),
-    };
+    // Sink settings were checked when the config was loaded.
+    let sinks = sinks::build(&config, &metrics)
+        .await
+        .map_err(|e| RunError::Sink(e.to_string()))?;
     if config.sinks.contains(&config::SinkKind::Ndjson) {
         println!(
             "elkeid-center: records go to {}",

@@ -341,7 +341,7 @@ mod tests {
         let (new, _rx2) = p.register("a", "1.1.1.1:2".into(), p.try_slot().unwrap());
         assert!(old.conn.closed.is_cancelled());
         assert!(!new.conn.closed.is_cancelled());
-        assert_eq!(p.metrics.conflicts.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.conflicts.get(), 1);
         drop(old);
         assert_eq!(p.list(), vec!["a".to_string()]);
         assert_eq!(p.get("a").unwrap().addr, "1.1.1.1:2");

@@ -26,7 +26,7 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     if let Some(c) = &s.cluster {
         c.render_metrics(&mut body);
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// `POST /command` (no slash): gin's 307 to `/command/`.
