@@ -18,7 +18,7 @@
 //! | `--tls-key F` | `ELKEID_CENTER_TLS_KEY` | `grpc.key_file` | `DIR/pki/server.key` |
 //! | `--upload-max-bytes N` | `ELKEID_CENTER_UPLOAD_MAX_BYTES` | `grpc.upload_max_bytes` | `536870912` |
 //! | `--http-addr A` | `ELKEID_CENTER_HTTP_ADDR` | `http.addr` | `0.0.0.0:6752` |
-//! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `false` (HTTPS with the gRPC server certificate) |
+//! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `true` (HTTPS with the gRPC server certificate; `false` = plain HTTP, logged as a warning) |
 //! | `--auth true\|false` | `ELKEID_CENTER_AUTH` | `http.auth` | `true` |
 //! | `--api-keys F` | `ELKEID_CENTER_API_KEYS` | `http.api_keys_file` | `DIR/api-keys.toml` |
 //! | `--sink S` (repeatable) | `ELKEID_CENTER_SINK` (comma list) | `sinks.enabled` | `["ndjson"]` |
@@ -614,7 +614,8 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
     let h = file.http;
     let http = HttpConfig {
         addr: addr("http.addr", cli.http_addr, h.addr, "0.0.0.0:6752")?,
-        tls: boolean("http.tls", cli.http_tls, h.tls, false)?,
+        // HTTPS by default, as Elkeid's manager expects (`https://…`).
+        tls: boolean("http.tls", cli.http_tls, h.tls, true)?,
         auth: boolean("http.auth", cli.auth, h.auth, true)?,
         api_keys_file: cli
             .api_keys
@@ -819,6 +820,7 @@ mod tests {
         assert_eq!(c.grpc.conn_limit, 10_000);
         assert_eq!(c.grpc.max_message_bytes, 10 * 1024 * 1024);
         assert!(c.grpc.tls);
+        assert!(c.http.tls, "HTTPS API by default");
         assert!(c.http.auth);
         assert_eq!(c.sinks, vec![SinkKind::Ndjson]);
         assert_eq!(c.manager.backend, ManagerKind::Local);

@@ -195,7 +195,13 @@ pub async fn run(
     };
     let http_tls = match (&material, config.http.tls) {
         (Some((_, cert, key)), true) => Some(http::tls::server_config(cert, key)?),
-        _ => None,
+        _ => {
+            println!(
+                "elkeid-center: WARNING: HTTP API in plain HTTP (http.tls = false): signed requests and responses travel in clear text"
+            );
+            tracing::warn!("HTTP API in plain HTTP (http.tls = false)");
+            None
+        }
     };
 
     let aksk = if config.http.auth {
@@ -300,17 +306,11 @@ pub async fn run(
         sinks: sinks.clone(),
         aksk: Arc::new(aksk),
         auth: config.http.auth,
+        replays: Default::default(),
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {
-        match http_tls {
-            Some(cfg) => http::tls::serve(http_listener, http::router(state), cfg, http_stop).await,
-            None => {
-                axum::serve(http_listener, http::router(state))
-                    .with_graceful_shutdown(http_stop)
-                    .await
-            }
-        }
+        http::serve::serve(http_listener, http::router(state), http_tls, http_stop).await
     });
     drop(ctx);
 

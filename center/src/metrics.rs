@@ -35,6 +35,13 @@ pub(crate) struct Metrics {
     pub(crate) uploads_ok: AtomicU64,
     pub(crate) uploads_failed: AtomicU64,
     pub(crate) auth_failures: AtomicU64,
+    // Hardening (issue 10): refusals that protect the center.
+    pub(crate) http_replays_refused: AtomicU64,
+    pub(crate) http_bodies_refused: AtomicU64,
+    pub(crate) identity_mismatches: AtomicU64,
+    pub(crate) refused_identity_fields: AtomicU64,
+    pub(crate) refused_unidentified: AtomicU64,
+    pub(crate) details_over_budget: AtomicU64,
     data_types: Mutex<BTreeMap<i32, u64>>,
     /// Records whose data_type arrived after [`MAX_DATA_TYPES`] distinct
     /// ones were already tracked (exported as `data_type="other"`).
@@ -125,7 +132,37 @@ impl Metrics {
                 "elkeid_ac_output_data_type_count{{data_type=\"other\"}} {other}"
             );
         }
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 24] = [
+            (
+                "elkeid_center_http_replays_refused_total",
+                "HTTP API requests refused: signature already used within the window.",
+                g(&self.http_replays_refused),
+            ),
+            (
+                "elkeid_center_http_bodies_refused_total",
+                "HTTP API requests refused: body too large or not received in time.",
+                g(&self.http_bodies_refused),
+            ),
+            (
+                "elkeid_center_identity_mismatches_total",
+                "Streams or packets refused: agent_id not the one bound to the client certificate or stream.",
+                g(&self.identity_mismatches),
+            ),
+            (
+                "elkeid_center_conn_refused_identity_fields_total",
+                "Streams refused: first packet identity fields over their caps.",
+                g(&self.refused_identity_fields),
+            ),
+            (
+                "elkeid_center_conn_refused_unidentified_total",
+                "Streams refused: too many streams waiting for their first packet.",
+                g(&self.refused_unidentified),
+            ),
+            (
+                "elkeid_center_details_over_budget_total",
+                "Heartbeat details not kept: global detail byte budget full.",
+                g(&self.details_over_budget),
+            ),
             (
                 "elkeid_center_tcp_refused_total",
                 "TCP connections closed: too many open.",

@@ -5,10 +5,13 @@
 //! - this file: router, shared state, the `{"code","msg","data"}` envelope.
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
-//! - `tls.rs`: optional HTTPS (`http.tls = true`, Elkeid's default), with the
+//! - `limits.rs`: request body size cap and receive deadline.
+//! - `tls.rs`: HTTPS (`http.tls = true`, the default, as Elkeid's), with the
 //!   server certificate of the gRPC side.
+//! - `serve.rs`: the HTTP/1.1 accept loop (connection cap, handshake and
+//!   header deadlines), over TLS or, with `http.tls = false`, plain TCP.
 //!
-//! Plain HTTP by default; `/ping` and `/metrics` are unauthenticated, as in Elkeid.
+//! HTTPS by default; `/ping` and `/metrics` are unauthenticated, as in Elkeid.
 
 use std::sync::Arc;
 
@@ -25,6 +28,8 @@ use crate::sinks::Sinks;
 
 pub(crate) mod auth;
 pub(crate) mod handlers;
+pub(crate) mod limits;
+pub(crate) mod serve;
 pub(crate) mod tls;
 
 /// State shared by the handlers.
@@ -35,6 +40,8 @@ pub(crate) struct AppState {
     pub(crate) sinks: Sinks,
     pub(crate) aksk: Arc<AkSk>,
     pub(crate) auth: bool,
+    /// Signatures of state-changing requests already accepted.
+    pub(crate) replays: Arc<auth::ReplayGuard>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -94,6 +101,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::middleware,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::body,
         ));
     Router::new()
         .route("/ping", get(handlers::ping))
@@ -134,6 +145,7 @@ mod tests {
             sinks,
             aksk: Arc::new(aksk),
             auth,
+            replays: Default::default(),
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();

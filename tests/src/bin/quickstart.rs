@@ -91,7 +91,8 @@ fn run() -> Result<(), String> {
     let mut agent = Guard(agent);
 
     println!(
-        "quickstart: running. Records: {}/records/*.ndjson  API: http://127.0.0.1:6752 (keys in {}/api-keys.toml). Ctrl-C to stop.",
+        "quickstart: running. Records: {}/records/*.ndjson  API: https://127.0.0.1:6752 (CA {}/pki/ca.crt, keys in {}/api-keys.toml). Ctrl-C to stop.",
+        data.display(),
         data.display(),
         data.display()
     );

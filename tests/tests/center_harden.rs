@@ -1,0 +1,156 @@
+//! Hardened defaults of the center, against the real binary: HTTPS API by
+//! default, replayed signatures refused, request bodies bounded in size and
+//! time (issue 10).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use elkeid_tests::Center;
+use elkeid_tests::center::{HttpTarget, SERVER_NAME, http, signed_headers, unix_now};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn metric(center: &Center, name: &str) -> u64 {
+    let r = http(center.api_target(), "GET", "/metrics", &[], b"").await;
+    let text = String::from_utf8(r.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// Raw bytes a plain-HTTP client gets back for `GET /ping`.
+async fn plain_ping(addr: std::net::SocketAddr) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut raw)).await;
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_is_https_by_default_and_plain_http_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    // HTTPS with the center's server certificate, verified against its CA.
+    let r = http(center.api_target(), "GET", "/ping", &[], b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, br#"{"message":"pong"}"#);
+    // A plain-HTTP client gets no HTTP answer from the TLS port.
+    let raw = plain_ping(center.http).await;
+    assert!(
+        !raw.starts_with(b"HTTP/"),
+        "plain HTTP answered on the default port: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    drop(center);
+
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &["--http-tls", "false"]);
+    let raw = plain_ping(center.http).await;
+    assert!(raw.starts_with(b"HTTP/1.1 200"), "{raw:?}");
+    // ... and then a TLS client fails the handshake.
+    let tcp = tokio::net::TcpStream::connect(center.http).await.unwrap();
+    let ca = std::fs::read(dir.path().join("pki/ca.crt")).unwrap();
+    let cfg = HttpTarget::https(center.http, &ca).tls.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+    let hs = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .unwrap();
+    assert!(hs.is_err(), "TLS handshake succeeded on a plain-HTTP API");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_signed_post_is_refused_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    let (ak, sk) = center.api_key();
+    let body = br#"{"agent_id":"nobody","command":{"task":{"data_type":1}}}"#;
+    let captured = signed_headers(&ak, &sk, "POST", "/command/", body, unix_now());
+    let first = http(center.api_target(), "POST", "/command/", &captured, body).await;
+    assert_eq!(
+        first.json()["data"],
+        "agentID not found",
+        "{:?}",
+        first.json()
+    );
+    // The same request again (an observer's replay), within the window.
+    let again = http(center.api_target(), "POST", "/command/", &captured, body).await;
+    let v = again.json();
+    assert_eq!(
+        (again.status, &v["code"]),
+        (200, &serde_json::json!(1)),
+        "{v}"
+    );
+    assert_eq!(v["data"], "signature replayed", "{v}");
+    assert_eq!(
+        metric(&center, "elkeid_center_http_replays_refused_total").await,
+        1
+    );
+    // A freshly signed request with another body still passes.
+    let body2 = br#"{"agent_id":"nobody2","command":{"task":{"data_type":1}}}"#;
+    let h2 = signed_headers(&ak, &sk, "POST", "/command/", body2, unix_now());
+    let r = http(center.api_target(), "POST", "/command/", &h2, body2).await;
+    assert_eq!(r.json()["data"], "agentID not found");
+    // Read-only requests may repeat (a manager polling twice in a second).
+    let g = signed_headers(&ak, &sk, "GET", "/conn/count", b"", unix_now());
+    for _ in 0..2 {
+        let r = http(center.api_target(), "GET", "/conn/count", &g, b"").await;
+        assert_eq!(r.json()["code"], 0, "{:?}", r.json());
+    }
+    assert_eq!(
+        metric(&center, "elkeid_center_http_replays_refused_total").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_slow_bodies_get_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    let target = center.api_target();
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(target.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+        tokio_rustls::TlsConnector::from(target.tls.clone().unwrap())
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    };
+    let read_all = |mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw)).await;
+        String::from_utf8_lossy(&raw).to_string()
+    };
+    // Declared larger than the cap: refused before reading it.
+    let mut s = connect().await;
+    s.write_all(
+        b"POST /command/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 104857600\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let resp = read_all(s).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(resp.contains("request body larger than"), "{resp}");
+    // A body that never completes: refused after the body deadline.
+    let mut s = connect().await;
+    s.write_all(
+        b"POST /command/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{\"agent",
+    )
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+    let t0 = Instant::now();
+    let resp = read_all(s).await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("request body not received within"), "{resp}");
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    assert_eq!(
+        metric(&center, "elkeid_center_http_bodies_refused_total").await,
+        2
+    );
+}
