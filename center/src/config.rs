@@ -16,6 +16,7 @@
 //! | `--tls-ca F` | `ELKEID_CENTER_TLS_CA` | `grpc.ca_file` | `DIR/pki/ca.crt` |
 //! | `--tls-cert F` | `ELKEID_CENTER_TLS_CERT` | `grpc.cert_file` | `DIR/pki/server.crt` |
 //! | `--tls-key F` | `ELKEID_CENTER_TLS_KEY` | `grpc.key_file` | `DIR/pki/server.key` |
+//! | `--agent-identity shared\|cert` | `ELKEID_CENTER_AGENT_IDENTITY` | `grpc.agent_identity` | `shared` (Elkeid's shared client certificate; `cert`: the client certificate's CN is the agent id) |
 //! | `--upload-max-bytes N` | `ELKEID_CENTER_UPLOAD_MAX_BYTES` | `grpc.upload_max_bytes` | `536870912` |
 //! | `--http-addr A` | `ELKEID_CENTER_HTTP_ADDR` | `http.addr` | `0.0.0.0:6752` |
 //! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `true` (HTTPS with the gRPC server certificate; `false` = plain HTTP, logged as a warning) |
@@ -133,6 +134,9 @@ pub struct Cli {
     /// Server private key (PEM).
     #[arg(long, env = "ELKEID_CENTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Agent identity: shared (trust the packet's agent_id) | cert (client certificate CN).
+    #[arg(long, env = "ELKEID_CENTER_AGENT_IDENTITY")]
+    pub agent_identity: Option<String>,
     /// Maximum size of one uploaded file, bytes.
     #[arg(long, env = "ELKEID_CENTER_UPLOAD_MAX_BYTES")]
     pub upload_max_bytes: Option<String>,
@@ -242,6 +246,7 @@ struct FileGrpc {
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     upload_max_bytes: Option<u64>,
+    agent_identity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,6 +349,8 @@ pub struct GrpcConfig {
     pub key_file: Option<PathBuf>,
     /// Upload size cap.
     pub upload_max_bytes: u64,
+    /// Who an agent is: its packets' `agent_id`, or its certificate's CN.
+    pub agent_identity: crate::identity::AgentIdentity,
 }
 
 /// HTTP API settings.
@@ -609,6 +616,13 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         cert_file: cli.tls_cert.or(g.cert_file),
         key_file: cli.tls_key.or(g.key_file),
         upload_max_bytes: positive("grpc.upload_max_bytes", upload_max)?,
+        agent_identity: match cli.agent_identity.or(g.agent_identity) {
+            Some(s) => s.parse().map_err(|msg| ConfigError::Invalid {
+                key: "grpc.agent_identity",
+                msg,
+            })?,
+            None => Default::default(),
+        },
     };
 
     let h = file.http;

@@ -5,6 +5,7 @@
 //! - [`config`]: TOML file + flags + env (the CLI reference is there).
 //! - `pki.rs`: dev PKI and API keys generated on first start.
 //! - `tls.rs`: server TLS material (mTLS, client certificate required).
+//! - `identity.rs`: agent identity mode (shared certificate or per-agent CN).
 //! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
 //! - `pool.rs`: live agent streams, conn limit, conflicts, command delivery.
 //! - `records.rs`: per-record processing (heartbeats, task results, logs).
@@ -24,6 +25,7 @@
 pub mod config;
 mod grpc;
 mod http;
+mod identity;
 mod manager;
 mod metrics;
 mod payload;
@@ -41,7 +43,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use config::{Cli, Config, ConfigError};
-pub use pki::PkiError;
+pub use identity::AgentIdentity;
+pub use pki::{PkiError, pki_command};
 pub use tls::TlsError;
 
 use crate::config::ManagerKind;

@@ -154,3 +154,118 @@ async fn oversized_and_slow_bodies_get_a_clear_error() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_identity_fields_are_refused_and_counted() {
+    use elkeid_tests::center::{AgentStream, heartbeat, packet};
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    let mut cases = Vec::new();
+    let mut p = packet("big-host", vec![heartbeat(unix_now())]);
+    p.hostname = "h".repeat(300);
+    cases.push(p);
+    let mut p = packet(&"i".repeat(129), vec![heartbeat(unix_now())]);
+    p.hostname = "ok".into();
+    cases.push(p);
+    let mut p = packet("many-ips", vec![heartbeat(unix_now())]);
+    p.intranet_ipv4 = vec!["10.0.0.1".into(); 257];
+    cases.push(p);
+    let mut p = packet("long-ip", vec![heartbeat(unix_now())]);
+    p.extranet_ipv6 = vec!["f".repeat(65)];
+    cases.push(p);
+    for p in cases {
+        let Err(st) = AgentStream::open(center.agent().await, p).await else {
+            panic!("accepted");
+        };
+        assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+        assert!(st.message().contains("more than"), "{st:?}");
+    }
+    assert_eq!(
+        metric(&center, "elkeid_center_conn_refused_identity_fields_total").await,
+        4
+    );
+    assert!(center.conn_list().await.is_empty());
+    // Real-sized fields pass.
+    let _ok = center
+        .open_stream("fine", vec![heartbeat(unix_now())])
+        .await;
+    assert_eq!(center.conn_list().await, vec!["fine".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unidentified_streams_cannot_lock_out_agents() {
+    use elkeid_proto::grpc::transfer_client::TransferClient;
+    use elkeid_tests::center::heartbeat;
+    // conn_limit 8: before, 8 streams that never send a first packet held
+    // every slot for 30 s. Now they use their own budget (64).
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(
+        dir.path(),
+        &["--conn-limit", "8", "--first-packet-timeout-secs", "60"],
+    );
+    let mut idle = Vec::new();
+    let mut senders = Vec::new();
+    // 72 streams over 9 connections (16 streams per connection at most):
+    // 8 more than the budget, so the 8 oldest are evicted.
+    for _ in 0..9 {
+        let t = center.agent().await;
+        for _ in 0..8 {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            senders.push(tx);
+            let mut c = TransferClient::new(t.clone());
+            idle.push(tokio::spawn(async move {
+                c.transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map(|_| ())
+            }));
+        }
+    }
+    let mut evicted = 0;
+    for _ in 0..100 {
+        evicted = metric(&center, "elkeid_center_conn_refused_unidentified_total").await;
+        if evicted >= 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(evicted, 8);
+    // The budget (64) is full of idle streams; agents that identify
+    // themselves still get all 8 slots at once (not after the 60 s
+    // first-packet deadline).
+    let t0 = std::time::Instant::now();
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        streams.push(
+            center
+                .open_stream(&format!("agent-{i}"), vec![heartbeat(unix_now())])
+                .await,
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert_eq!(center.conn_list().await.len(), 8);
+    assert_eq!(
+        metric(&center, "elkeid_center_conn_refused_unidentified_total").await,
+        9,
+        "the first agent evicts one idle stream; once identified it leaves the budget"
+    );
+    // The evicted ones (the oldest idle streams) ended with RESOURCE_EXHAUSTED.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut exhausted = 0;
+    let mut rest = Vec::new();
+    for t in idle {
+        if !t.is_finished() {
+            rest.push(t);
+            continue;
+        }
+        if let Err(st) = t.await.unwrap()
+            && st.code() == tonic::Code::ResourceExhausted
+        {
+            exhausted += 1;
+        }
+    }
+    assert_eq!(exhausted, 9);
+    drop(senders);
+    for t in rest {
+        t.abort();
+    }
+}

@@ -304,7 +304,7 @@ async fn run(args: Args) {
                 }))
                 .unwrap();
                 let stats = stats.clone();
-                let (ak, sk) = (ak.clone(), sk.clone());
+                let (ak, sk, http_addr) = (ak.clone(), sk.clone(), http_addr.clone());
                 tokio::spawn(async move {
                     let h = signed_headers(&ak, &sk, "POST", "/command/", &body, unix_now());
                     stats
@@ -312,7 +312,7 @@ async fn run(args: Args) {
                         .lock()
                         .unwrap()
                         .insert(token.clone(), Instant::now());
-                    let r = http(http_addr.clone(), "POST", "/command/", &h, &body).await;
+                    let r = http(http_addr, "POST", "/command/", &h, &body).await;
                     stats.commands_sent.fetch_add(1, Ordering::Relaxed);
                     let ok = r.status == 200
                         && serde_json::from_slice::<serde_json::Value>(&r.body)
