@@ -16,6 +16,8 @@
 //! | `--tls-ca F` | `ELKEID_CENTER_TLS_CA` | `grpc.ca_file` | `DIR/pki/ca.crt` |
 //! | `--tls-cert F` | `ELKEID_CENTER_TLS_CERT` | `grpc.cert_file` | `DIR/pki/server.crt` |
 //! | `--tls-key F` | `ELKEID_CENTER_TLS_KEY` | `grpc.key_file` | `DIR/pki/server.key` |
+//! | `--upload-quota-bytes N` | `ELKEID_CENTER_UPLOAD_QUOTA_BYTES` | `grpc.upload_quota_bytes` | `4294967296` (all stored + in-flight uploads) |
+//! | `--upload-idle-secs N` | `ELKEID_CENTER_UPLOAD_IDLE_SECS` | `grpc.upload_idle_secs` | `60` (longest pause between chunks) |
 //! | `--agent-identity shared\|cert` | `ELKEID_CENTER_AGENT_IDENTITY` | `grpc.agent_identity` | `shared` (Elkeid's shared client certificate; `cert`: the client certificate's CN is the agent id) |
 //! | `--upload-max-bytes N` | `ELKEID_CENTER_UPLOAD_MAX_BYTES` | `grpc.upload_max_bytes` | `536870912` |
 //! | `--http-addr A` | `ELKEID_CENTER_HTTP_ADDR` | `http.addr` | `0.0.0.0:6752` |
@@ -134,6 +136,12 @@ pub struct Cli {
     /// Server private key (PEM).
     #[arg(long, env = "ELKEID_CENTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Total bytes of stored plus in-flight uploads.
+    #[arg(long, env = "ELKEID_CENTER_UPLOAD_QUOTA_BYTES")]
+    pub upload_quota_bytes: Option<String>,
+    /// Seconds an upload stream may stay silent between chunks.
+    #[arg(long, env = "ELKEID_CENTER_UPLOAD_IDLE_SECS")]
+    pub upload_idle_secs: Option<String>,
     /// Agent identity: shared (trust the packet's agent_id) | cert (client certificate CN).
     #[arg(long, env = "ELKEID_CENTER_AGENT_IDENTITY")]
     pub agent_identity: Option<String>,
@@ -246,6 +254,8 @@ struct FileGrpc {
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     upload_max_bytes: Option<u64>,
+    upload_quota_bytes: Option<u64>,
+    upload_idle_secs: Option<u64>,
     agent_identity: Option<String>,
 }
 
@@ -349,6 +359,10 @@ pub struct GrpcConfig {
     pub key_file: Option<PathBuf>,
     /// Upload size cap.
     pub upload_max_bytes: u64,
+    /// Stored + in-flight upload bytes cap.
+    pub upload_quota_bytes: u64,
+    /// Longest silence within an upload stream.
+    pub upload_idle: Duration,
     /// Who an agent is: its packets' `agent_id`, or its certificate's CN.
     pub agent_identity: crate::identity::AgentIdentity,
 }
@@ -616,6 +630,24 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         cert_file: cli.tls_cert.or(g.cert_file),
         key_file: cli.tls_key.or(g.key_file),
         upload_max_bytes: positive("grpc.upload_max_bytes", upload_max)?,
+        upload_quota_bytes: positive(
+            "grpc.upload_quota_bytes",
+            num(
+                "grpc.upload_quota_bytes",
+                cli.upload_quota_bytes,
+                g.upload_quota_bytes,
+                4 * 1024 * 1024 * 1024,
+            )?,
+        )?,
+        upload_idle: Duration::from_secs(positive(
+            "grpc.upload_idle_secs",
+            num(
+                "grpc.upload_idle_secs",
+                cli.upload_idle_secs,
+                g.upload_idle_secs,
+                60,
+            )?,
+        )?),
         agent_identity: match cli.agent_identity.or(g.agent_identity) {
             Some(s) => s.parse().map_err(|msg| ConfigError::Invalid {
                 key: "grpc.agent_identity",

@@ -264,6 +264,8 @@ pub async fn run(
     let uploads = grpc::upload::UploadConfig {
         dir: uploads_dir,
         max_bytes: config.grpc.upload_max_bytes,
+        quota_bytes: config.grpc.upload_quota_bytes,
+        idle: config.grpc.upload_idle,
     };
 
     let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;

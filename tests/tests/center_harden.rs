@@ -269,3 +269,61 @@ async fn unidentified_streams_cannot_lock_out_agents() {
         t.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_have_a_quota_an_idle_timeout_and_never_overwrite() {
+    use bytes::Bytes;
+    use elkeid_proto::grpc::FileUploadRequest;
+    use elkeid_proto::grpc::file_ext_client::FileExtClient;
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(
+        dir.path(),
+        &["--upload-quota-bytes", "1000", "--upload-idle-secs", "2"],
+    );
+    let chunk = |token: &str, data: &[u8]| FileUploadRequest {
+        token: token.into(),
+        data: Bytes::copy_from_slice(data),
+    };
+    let upload = |chunks: Vec<FileUploadRequest>| async {
+        let mut c = FileExtClient::new(center.agent().await);
+        c.upload(tokio_stream::iter(chunks))
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    let uploads = dir.path().join("uploads");
+    assert_eq!(upload(vec![chunk("a", &[1; 600])]).await.unwrap(), 0);
+    // Same token again: refused, the stored file untouched.
+    let st = upload(vec![chunk("a", &[2; 10])]).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::AlreadyExists, "{st:?}");
+    assert_eq!(std::fs::read(uploads.join("a")).unwrap(), vec![1; 600]);
+    // Over the quota (600 stored + 600): refused, nothing left behind.
+    let st = upload(vec![chunk("b", &[3; 300]), chunk("", &[3; 300])])
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    assert!(st.message().contains("quota"), "{st:?}");
+    // A stream that stops sending: ended after the idle timeout.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(chunk("c", b"partial")).await.unwrap();
+    let mut c = FileExtClient::new(center.agent().await);
+    let t0 = Instant::now();
+    let st = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.upload(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("ended by the server")
+    .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::DeadlineExceeded, "{st:?}");
+    assert!(t0.elapsed() >= Duration::from_secs(2));
+    drop(tx);
+    let mut left: Vec<String> = std::fs::read_dir(&uploads)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["a".to_string()], "no partial files, no b, no c");
+    // Within the quota again after the refusals released their bytes.
+    assert_eq!(upload(vec![chunk("d", &[4; 400])]).await.unwrap(), 0);
+    assert!(metric(&center, "elkeid_center_uploads_failed_total").await >= 3);
+}
