@@ -14,6 +14,9 @@
 //! - [`payload`]: `Payload` map entry writers (Elkeid number formatting via
 //!   `core::fmt`, no heap) and an allocation-free entry reader.
 //! - [`packet`]: `PackagedData` encoding around a drained batch.
+//! - [`schema`]: record data types and the payload keys of the records the
+//!   agent builds (heartbeats, 1010 logs, 5100 results), shared with the
+//!   center and the tests.
 //!
 //! # Features
 //! - `alloc`: heap-backed helpers ([`frame::FrameDecoder`],
@@ -32,3 +35,4 @@ pub mod packet;
 pub mod payload;
 pub mod pb;
 pub mod ring;
+pub mod schema;

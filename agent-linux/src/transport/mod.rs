@@ -6,28 +6,61 @@
 //! - this file: address selection (§2.4: service discovery, private,
 //!   public), reconnect with exponential backoff and jitter (never exits),
 //!   the send loop (ring batches, commit/rollback) and the receive loop
-//!   (command dispatch).
+//!   (each command goes to the `on_command` callback; the agent plans and
+//!   executes it, see `crate::command`).
+//!
+//! The transport owns the connection state ([`Link`]); it writes the
+//! counters and reads the host metadata (packet fields, region).
 
 pub(crate) mod channel;
 pub(crate) mod tls;
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use elkeid_proto::codec::RawEncodeCodec;
-use elkeid_proto::grpc::{Command, Config as PluginConfig};
+use elkeid_proto::grpc::Command;
 use elkeid_proto::snappy::SnappyClient;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use tonic::codegen::http::uri::PathAndQuery;
 
-use crate::buffer::RING_SLOTS;
-use crate::config::{PRODUCT, VERSION};
-use crate::state::{Agent, Exit};
+use crate::buffer::{Buffer, RING_SLOTS};
+use crate::config::Config;
+use crate::counters::Counters;
+use crate::heartbeat::Heartbeat;
+use crate::meta::HostMeta;
 use channel::Channel;
+
+/// Connection state, owned by the transport (others only look).
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    /// The live connection (uploads open another stream on it).
+    pub(crate) channel: RefCell<Option<Channel>>,
+    /// Graceful stop: end the Transfer stream once the ring is empty.
+    pub(crate) closing: Cell<bool>,
+    /// SIGUSR2 asked to drop cached buffers.
+    pub(crate) release_memory: Cell<bool>,
+}
+
+/// What the transport works with.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    pub(crate) cfg: Rc<Config>,
+    pub(crate) buffer: Rc<Buffer>,
+    pub(crate) counters: Rc<Counters>,
+    pub(crate) meta: Rc<HostMeta>,
+    /// A 1000 heartbeat is pushed at the start of every session.
+    pub(crate) heartbeat: Rc<Heartbeat>,
+    pub(crate) link: Rc<Link>,
+}
+
+/// Receives every Command, in order, on the runtime thread.
+pub(crate) type OnCommand = Rc<dyn Fn(Command)>;
 
 /// gRPC path of the Transfer stream.
 pub(crate) const TRANSFER_PATH: &str = "/grpc.Transfer/Transfer";
@@ -62,7 +95,7 @@ pub(crate) enum SessionError {
 pub(crate) enum DiscoveryError {
     /// The HTTP request failed.
     #[error("service discovery: {0}")]
-    Http(#[from] crate::http_client::HttpError),
+    Http(#[from] crate::fetch::DownloadError),
     /// The response is not the expected JSON.
     #[error("service discovery: bad response: {0}")]
     Json(String),
@@ -108,7 +141,7 @@ pub(crate) fn parse_discovery(body: &[u8]) -> Result<Vec<String>, DiscoveryError
 
 async fn discover(sd: &str, timeout: Duration) -> Result<Vec<String>, DiscoveryError> {
     let url = format!("http://{sd}/registry/detail?name=hids_svr_grpc&count=10");
-    let body = crate::http_client::get(&url, timeout, MAX_SD_RESPONSE).await?;
+    let body = crate::fetch::get(&url, timeout, MAX_SD_RESPONSE).await?;
     parse_discovery(&body)
 }
 
@@ -144,11 +177,11 @@ pub(crate) fn next_backoff(cur: Duration) -> Duration {
 
 /// Tries service discovery, then the private list, then the public list.
 async fn dial(
-    agent: &Agent,
+    agent: &Transport,
     tls: &Arc<ClientConfig>,
     name: &ServerName<'static>,
 ) -> Option<(Channel, &'static str)> {
-    let region = agent.region.borrow().clone();
+    let region = agent.meta.region.borrow().clone();
     let servers = agent.cfg.servers.get(&region).cloned().unwrap_or_default();
     let mut candidates: Vec<(String, &'static str)> = Vec::new();
     for sd in &servers.service_discovery {
@@ -170,7 +203,7 @@ async fn dial(
             &addr,
             tls.clone(),
             name.clone(),
-            agent.bytes.clone(),
+            agent.counters.bytes.clone(),
             agent.cfg.dial_timeout,
         )
         .await
@@ -186,9 +219,9 @@ async fn dial(
 }
 
 /// Connects, runs a session, backs off and reconnects, forever; returns
-/// only once `agent.closing` is set and the ring was flushed (the request
+/// only once `link.closing` is set and the ring was flushed (the request
 /// stream is then ended cleanly).
-pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
+pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command: OnCommand) {
     let name = match tls::server_name(&agent.cfg.server_name) {
         Ok(n) => n,
         Err(error) => {
@@ -211,22 +244,22 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
             continue;
         };
         if connected_once {
-            agent.reconnects.set(agent.reconnects.get() + 1);
+            Counters::add(&agent.counters.reconnects, 1);
         } else {
             // A self-updated binary keeps `<exe>.old` until it has connected.
             crate::update::cleanup_old_binary();
         }
         connected_once = true;
-        agent.net_mode.set(mode);
-        agent.channel.replace(Some(ch.clone()));
+        agent.counters.net_mode.set(mode);
+        agent.link.channel.replace(Some(ch.clone()));
         let started = tokio::time::Instant::now();
-        let r = session(&agent, ch).await;
-        agent.channel.replace(None);
+        let r = session(&agent, ch, &on_command).await;
+        agent.link.channel.replace(None);
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
             Err(error) => tracing::warn!(%error, "transfer session ended"),
         }
-        if agent.closing.get() {
+        if agent.link.closing.get() {
             return;
         }
         backoff = if started.elapsed() > Duration::from_secs(30) {
@@ -239,8 +272,12 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
 
 /// One Transfer stream: a 1000 heartbeat first, then the send and receive
 /// loops until either fails.
-async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
-    crate::heartbeat::push_agent_heartbeat(agent).await;
+async fn session(
+    agent: &Transport,
+    ch: Channel,
+    on_command: &OnCommand,
+) -> Result<(), SessionError> {
+    crate::heartbeat::push_agent_heartbeat(&agent.heartbeat).await;
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     let origin = format!("https://{}", agent.cfg.server_name)
         .parse()
@@ -259,7 +296,8 @@ async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
     let receiver = async {
         let mut commands = call.await?.into_inner();
         while let Some(cmd) = commands.message().await? {
-            dispatch(agent, cmd);
+            Counters::add(&agent.counters.rx_commands, 1);
+            on_command(cmd);
         }
         Err::<(), _>(SessionError::Ended)
     };
@@ -282,7 +320,7 @@ async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
 /// high-water mark, or when kicked. A batch is committed once the request
 /// body took it; on any failure it is rolled back and re-sent after the
 /// reconnect, in order.
-async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), SessionError> {
+async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), SessionError> {
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
@@ -290,18 +328,18 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
         tokio::select! {
             _ = tick.tick() => {}
             _ = agent.buffer.high_water() => {}
-            _ = agent.kick.notified() => {}
+            _ = agent.buffer.kicked() => {}
         }
-        crate::log::drain_error_records(agent);
-        if agent.closing.get() && agent.buffer.is_empty() {
+        crate::log::drain_error_records(&agent.buffer);
+        if agent.link.closing.get() && agent.buffer.is_empty() {
             return Ok(());
         }
-        if agent.release_memory.replace(false) {
+        if agent.link.release_memory.replace(false) {
             buf = Vec::new();
         }
         loop {
             buf.clear();
-            let meta = agent.meta.borrow().clone();
+            let meta = agent.meta.packet.borrow().clone();
             let Some((batch, n)) =
                 agent
                     .buffer
@@ -330,62 +368,9 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
                 }
             }
             agent.buffer.commit(batch);
-            agent.tx_records.set(agent.tx_records.get() + n as u64);
+            Counters::add(&agent.counters.tx_records, n as u64);
         }
     }
-}
-
-/// Handles one Command (§3.5, with Elkeid's "task drops configs" fixed).
-fn dispatch(agent: &Rc<Agent>, cmd: Command) {
-    agent.rx_commands.set(agent.rx_commands.get() + 1);
-    if let Some(task) = cmd.task {
-        if task.object_name == PRODUCT {
-            crate::tasks::handle(agent, task);
-        } else {
-            let token = task.token.clone();
-            let name = task.object_name.clone();
-            if let Err(error) = agent.plugins.send_task(task) {
-                tracing::warn!(plugin = %name, %error, "task not delivered");
-                agent.task_failed(&token, &error.to_string());
-            }
-        }
-        if cmd.configs.is_empty() {
-            return;
-        }
-    }
-    config_sync(agent, cmd.configs);
-}
-
-/// Config sync: `elkeid-agent` entry with another version -> self-update;
-/// the rest is the desired plugin set.
-fn config_sync(agent: &Rc<Agent>, configs: Vec<PluginConfig>) {
-    agent.abnormal.borrow_mut().clear();
-    let (own, plugins): (Vec<PluginConfig>, Vec<PluginConfig>) =
-        configs.into_iter().partition(|c| c.name == PRODUCT);
-    if let Some(cfg) = own.into_iter().next()
-        && cfg.version != VERSION
-    {
-        let a = agent.clone();
-        tokio::task::spawn_local(async move {
-            let ctx = crate::update::UpdateContext {
-                work_dir: a.cfg.work_dir.clone(),
-            };
-            match crate::update::self_update(&ctx, &cfg).await {
-                Ok(crate::update::UpdateOutcome::Replaced(path)) => {
-                    tracing::info!(version = %cfg.version, "self-update installed, restarting");
-                    a.stop(Exit::Reexec(path));
-                }
-                Err(error) => {
-                    tracing::error!(version = %cfg.version, %error, "agent update failed");
-                    a.set_abnormal(format!("agent update failed: {error}"));
-                }
-            }
-        });
-    }
-    let a = agent.clone();
-    tokio::task::spawn_local(async move {
-        a.plugins.sync(plugins).await;
-    });
 }
 
 #[cfg(test)]

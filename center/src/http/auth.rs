@@ -179,7 +179,7 @@ pub(crate) async fn middleware(
             );
         }
     };
-    if (crate::records::now_unix().saturating_sub(t)).abs() >= WINDOW {
+    if (crate::now_unix().saturating_sub(t)).abs() >= WINDOW {
         return refuse(&state, "timestamp error".into());
     }
     let Some(sk) = state.aksk.get(&ak.to_lowercase()).cloned() else {
@@ -208,7 +208,7 @@ pub(crate) async fn middleware(
     let read_only =
         parts.method == axum::http::Method::GET || parts.method == axum::http::Method::HEAD;
     if !read_only {
-        match state.replays.admit(sig_raw, t, crate::records::now_unix()) {
+        match state.replays.admit(sig_raw, t, crate::now_unix()) {
             Ok(()) => {}
             Err(Replay::Seen) => {
                 inc(&state.metrics.http_replays_refused);

@@ -184,7 +184,7 @@ mod tests {
     #[tokio::test]
     async fn api_shapes_and_auth() {
         let (addr, pool) = start(true).await;
-        let now = crate::records::now_unix().to_string();
+        let now = crate::now_unix().to_string();
         let ts = Some(now.as_str());
         assert_eq!(
             call(&addr, "GET", "/ping", None, "").await,
