@@ -45,6 +45,7 @@ Usage: elkeid-agent [OPTIONS]
   --ring-bytes N         byte budget of the record ring (default 8388608)
   --heartbeat-secs N     heartbeat interval (default 60)
   --foreground           also log to stderr
+  --probe-connect        dial the centers once (TLS + HTTP/2), exit 0 on success
   --version              print the version and exit
   --help                 print this help and exit
 
@@ -95,6 +96,10 @@ impl ConfigError {
 pub enum Command {
     /// Run the agent.
     Run(Box<Config>),
+    /// Dial the configured centers once (TLS + HTTP/2) and exit 0 on the
+    /// first success (`--probe-connect`; self-update runs a new binary so
+    /// before it replaces the running one).
+    Probe(Box<Config>),
     /// Print the version.
     Version,
     /// Print usage.
@@ -422,7 +427,7 @@ where
         match name.as_str() {
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
-            "--foreground" => flags.push((name, None)),
+            "--foreground" | "--probe-connect" => flags.push((name, None)),
             "--config" | "--work-dir" | "--server" | "--public" | "--sd" | "--region" | "--idc"
             | "--ca" | "--cert" | "--key" | "--server-name" | "--workers" | "--log-level"
             | "--log-max-bytes" | "--ring-bytes" | "--heartbeat-secs" => {
@@ -479,11 +484,13 @@ where
     let mut private_flags = Vec::new();
     let mut public_flags = Vec::new();
     let mut sd_flags = Vec::new();
+    let probe = flags.iter().any(|(n, _)| n == "--probe-connect");
     for (name, v) in flags {
         let v = v.unwrap_or_default();
         let key = name.trim_start_matches('-');
         match name.as_str() {
             "--foreground" => cfg.foreground = true,
+            "--probe-connect" => {}
             "--server" => private_flags.push(check_addr(key, &v)?),
             "--public" => public_flags.push(check_addr(key, &v)?),
             "--sd" => sd_flags.push(check_addr(key, &v)?),
@@ -517,6 +524,9 @@ where
     }
     if cfg.work_dir.as_os_str().is_empty() {
         return Err(ConfigError::invalid("work_dir", "empty path"));
+    }
+    if probe {
+        return Ok(Command::Probe(Box::new(cfg)));
     }
     Ok(Command::Run(Box::new(cfg)))
 }

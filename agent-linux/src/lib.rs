@@ -100,6 +100,30 @@ pub fn preflight(cfg: &config::Config) -> Result<Preflight, RunError> {
     Ok(Preflight { tls })
 }
 
+/// `--probe-connect`: dials the configured private then public centers,
+/// each once within `dial_timeout`; returns the address that answered.
+/// Must run inside a `LocalSet`.
+pub async fn probe(cfg: &config::Config, pre: &Preflight) -> Result<String, String> {
+    let name = transport::tls::server_name(&cfg.server_name).map_err(|e| e.to_string())?;
+    let servers = cfg.region_servers();
+    let mut last = String::from("no center address configured");
+    for addr in servers.private.iter().chain(servers.public.iter()) {
+        match transport::channel::Channel::connect(
+            addr,
+            pre.tls.clone(),
+            name.clone(),
+            std::sync::Arc::default(),
+            cfg.dial_timeout,
+        )
+        .await
+        {
+            Ok(_) => return Ok(addr.clone()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
 /// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
 /// plugins, flushes the ring to the center (bounded by `flush_deadline`)
 /// and returns why it stopped. Must run inside a `LocalSet`.
