@@ -46,6 +46,33 @@ mod tasks;
 mod transport;
 mod update;
 
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// Runs the plugin archive extractor on `archive` bytes (a `tar.gz`, or
+    /// a bare tar when `gzip` is false) into the empty directory `dest`,
+    /// with caps of 1 MiB and 64 entries; `Ok` = files written.
+    pub fn extract_plugin_archive(
+        archive: &[u8],
+        gzip: bool,
+        dest: &Path,
+    ) -> Result<usize, String> {
+        use crate::plugin::extract::{Limits, extract_tar};
+        let limits = Limits {
+            max_total: 1024 * 1024,
+            max_entries: 64,
+        };
+        let r = if gzip {
+            extract_tar(flate2::read::GzDecoder::new(archive), dest, limits)
+        } else {
+            extract_tar(archive, dest, limits)
+        };
+        r.map_err(|e| e.to_string())
+    }
+}
+
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -141,10 +168,18 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         ..Default::default()
     };
     let buffer = buffer::Buffer::new(ring);
-    let plugins = Rc::new(plugin::PluginManager::new(plugin::PluginContext::new(
-        cfg.work_dir.clone(),
-        buffer.clone(),
-    )));
+    let mut plugin_ctx = plugin::PluginContext::new(cfg.work_dir.clone(), buffer.clone());
+    // A frame that passes the decoder must fit the ring (a small ring_bytes,
+    // e.g. OpenWrt's 2 MiB, would otherwise restart a plugin at every large record).
+    plugin_ctx.max_frame_len = buffer.max_plugin_frame();
+    if plugin_ctx.max_frame_len < elkeid_core::frame::DEFAULT_MAX_FRAME_LEN {
+        tracing::info!(
+            ring_bytes = cfg.ring_bytes,
+            max_frame_len = plugin_ctx.max_frame_len,
+            "plugin frame cap sized to the ring"
+        );
+    }
+    let plugins = Rc::new(plugin::PluginManager::new(plugin_ctx));
     let flush_deadline = cfg.flush_deadline;
     let agent = agent::Agent::new(cfg, id, buffer, plugins);
     let (tasks, mut transport) = agent.spawn(tls);
