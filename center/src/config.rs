@@ -27,6 +27,8 @@
 //! | `--sink S` (repeatable) | `ELKEID_CENTER_SINK` (comma list) | `sinks.enabled` | `["ndjson"]` |
 //! | `--ndjson-dir D` | `ELKEID_CENTER_NDJSON_DIR` | `sinks.ndjson.dir` | `DIR/records` |
 //! | `--ndjson-rotate-bytes N` | `ELKEID_CENTER_NDJSON_ROTATE_BYTES` | `sinks.ndjson.rotate_bytes` | `268435456` |
+//! | `--ndjson-retain-bytes N` | `ELKEID_CENTER_NDJSON_RETAIN_BYTES` | `sinks.ndjson.retain_bytes` | unset (keep all): oldest files removed beyond N bytes |
+//! | `--ndjson-retain-secs N` | `ELKEID_CENTER_NDJSON_RETAIN_SECS` | `sinks.ndjson.retain_secs` | unset (keep all): files older than N s removed |
 //! | `--kafka-brokers B` (comma list) | `ELKEID_CENTER_KAFKA_BROKERS` | `sinks.kafka.brokers` | `["127.0.0.1:9092"]` |
 //! | `--kafka-topic T` | `ELKEID_CENTER_KAFKA_TOPIC` | `sinks.kafka.topic` | `hids_svr` |
 //! | `--manager local\|elkeid` | `ELKEID_CENTER_MANAGER` | `manager.backend` | `local` |
@@ -180,6 +182,12 @@ pub struct Cli {
     /// NDJSON file size at which a new file is started, bytes. [default: 268435456]
     #[arg(long, env = "ELKEID_CENTER_NDJSON_ROTATE_BYTES")]
     pub ndjson_rotate_bytes: Option<String>,
+    /// NDJSON retention: total bytes of record files kept (oldest removed first). [default: unset, keep all]
+    #[arg(long, env = "ELKEID_CENTER_NDJSON_RETAIN_BYTES")]
+    pub ndjson_retain_bytes: Option<String>,
+    /// NDJSON retention: record files older than this many seconds are removed. [default: unset, keep all]
+    #[arg(long, env = "ELKEID_CENTER_NDJSON_RETAIN_SECS")]
+    pub ndjson_retain_secs: Option<String>,
     /// Kafka bootstrap brokers (comma list). [default: 127.0.0.1:9092]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_BROKERS", value_delimiter = ',')]
     pub kafka_brokers: Vec<String>,
@@ -264,6 +272,8 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("http.api_keys_file", "api_keys"),
     ("sinks.enabled", "sinks"),
     ("sinks.ndjson.rotate_bytes", "ndjson_rotate_bytes"),
+    ("sinks.ndjson.retain_bytes", "ndjson_retain_bytes"),
+    ("sinks.ndjson.retain_secs", "ndjson_retain_secs"),
     ("sinks.kafka.brokers", "kafka_brokers"),
     ("sinks.kafka.topic", "kafka_topic"),
     ("sinks.kafka.compression", "kafka_compression"),
@@ -402,6 +412,8 @@ struct FileSinks {
 struct FileNdjson {
     dir: Option<PathBuf>,
     rotate_bytes: Option<u64>,
+    retain_bytes: Option<u64>,
+    retain_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,6 +518,8 @@ pub struct NdjsonConfig {
     pub dir: PathBuf,
     /// Rotation size.
     pub rotate_bytes: u64,
+    /// Retention (unset: keep all).
+    pub(crate) retention: crate::sinks::ndjson::Retention,
 }
 
 /// Kafka sink settings (interpreted by `sinks::kafka`).
@@ -842,6 +856,22 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
             .or(s.ndjson.dir)
             .unwrap_or_else(|| data_dir.join("records")),
         rotate_bytes: positive("sinks.ndjson.rotate_bytes", rotate)?,
+        retention: crate::sinks::ndjson::Retention {
+            max_bytes: opt_num(
+                "sinks.ndjson.retain_bytes",
+                cli.ndjson_retain_bytes,
+                s.ndjson.retain_bytes,
+            )?
+            .map(|v| positive("sinks.ndjson.retain_bytes", v))
+            .transpose()?,
+            max_age: opt_num(
+                "sinks.ndjson.retain_secs",
+                cli.ndjson_retain_secs,
+                s.ndjson.retain_secs,
+            )?
+            .map(|v| positive("sinks.ndjson.retain_secs", v).map(Duration::from_secs))
+            .transpose()?,
+        },
     };
     let k = s.kafka;
     let kafka = KafkaConfig {

@@ -327,3 +327,68 @@ async fn uploads_have_a_quota_an_idle_timeout_and_never_overwrite() {
     assert_eq!(upload(vec![chunk("d", &[4; 400])]).await.unwrap(), 0);
     assert!(metric(&center, "elkeid_center_uploads_failed_total").await >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_retention_keeps_the_records_dir_under_its_byte_budget() {
+    use elkeid_tests::center::{record, unix_now};
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(
+        dir.path(),
+        &[
+            "--ndjson-rotate-bytes",
+            "4000",
+            "--ndjson-retain-bytes",
+            "12000",
+        ],
+    );
+    let s = center
+        .open_stream("retained", vec![record(5000, unix_now(), &[("n", "0")])])
+        .await;
+    let pad = "p".repeat(300);
+    for i in 0..200 {
+        s.send(vec![record(
+            5000,
+            unix_now(),
+            &[("n", &i.to_string()), ("pad", &pad)],
+        )])
+        .await;
+    }
+    let records = dir.path().join("records");
+    let size = || -> (u64, usize) {
+        let mut total = 0;
+        let mut n = 0;
+        for e in std::fs::read_dir(&records).unwrap() {
+            total += e.unwrap().metadata().unwrap().len();
+            n += 1;
+        }
+        (total, n)
+    };
+    // 200 records of ~600 bytes = ~120 KB written; at most 12000 bytes of
+    // closed files plus the file being written are kept.
+    let mut removed = 0;
+    for _ in 0..100 {
+        let r = http(center.api_target(), "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8(r.body).unwrap();
+        removed = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "elkeid_center_sink_records_total{sink=\"ndjson\",kind=\"retention_removed_files\"} ",
+                )
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0u64);
+        if removed >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(removed >= 20, "retention removed {removed} files");
+    let (total, files) = size();
+    assert!(
+        total <= 12000 + 4000 + 1000,
+        "{total} bytes in {files} files"
+    );
+    assert!(files >= 2, "the newest files stay: {files}");
+    drop(s);
+}
