@@ -22,9 +22,9 @@ use crate::plugin::PluginManager;
 use crate::procstat::{ProcSample, clock_ticks, sample};
 
 /// Data type of the agent heartbeat.
-pub(crate) const DT_AGENT_HEARTBEAT: i32 = 1000;
+pub(crate) use elkeid_core::schema::data_type::AGENT_HEARTBEAT as DT_AGENT_HEARTBEAT;
 /// Data type of a plugin heartbeat.
-pub(crate) const DT_PLUGIN_HEARTBEAT: i32 = 1001;
+pub(crate) use elkeid_core::schema::data_type::PLUGIN_HEARTBEAT as DT_PLUGIN_HEARTBEAT;
 
 /// The heartbeat: what it reads (shared), and what it owns (the previous
 /// samples for its rates and the agent's own `state_detail` entries).

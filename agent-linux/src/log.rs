@@ -24,7 +24,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use crate::config::LogLevel;
 
 /// Data type of agent error logs.
-pub(crate) const DT_AGENT_LOG: i32 = 1010;
+pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 /// Pending 1010 records kept at most (between two send ticks).
 const MAX_PENDING: usize = 256;
 /// Largest 1010 payload.

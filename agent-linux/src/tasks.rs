@@ -22,7 +22,7 @@ use crate::stop::{Exit, StopSignal};
 use crate::transport::Link;
 
 /// Data type of a task result / failure record.
-pub(crate) const DT_TASK_RESULT: i32 = 5100;
+pub(crate) use elkeid_core::schema::data_type::TASK_RESULT as DT_TASK_RESULT;
 
 /// What agent tasks work with; owns the "an upload is running" flag.
 #[derive(Debug)]
@@ -48,12 +48,12 @@ pub(crate) fn task_failed(buffer: &Buffer, token: &str, msg: &str) {
     buffer.kick();
 }
 
-/// Upload a file.
-pub(crate) const DT_UPLOAD: i32 = 1050;
 /// Set idc / region.
-pub(crate) const DT_SET_META: i32 = 1051;
+pub(crate) use elkeid_core::schema::data_type::TASK_SET_META as DT_SET_META;
 /// Shut down.
-pub(crate) const DT_SHUTDOWN: i32 = 1060;
+pub(crate) use elkeid_core::schema::data_type::TASK_SHUTDOWN as DT_SHUTDOWN;
+/// Upload a file.
+pub(crate) use elkeid_core::schema::data_type::TASK_UPLOAD as DT_UPLOAD;
 
 /// gRPC path of file uploads.
 const UPLOAD_PATH: &str = "/grpc.FileExt/Upload";

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: TOML file + flags + env (the CLI reference is there).
+//! - [`ctl`]: `elkeid-center ctl …`, the operator commands (a signed API client).
 //! - `pki.rs`: dev PKI and API keys generated on first start.
 //! - `tls.rs`: server TLS material (mTLS, client certificate required).
 //! - `identity.rs`: agent identity mode (shared certificate or per-agent CN).
@@ -22,6 +23,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod ctl;
 mod grpc;
 mod http;
 mod identity;

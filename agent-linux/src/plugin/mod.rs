@@ -56,7 +56,7 @@ pub(crate) const MAX_TASK_FRAME: usize = 1024 * 1024;
 /// Most abnormal messages kept for the heartbeat.
 const MAX_ABNORMAL: usize = 32;
 /// Data type of agent log records.
-pub(crate) const DT_AGENT_LOG: i32 = 1010;
+pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 
 /// What the plugin manager needs from the agent.
 #[derive(Debug, Clone)]
@@ -117,6 +117,17 @@ pub(crate) struct PluginSnapshot {
     pub(crate) tx_cnt: u64,
     pub(crate) tx_bytes: u64,
     pub(crate) elapsed_secs: f64,
+}
+
+/// A plugin as `elkeid-agent status` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct PluginView {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    /// `None` while waiting to restart.
+    pub(crate) pid: Option<u32>,
+    pub(crate) start_time: i64,
+    pub(crate) records_per_sec: f64,
 }
 
 /// State shared by the manager and the plugin tasks.
@@ -334,6 +345,28 @@ impl PluginManager {
             .tasks
             .try_send(frame)
             .map_err(|_| PluginError::Busy(task.object_name.clone()))
+    }
+
+    /// For `status.json`: every managed plugin, counters left alone
+    /// (records/s is the average since the last heartbeat sample).
+    pub(crate) fn status(&self) -> Vec<PluginView> {
+        let now = Instant::now();
+        self.plugins
+            .borrow()
+            .values()
+            .map(|e| {
+                let p = &e.plugin;
+                let secs = now.duration_since(p.last_sample.get()).as_secs_f64();
+                let rx = p.counters.rx_cnt.get();
+                PluginView {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    pid: p.pid.get(),
+                    start_time: p.start_time.get(),
+                    records_per_sec: if secs > 0.0 { rx as f64 / secs } else { 0.0 },
+                }
+            })
+            .collect()
     }
 
     /// For 1001 heartbeats: one entry per running plugin; counters reset.

@@ -210,6 +210,7 @@ async fn dial(
         {
             Ok(ch) => {
                 tracing::info!(addr = %addr, net_mode = mode, "connected to center");
+                crate::status::connected(&addr);
                 return Some((ch, mode));
             }
             Err(error) => tracing::warn!(addr = %addr, %error, "dial failed"),
@@ -255,6 +256,12 @@ pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command
         let started = tokio::time::Instant::now();
         let r = session(&agent, ch, &on_command).await;
         agent.link.channel.replace(None);
+        crate::status::disconnected(
+            &r.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        );
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
             Err(error) => tracing::warn!(%error, "transfer session ended"),
