@@ -103,9 +103,8 @@ pub(crate) fn string_to_sign(
     [method, p, raw_query, ak, ts, &body_hash(body)].join("\\n")
 }
 
-/// The signature of a request (the center verifies with [`verify`]; this
-/// is the signer side, for tests).
-#[cfg(test)]
+/// The signature of a request: the client side (`elkeid-center ctl`); the
+/// center itself checks with [`verify`].
 pub(crate) fn sign(
     sk: &str,
     method: &str,
