@@ -42,7 +42,6 @@ pub(crate) struct Metrics {
     pub(crate) identity_mismatches: AtomicU64,
     pub(crate) refused_identity_fields: AtomicU64,
     pub(crate) refused_unidentified: AtomicU64,
-    pub(crate) details_over_budget: AtomicU64,
     data_types: Mutex<BTreeMap<i32, u64>>,
     /// Records whose data_type arrived after [`MAX_DATA_TYPES`] distinct
     /// ones were already tracked (exported as `data_type="other"`).
@@ -133,7 +132,7 @@ impl Metrics {
                 "elkeid_ac_output_data_type_count{{data_type=\"other\"}} {other}"
             );
         }
-        let counters: [(&str, &str, u64); 24] = [
+        let counters: [(&str, &str, u64); 23] = [
             (
                 "elkeid_center_http_replays_refused_total",
                 "HTTP API requests refused: signature already used within the window.",
@@ -158,11 +157,6 @@ impl Metrics {
                 "elkeid_center_conn_refused_unidentified_total",
                 "Streams refused: too many streams waiting for their first packet.",
                 g(&self.refused_unidentified),
-            ),
-            (
-                "elkeid_center_details_over_budget_total",
-                "Heartbeat details not kept: global detail byte budget full.",
-                g(&self.details_over_budget),
             ),
             (
                 "elkeid_center_tcp_refused_total",
