@@ -459,6 +459,13 @@ mod tests {
             }
         }
         assert_eq!(lines, 10);
-        assert_eq!(sink.counters(), vec![("written", 10), ("failed", 0)]);
+        assert_eq!(
+            sink.counters(),
+            vec![
+                ("written", 10),
+                ("failed", 0),
+                ("retention_removed_files", 0)
+            ]
+        );
     }
 }
