@@ -51,6 +51,14 @@
 //!
 //! The Kafka defaults are applied by the Kafka sink (`sinks/kafka/config.rs`).
 //!
+//! | `--etcd URL` (comma list) | `ELKEID_CENTER_ETCD` | `cluster.etcd` | none (a single center) |
+//! | `--cluster-advertise HOST` | `ELKEID_CENTER_CLUSTER_ADVERTISE` | `cluster.advertise` | the IP of `--grpc-addr` (required when that is 0.0.0.0/::) |
+//! | `--cluster-id ID` | `ELKEID_CENTER_CLUSTER_ID` | `cluster.id` | `ADVERTISE:HTTP_PORT` |
+//! | `--cluster-prefix P` | `ELKEID_CENTER_CLUSTER_PREFIX` | `cluster.prefix` | `/elkeid-rs/` |
+//! | `--cluster-lease-ttl-secs N` | `ELKEID_CENTER_CLUSTER_LEASE_TTL_SECS` | `cluster.lease_ttl_secs` | `10` (2..=3600) |
+//!
+//! The cluster keys are resolved by `cluster/config.rs`.
+//!
 //! Unknown file keys are errors. Any bad key makes the binary exit with code
 //! 64 and a message naming the key.
 //!
@@ -242,6 +250,9 @@ pub struct Cli {
     /// Command send-result timeout, ms. [default: 2000]
     #[arg(long, env = "ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS")]
     pub command_result_timeout_ms: Option<String>,
+    /// Cluster flags (`--etcd`, `--cluster-*`; see `cluster/config.rs`).
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
     /// Where each value given on the command line came from (see
     /// [`Cli::parse_args`]); empty when built with clap's `parse`.
     #[arg(skip)]
@@ -290,6 +301,8 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("commands.queue_len", "command_queue"),
     ("commands.send_timeout_ms", "command_send_timeout_ms"),
     ("commands.result_timeout_ms", "command_result_timeout_ms"),
+    ("cluster.lease_ttl_secs", "cluster_lease_ttl_secs"),
+    ("cluster.id", "cluster_id"),
 ];
 
 /// For each file key whose value came from a flag or an environment
@@ -367,6 +380,8 @@ struct FileConfig {
     sinks: FileSinks,
     #[serde(default)]
     manager: FileManager,
+    #[serde(default)]
+    cluster: crate::cluster::config::FileCluster,
     #[serde(default)]
     commands: FileCommands,
 }
@@ -594,6 +609,8 @@ pub struct Config {
     pub manager: ManagerConfig,
     /// Command delivery.
     pub commands: CommandConfig,
+    /// Clustering through etcd; `None` = a single center.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Which keys were set by a flag or an environment variable (for
     /// errors found after loading, such as the sinks' own checks).
     pub origins: Origins,
@@ -984,6 +1001,7 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         kafka,
         manager,
         commands,
+        cluster: crate::cluster::config::resolve(cli.cluster, file.cluster)?,
         origins: Origins::default(),
     })
 }

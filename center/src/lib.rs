@@ -14,6 +14,9 @@
 //! - `http/`: the axum API with AK/SK auth.
 //! - `metrics.rs`: counters and Prometheus text.
 //! - `sinks/`: the `Sink` trait and the `ndjson`, `null` (and `kafka`) sinks.
+//! - `cluster/`: optional: several centers as one service through etcd
+//!   (`--etcd`): registration, agent locations, `/registry/detail`,
+//!   center-to-center forwarding.
 //!
 //! [`run`] wires them: prepare the data dir, bind both listeners, write
 //! `DIR/listen.json` (`{"grpc":"ip:port","http":"ip:port"}`, written to a
@@ -22,6 +25,7 @@
 //! the task results and flush the sinks.
 #![deny(unsafe_code)]
 
+mod cluster;
 pub mod config;
 pub mod ctl;
 mod grpc;
@@ -42,6 +46,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+pub use cluster::{ClusterArgs, ClusterConfig};
 pub use config::{Cli, Config, ConfigError};
 pub use identity::AgentIdentity;
 pub use pki::{PkiError, pki_command};
@@ -285,6 +290,42 @@ pub async fn run(
             source,
         })?;
 
+    // Cluster membership (only with --etcd): signed with this center's first
+    // API key, TLS to peers with this center's own certificate and CA.
+    let cluster = match &config.cluster {
+        None => None,
+        Some(cc) => {
+            let key = aksk.iter().next().map(|(a, s)| (a.clone(), s.clone()));
+            let peer_tls = match &material {
+                Some((ca, cert, key)) => Some(
+                    cluster::peer::tls_config(ca, cert, key)
+                        .map_err(|msg| config.origins.invalid("grpc.cert_file", msg))?,
+                ),
+                None => None,
+            };
+            let c = cluster::Cluster::new(
+                cc.clone(),
+                cluster::Local {
+                    grpc: grpc_addr,
+                    http: http_addr,
+                    https: http_tls.is_some(),
+                    conn_limit: config.grpc.conn_limit,
+                },
+                pool.clone(),
+                key,
+                peer_tls,
+            )
+            .map_err(|msg| config.origins.invalid("cluster.advertise", msg))?;
+            println!(
+                "elkeid-center: cluster member {} via etcd {}",
+                c.id(),
+                cc.etcd.join(",")
+            );
+            tokio::spawn(c.clone().run());
+            Some(c)
+        }
+    };
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -312,6 +353,7 @@ pub async fn run(
         aksk: Arc::new(aksk),
         auth: config.http.auth,
         replays: Default::default(),
+        cluster: cluster.clone(),
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {
@@ -332,6 +374,11 @@ pub async fn run(
     tracing::info!(
         "elkeid-center stopping: no new connections, closing agent streams, draining sinks"
     );
+    // Leave the cluster first: SD stops naming this center and its agent
+    // keys vanish, so agents told to reconnect land on the others.
+    if let Some(c) = &cluster {
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.leave()).await;
+    }
     let _ = stop_tx.send(true);
     pool.close_all();
     let mut result = Ok(());

@@ -6,6 +6,8 @@
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
 //! - `limits.rs`: request body size cap and receive deadline.
+//! - `cluster/http.rs` (in the cluster module): `/registry/detail` and the
+//!   cluster side of `/command/` and `/conn/*` (only with `--etcd`).
 //! - `tls.rs`: HTTPS (`http.tls = true`, the default, as Elkeid's), with the
 //!   server certificate of the gRPC side.
 //! - `serve.rs`: the HTTP/1.1 accept loop (connection cap, handshake and
@@ -42,6 +44,8 @@ pub(crate) struct AppState {
     pub(crate) auth: bool,
     /// Signatures of state-changing requests already accepted.
     pub(crate) replays: Arc<auth::ReplayGuard>,
+    /// Cluster membership (`--etcd`); `None` for a single center.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -106,8 +110,15 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             limits::body,
         ));
-    Router::new()
-        .route("/ping", get(handlers::ping))
+    let mut root = Router::new();
+    if state.cluster.is_some() {
+        // Elkeid's service-discovery read, unauthenticated as Elkeid's SD.
+        root = root.route(
+            "/registry/detail",
+            get(crate::cluster::http::registry_detail),
+        );
+    }
+    root.route("/ping", get(handlers::ping))
         .route("/metrics", get(handlers::metrics))
         .route("/command", post(handlers::command_redirect))
         .merge(api)
@@ -146,6 +157,7 @@ mod tests {
             aksk: Arc::new(aksk),
             auth,
             replays: Default::default(),
+            cluster: None,
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
