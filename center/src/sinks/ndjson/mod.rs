@@ -22,6 +22,10 @@
 //! last rotation. A file is rotated before a line would take it past
 //! `rotate_bytes` (a single longer line gets a file of its own).
 //!
+//! # Retention
+//! `sinks.ndjson.retain_bytes` / `retain_secs` (unset: keep everything):
+//! see `retention.rs`; applied at each rotation.
+//!
 //! # Back-pressure
 //! Batches queue in a bounded channel (`QUEUE` batches) to one writer
 //! thread; when it is full `send` waits, which slows the agent streams.
@@ -41,6 +45,9 @@ mod config;
 
 pub(crate) use config::{KEY_ARGS, NdjsonFile};
 pub use config::{NdjsonArgs, NdjsonConfig};
+
+mod retention;
+pub(crate) use retention::Retention;
 
 /// Batches queued to the writer thread before `send` waits.
 const QUEUE: usize = 256;
@@ -70,6 +77,8 @@ struct Stats {
     written: AtomicU64,
     /// Records lost to a failed write (the batch's remaining records).
     failed: AtomicU64,
+    /// Files removed by retention.
+    removed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -97,8 +106,10 @@ impl NdjsonSink {
         let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
         let mut writer = Writer::new(cfg.dir.clone(), cfg.rotate_bytes);
+        writer.retention = cfg.retention;
         let q = queued.clone();
         let stats = Arc::new(Stats::default());
+        writer.removed = stats.removed.clone();
         let st = stats.clone();
         std::thread::Builder::new()
             .name("ndjson-sink".into())
@@ -186,6 +197,10 @@ impl Sink for NdjsonSink {
         vec![
             ("written", self.stats.written.load(Ordering::Relaxed)),
             ("failed", self.stats.failed.load(Ordering::Relaxed)),
+            (
+                "retention_removed_files",
+                self.stats.removed.load(Ordering::Relaxed),
+            ),
         ]
     }
 }
@@ -193,6 +208,9 @@ impl Sink for NdjsonSink {
 struct Writer {
     dir: PathBuf,
     rotate_bytes: u64,
+    retention: Retention,
+    /// Files removed by retention.
+    removed: Arc<AtomicU64>,
     file: Option<(std::io::BufWriter<std::fs::File>, PathBuf)>,
     written: u64,
     seq: u64,
@@ -205,6 +223,8 @@ impl Writer {
         Writer {
             dir,
             rotate_bytes,
+            retention: Retention::default(),
+            removed: Arc::default(),
             file: None,
             written: 0,
             seq: 0,
@@ -230,6 +250,13 @@ impl Writer {
             {
                 Ok(f) => {
                     tracing::debug!(path = %path.display(), "ndjson sink: new file");
+                    let n = retention::enforce(
+                        &self.dir,
+                        self.retention,
+                        Some(&path),
+                        std::time::SystemTime::now(),
+                    );
+                    self.removed.fetch_add(n as u64, Ordering::Relaxed);
                     self.file = Some((std::io::BufWriter::with_capacity(BUF, f), path));
                     self.written = 0;
                     return Ok(());
@@ -408,6 +435,7 @@ mod tests {
         let sink = NdjsonSink::start(&NdjsonConfig {
             dir: dir.path().to_path_buf(),
             rotate_bytes: 400,
+            retention: Retention::default(),
         })
         .unwrap();
         let mut b = batch();
@@ -434,6 +462,13 @@ mod tests {
             }
         }
         assert_eq!(lines, 10);
-        assert_eq!(sink.counters(), vec![("written", 10), ("failed", 0)]);
+        assert_eq!(
+            sink.counters(),
+            vec![
+                ("written", 10),
+                ("failed", 0),
+                ("retention_removed_files", 0)
+            ]
+        );
     }
 }
