@@ -255,6 +255,7 @@ fn push_configs(ctx: &Ctx, conn: &Arc<Conn>, detail: Map<String, Value>) {
                     agent_ctrl: 0,
                     task: None,
                     configs: list.into_iter().map(Into::into).collect(),
+                    ..Default::default()
                 };
                 match conn.try_push(cmd) {
                     Ok(()) => {

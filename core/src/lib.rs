@@ -14,6 +14,11 @@
 //! - [`payload`]: `Payload` map entry writers (Elkeid number formatting via
 //!   `core::fmt`, no heap) and an allocation-free entry reader.
 //! - [`packet`]: `PackagedData` encoding around a drained batch.
+//! - [`ack`]: the acknowledged-delivery extension: packet identity fields
+//!   and the unacknowledged window (re-send order, non-acking center and
+//!   stall detection).
+//! - [`spool`]: the disk spool's segment/entry codec (CRC-32C per entry,
+//!   torn vs corrupt).
 //!
 //! # Features
 //! - `alloc`: heap-backed helpers ([`frame::FrameDecoder`],
@@ -27,8 +32,10 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod ack;
 pub mod frame;
 pub mod packet;
 pub mod payload;
 pub mod pb;
 pub mod ring;
+pub mod spool;

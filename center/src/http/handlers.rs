@@ -165,6 +165,7 @@ pub(crate) async fn command(State(s): State<AppState>, body: Bytes) -> impl Into
             agent_ctrl: 0,
             task: None,
             configs: req.command.config.into_iter().map(Into::into).collect(),
+            ..Default::default()
         });
     }
     if let Some(t) = req.command.task {
@@ -177,6 +178,7 @@ pub(crate) async fn command(State(s): State<AppState>, body: Bytes) -> impl Into
                 token: t.token,
             }),
             configs: Vec::new(),
+            ..Default::default()
         });
     }
     if cmds.is_empty() {
