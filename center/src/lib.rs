@@ -13,6 +13,8 @@
 //! - `http/`: the axum API with AK/SK auth.
 //! - `metrics.rs`: counters and Prometheus text.
 //! - `sinks/`: the `Sink` trait and the `ndjson`, `null` (and `kafka`) sinks.
+//! - `ack.rs`: acknowledged delivery (durability tickets, de-duplication
+//!   state and its journal in `DIR/acks/`, counters).
 //!
 //! [`run`] wires them: prepare the data dir, bind both listeners, write
 //! `DIR/listen.json` (`{"grpc":"ip:port","http":"ip:port"}`, written to a
@@ -21,6 +23,7 @@
 //! the task results and flush the sinks.
 #![deny(unsafe_code)]
 
+mod ack;
 pub mod config;
 mod grpc;
 mod http;
@@ -213,7 +216,27 @@ pub async fn run(
     };
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let sinks = match sinks::build(&config, &metrics).await {
+    let ack_metrics = Arc::new(ack::AckMetrics::default());
+    // Acknowledged delivery is on unless ELKEID_CENTER_TEST_NO_ACKS is set
+    // (tests only: the center then behaves exactly as Elkeid's, no identity
+    // keys and no ack Commands, as a stand-in for a center without the
+    // extension).
+    let acks = if std::env::var_os("ELKEID_CENTER_TEST_NO_ACKS").is_some() {
+        println!("elkeid-center: acknowledged delivery disabled (test mode)");
+        None
+    } else {
+        let recovered = if config.sinks.contains(&config::SinkKind::Ndjson) {
+            sinks::ndjson::recover_ids(&config.ndjson.dir)
+        } else {
+            Vec::new()
+        };
+        let acks_dir = dir.join("acks");
+        Some(Arc::new(
+            ack::AckStore::open(&acks_dir, &recovered, ack_metrics.clone())
+                .map_err(io_err(&acks_dir))?,
+        ))
+    };
+    let sinks = match sinks::build(&config, &metrics, &ack_metrics).await {
         Ok(s) => s,
         Err(sinks::BuildError::Config { key, msg }) => {
             return Err(ConfigError::Invalid { key, msg }.into());
@@ -249,6 +272,7 @@ pub async fn run(
         manager,
         tasks,
         metrics: metrics.clone(),
+        acks,
     };
     let uploads_dir = dir.join("uploads");
     std::fs::create_dir_all(&uploads_dir).map_err(io_err(&uploads_dir))?;
@@ -300,6 +324,7 @@ pub async fn run(
         sinks: sinks.clone(),
         aksk: Arc::new(aksk),
         auth: config.http.auth,
+        acks: ack_metrics,
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {

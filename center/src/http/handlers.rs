@@ -19,9 +19,10 @@ pub(crate) async fn ping() -> Json<Value> {
 
 /// `GET /metrics`: Prometheus text.
 pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
-    let body = s
+    let mut body = s
         .metrics
         .render(s.pool.count(), &s.sinks.lag(), &s.sinks.counters());
+    s.acks.render(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

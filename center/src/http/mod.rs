@@ -35,6 +35,8 @@ pub(crate) struct AppState {
     pub(crate) sinks: Sinks,
     pub(crate) aksk: Arc<AkSk>,
     pub(crate) auth: bool,
+    /// Acknowledgement counters (appended to `/metrics`).
+    pub(crate) acks: Arc<crate::ack::AckMetrics>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -134,6 +136,7 @@ mod tests {
             sinks,
             aksk: Arc::new(aksk),
             auth,
+            acks: Default::default(),
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();

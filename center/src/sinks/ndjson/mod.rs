@@ -7,30 +7,37 @@
 //! {"data_type":1000,"agent_time":1700000000,"svr_time":1700000001,
 //!  "agent_id":"…","hostname":"…","version":"…","product":"…",
 //!  "intranet_ipv4":["…"],"extranet_ipv4":[],"intranet_ipv6":[],"extranet_ipv6":[],
-//!  "tag":"","fields":{"key":"value",…}}
+//!  "tag":"","agent_epoch":…,"agent_seq":…,"record_idx":…,"fields":{"key":"value",…}}
 //! ```
 //! Keys in this order; `fields` holds the decoded `Payload` (keys sorted, the
 //! last duplicate wins). A body that is not a valid `Payload` (bad protobuf or
 //! non-UTF-8 strings) is written base64 (standard alphabet, padded) under
-//! `body` instead of `fields`.
+//! `body` instead of `fields`. `agent_epoch`, `agent_seq` (the packet's
+//! identity) and `record_idx` (the record's index in the packet) are present
+//! only for agents that send packet identities (elkeid-rs agents): together
+//! with `agent_id` they identify a record, so consumers can de-duplicate.
 //!
-//! # Durability
-//! Lines go through a 1 MiB user-space buffer that is flushed to the OS at
-//! least every second; files are fsynced when rotated and on graceful
-//! shutdown (SIGTERM). A crash of the process loses at most about one second
-//! of records; a power loss may lose what the OS had not yet written since the
-//! last rotation. A file is rotated before a line would take it past
-//! `rotate_bytes` (a single longer line gets a file of its own).
+//! # Durability: group commit
+//! The writer thread takes every batch queued, writes their lines, then
+//! `fdatasync`s the file once for the whole group; only then are the
+//! batches released (their acknowledgement tickets fire). Under load a group
+//! holds many packets (one sync for all of them); a group stops growing at
+//! [`GROUP_MAX_BYTES`] or [`GROUP_MAX_TIME`], which bounds the latency. A
+//! crash of the process or the machine loses nothing that was acknowledged.
+//! A file is rotated before a line would take it past `rotate_bytes` (a
+//! single longer line gets a file of its own); rotation fsyncs the old file.
 //!
 //! # Back-pressure
 //! Batches queue in a bounded channel (`QUEUE` batches) to one writer
 //! thread; when it is full `send` waits, which slows the agent streams.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::ack::{AckMetrics, PacketId};
 
 use base64::Engine;
 use elkeid_proto::grpc::EncodedRecord;
@@ -43,12 +50,13 @@ use crate::config::NdjsonConfig;
 const QUEUE: usize = 256;
 /// User-space write buffer.
 const BUF: usize = 1024 * 1024;
-/// Flush-to-OS period.
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// A group commit stops taking batches after writing this many bytes...
+pub(crate) const GROUP_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// ... or after this long.
+pub(crate) const GROUP_MAX_TIME: Duration = Duration::from_millis(50);
 
 enum Msg {
     Batch(Arc<PacketBatch>),
-    Tick,
     Flush(oneshot::Sender<Result<(), std::io::Error>>),
 }
 
@@ -73,7 +81,6 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Msg::Batch(_) => "Batch",
-            Msg::Tick => "Tick",
             Msg::Flush(_) => "Flush",
         })
     }
@@ -87,62 +94,94 @@ fn io_err(source: std::io::Error) -> SinkError {
 }
 
 impl NdjsonSink {
-    /// Creates the directory and starts the writer thread and its ticker.
-    /// Must be called inside a tokio runtime.
+    /// Creates the directory and starts the writer thread.
+    #[cfg(test)]
     pub(crate) fn start(cfg: &NdjsonConfig) -> Result<NdjsonSink, SinkError> {
+        Self::start_with(cfg, Arc::new(AckMetrics::default()))
+    }
+
+    /// [`NdjsonSink::start`] recording sync latency in `metrics`.
+    pub(crate) fn start_with(
+        cfg: &NdjsonConfig,
+        metrics: Arc<AckMetrics>,
+    ) -> Result<NdjsonSink, SinkError> {
         std::fs::create_dir_all(&cfg.dir).map_err(io_err)?;
-        let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
-        let mut writer = Writer::new(cfg.dir.clone(), cfg.rotate_bytes);
-        let q = queued.clone();
+        let writer = Writer::new(cfg.dir.clone(), cfg.rotate_bytes);
         let stats = Arc::new(Stats::default());
-        let st = stats.clone();
+        let (q, st) = (queued.clone(), stats.clone());
         std::thread::Builder::new()
             .name("ndjson-sink".into())
-            .spawn(move || {
-                while let Some(msg) = rx.blocking_recv() {
-                    match msg {
-                        Msg::Batch(b) => {
-                            q.fetch_sub(1, Ordering::Relaxed);
-                            let (written, result) = writer.write_batch(&b);
-                            st.written.fetch_add(written as u64, Ordering::Relaxed);
-                            if let Err(error) = result {
-                                let lost = b.records.len().saturating_sub(written);
-                                st.failed.fetch_add(lost as u64, Ordering::Relaxed);
-                                tracing::error!(%error, lost, "ndjson sink: write failed");
-                                // start a fresh file at the next batch
-                                writer.file = None;
-                            }
-                        }
-                        Msg::Tick => {
-                            if writer.last_flush.elapsed() >= FLUSH_EVERY
-                                && let Err(error) = writer.flush(false)
-                            {
-                                tracing::error!(%error, "ndjson sink: flush failed");
-                            }
-                        }
-                        Msg::Flush(done) => {
-                            let _ = done.send(writer.flush(true));
-                        }
-                    }
-                }
-                if let Err(error) = writer.flush(true) {
-                    tracing::error!(%error, "ndjson sink: final flush failed");
-                }
-            })
+            .spawn(move || writer_thread(writer, rx, &q, &st, &metrics))
             .map_err(io_err)?;
-        let ticker = tx.clone();
-        tokio::spawn(async move {
-            let mut iv = tokio::time::interval(FLUSH_EVERY);
-            loop {
-                iv.tick().await;
-                match ticker.try_send(Msg::Tick) {
-                    Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    _ => continue,
+        Ok(NdjsonSink { tx, queued, stats })
+    }
+}
+
+/// The writer loop: group commits (see the module docs).
+fn writer_thread(
+    mut writer: Writer,
+    mut rx: mpsc::Receiver<Msg>,
+    queued: &AtomicUsize,
+    st: &Stats,
+    metrics: &AckMetrics,
+) {
+    let mut group: Vec<Arc<PacketBatch>> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<Result<(), std::io::Error>>> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let started = Instant::now();
+        let start_bytes = writer.total;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Batch(b) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    let (written, result) = writer.write_batch(&b);
+                    st.written.fetch_add(written as u64, Ordering::Relaxed);
+                    if let Err(error) = result {
+                        let lost = b.records.len().saturating_sub(written);
+                        st.failed.fetch_add(lost as u64, Ordering::Relaxed);
+                        tracing::error!(%error, lost, "ndjson sink: write failed");
+                        if let Some(t) = &b.ticket {
+                            t.fail();
+                        }
+                        // start a fresh file at the next batch
+                        writer.file = None;
+                    }
+                    group.push(b);
+                }
+                Msg::Flush(done) => flushes.push(done),
+            }
+            if writer.total - start_bytes >= GROUP_MAX_BYTES || started.elapsed() >= GROUP_MAX_TIME
+            {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let t = Instant::now();
+        let synced = writer.flush(true);
+        metrics.ndjson_synced(t.elapsed());
+        if let Err(error) = &synced {
+            tracing::error!(%error, "ndjson sink: group commit failed");
+            for b in &group {
+                if let Some(t) = &b.ticket {
+                    t.fail();
                 }
             }
-        });
-        Ok(NdjsonSink { tx, queued, stats })
+            writer.file = None;
+        }
+        // Releasing the batches fires their tickets: durable (or failed).
+        group.clear();
+        for done in flushes.drain(..) {
+            let _ = done.send(match &synced {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
+    if let Err(error) = writer.flush(true) {
+        tracing::error!(%error, "ndjson sink: final flush failed");
     }
 }
 
@@ -192,9 +231,10 @@ struct Writer {
     rotate_bytes: u64,
     file: Option<(std::io::BufWriter<std::fs::File>, PathBuf)>,
     written: u64,
+    /// Bytes written since start (all files).
+    total: u64,
     seq: u64,
     line: Vec<u8>,
-    last_flush: Instant,
 }
 
 impl Writer {
@@ -204,9 +244,9 @@ impl Writer {
             rotate_bytes,
             file: None,
             written: 0,
+            total: 0,
             seq: 0,
             line: Vec::with_capacity(4096),
-            last_flush: Instant::now(),
         }
     }
 
@@ -227,6 +267,9 @@ impl Writer {
             {
                 Ok(f) => {
                     tracing::debug!(path = %path.display(), "ndjson sink: new file");
+                    // the new file's directory entry is durable before any
+                    // of its records is acknowledged
+                    std::fs::File::open(&self.dir)?.sync_all()?;
                     self.file = Some((std::io::BufWriter::with_capacity(BUF, f), path));
                     self.written = 0;
                     return Ok(());
@@ -248,8 +291,8 @@ impl Writer {
     /// Writes a batch's lines; returns how many were written and the first error.
     fn write_batch(&mut self, batch: &PacketBatch) -> (usize, std::io::Result<()>) {
         let mut n = 0;
-        for rec in &batch.records {
-            if let Err(e) = self.write_record(batch, rec) {
+        for (idx, rec) in batch.records.iter().enumerate() {
+            if let Err(e) = self.write_record(batch, idx, rec) {
                 return (n, Err(e));
             }
             n += 1;
@@ -257,9 +300,14 @@ impl Writer {
         (n, Ok(()))
     }
 
-    fn write_record(&mut self, batch: &PacketBatch, rec: &EncodedRecord) -> std::io::Result<()> {
+    fn write_record(
+        &mut self,
+        batch: &PacketBatch,
+        idx: usize,
+        rec: &EncodedRecord,
+    ) -> std::io::Result<()> {
         self.line.clear();
-        write_line(&mut self.line, batch, rec);
+        write_line(&mut self.line, batch, idx, rec);
         let len = self.line.len() as u64;
         if self.file.is_some() && self.written > 0 && self.written + len > self.rotate_bytes {
             self.close()?;
@@ -270,20 +318,78 @@ impl Writer {
         if let Some((f, _)) = self.file.as_mut() {
             f.write_all(&self.line)?;
             self.written += len;
+            self.total += len;
         }
         Ok(())
     }
 
+    /// Writes the buffer out and, with `sync`, `fdatasync`s the file
+    /// (a new file was already made durable in the directory by `open`).
     fn flush(&mut self, sync: bool) -> std::io::Result<()> {
-        self.last_flush = Instant::now();
         if let Some((f, _)) = self.file.as_mut() {
             f.flush()?;
             if sync {
-                f.get_ref().sync_all()?;
+                f.get_ref().sync_data()?;
             }
         }
         Ok(())
     }
+}
+
+/// Files scanned by [`recover_ids`]: the journal of acknowledged points lags
+/// the data by at most one group commit, which lies in the newest file or,
+/// across a rotation, the one before.
+const RECOVER_FILES: usize = 2;
+
+#[derive(serde::Deserialize)]
+struct IdLine<'a> {
+    #[serde(borrow)]
+    agent_id: std::borrow::Cow<'a, str>,
+    agent_epoch: Option<u64>,
+    agent_seq: Option<u64>,
+}
+
+/// Identities (agent, epoch, highest seq) of the records in the newest
+/// NDJSON files of `dir`: what the center made durable just before a crash.
+/// A torn last line is skipped.
+pub(crate) fn recover_ids(dir: &Path) -> Vec<(String, PacketId)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("records-") && n.ends_with(".ndjson"))
+        })
+        .collect();
+    files.sort();
+    let mut best: std::collections::HashMap<(String, u64), u64> = Default::default();
+    for f in files.iter().rev().take(RECOVER_FILES) {
+        let Ok(file) = std::fs::File::open(f) else {
+            continue;
+        };
+        let mut r = std::io::BufReader::with_capacity(BUF, file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match std::io::BufRead::read_until(&mut r, b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let Ok(l) = serde_json::from_slice::<IdLine<'_>>(&line) else {
+                continue;
+            };
+            if let (Some(epoch), Some(seq)) = (l.agent_epoch, l.agent_seq) {
+                let e = best.entry((l.agent_id.into_owned(), epoch)).or_default();
+                *e = (*e).max(seq);
+            }
+        }
+    }
+    best.into_iter()
+        .map(|((agent, epoch), seq)| (agent, PacketId { epoch, seq }))
+        .collect()
 }
 
 #[derive(serde::Serialize)]
@@ -301,13 +407,19 @@ struct Line<'a> {
     extranet_ipv6: &'a [String],
     tag: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    agent_epoch: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_idx: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     fields: Option<std::collections::BTreeMap<&'a str, &'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     body: Option<String>,
 }
 
 /// Appends one record's line (with the trailing `\n`) to `out`.
-pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, rec: &EncodedRecord) {
+pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, idx: usize, rec: &EncodedRecord) {
     let (fields, body) = match crate::payload::decode_map(&rec.data) {
         Ok(m) => (Some(m), None),
         Err(_) => (
@@ -328,6 +440,9 @@ pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, rec: &EncodedRe
         intranet_ipv6: &batch.intranet_ipv6,
         extranet_ipv6: &batch.extranet_ipv6,
         tag: &batch.tag,
+        agent_epoch: batch.id.map(|id| id.epoch),
+        agent_seq: batch.id.map(|id| id.seq),
+        record_idx: batch.id.map(|_| idx),
         fields,
         body,
     };
@@ -339,7 +454,6 @@ pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, rec: &EncodedRe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn files(dir: &Path) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -376,7 +490,7 @@ mod tests {
             data: data.into(),
         };
         let mut out = Vec::new();
-        write_line(&mut out, &batch(), &rec);
+        write_line(&mut out, &batch(), 0, &rec);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"data_type\":1000,\"agent_time\":1700000000,\"svr_time\":1700000001,\"agent_id\":\"a1\",\
@@ -393,7 +507,7 @@ mod tests {
             data: vec![0x0a, 0x03, 0x0a, 0x01, 0xff].into(),
         };
         let mut out = Vec::new();
-        write_line(&mut out, &batch(), &rec);
+        write_line(&mut out, &batch(), 0, &rec);
         let s = String::from_utf8(out).unwrap();
         assert!(s.ends_with("\"tag\":\"\",\"body\":\"CgMKAf8=\"}\n"), "{s}");
     }
@@ -431,5 +545,66 @@ mod tests {
         }
         assert_eq!(lines, 10);
         assert_eq!(sink.counters(), vec![("written", 10), ("failed", 0)]);
+    }
+
+    #[tokio::test]
+    async fn tickets_fire_after_sync_and_identities_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(AckMetrics::default());
+        let sink = NdjsonSink::start_with(
+            &NdjsonConfig {
+                dir: dir.path().to_path_buf(),
+                rotate_bytes: 1 << 20,
+            },
+            metrics.clone(),
+        )
+        .unwrap();
+        let mut rxs = Vec::new();
+        for seq in 1..=20u64 {
+            let (t, rx) = crate::ack::Ticket::new();
+            let mut b = batch();
+            b.id = Some(PacketId { epoch: 42, seq });
+            b.ticket = Some(t);
+            b.records = (0..3)
+                .map(|i| EncodedRecord {
+                    data_type: 1,
+                    timestamp: i,
+                    data: crate::payload::encode(&[("k", "v")]).into(),
+                })
+                .collect();
+            sink.send(&Arc::new(b)).await.unwrap();
+            rxs.push(rx);
+        }
+        for rx in rxs {
+            // durable: the lines are in the file when the ticket fires
+            assert!(rx.await.unwrap());
+        }
+        let syncs = metrics.ndjson_syncs.load(Ordering::Relaxed);
+        assert!((1..=20).contains(&syncs), "{syncs} syncs");
+        let text = std::fs::read_to_string(&files(dir.path())[0]).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (
+                &last["agent_epoch"],
+                &last["agent_seq"],
+                &last["record_idx"]
+            ),
+            (
+                &serde_json::json!(42),
+                &serde_json::json!(20),
+                &serde_json::json!(2)
+            )
+        );
+        // a torn last line (crash mid-write) is skipped
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files(dir.path())[0])
+            .unwrap()
+            .write_all(b"{\"data_type\":1,\"agent_ti")
+            .unwrap();
+        assert_eq!(
+            recover_ids(dir.path()),
+            vec![("a1".to_string(), PacketId { epoch: 42, seq: 20 })]
+        );
     }
 }
