@@ -32,6 +32,8 @@ mod identity;
 mod plugin;
 mod procstat;
 mod signals;
+#[allow(dead_code)] // wired into the transport after the agent restructuring lands
+mod spool;
 mod state;
 mod tasks;
 mod transport;
