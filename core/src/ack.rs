@@ -201,6 +201,12 @@ mod window {
             Ok(id)
         }
 
+        /// The packet numbered [`AckWindow::next_id`] went elsewhere (the
+        /// disk spool): the next new packet gets the following sequence.
+        pub fn skip_seq(&mut self) {
+            self.next_seq += 1;
+        }
+
         /// Adds a packet that already has an identity (replayed from the
         /// spool, possibly of an older epoch).
         pub fn push_with_id(

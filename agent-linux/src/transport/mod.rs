@@ -9,6 +9,8 @@
 //!   (command dispatch).
 
 pub(crate) mod channel;
+#[allow(dead_code)] // wired into the send loop after the agent restructuring lands
+pub(crate) mod delivery;
 pub(crate) mod tls;
 
 use std::rc::Rc;
