@@ -32,7 +32,6 @@ mod identity;
 mod plugin;
 mod procstat;
 mod signals;
-#[allow(dead_code)] // wired into the transport after the agent restructuring lands
 mod spool;
 mod state;
 mod tasks;
@@ -99,29 +98,34 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
         buffer.clone(),
     )));
     let flush_deadline = cfg.flush_deadline;
+    let delivery = Rc::new(transport::delivery::Delivery::new(
+        cfg.unacked_bytes,
+        cfg.failover,
+        &cfg.spool_dir(),
+        cfg.spool_max_bytes,
+    ));
     let agent = state::Agent::new(cfg, id, buffer, plugins);
 
     let tasks = [
         tokio::task::spawn_local(signals::run(agent.clone())),
         tokio::task::spawn_local(heartbeat::run(agent.clone())),
     ];
-    let mut transport = tokio::task::spawn_local(transport::run(agent.clone(), tls));
+    let mut transport =
+        tokio::task::spawn_local(transport::run(agent.clone(), tls, delivery.clone()));
     let why = agent.stopped().await;
     tracing::info!(reason = ?why, "stopping: shutting plugins down");
     agent.plugins.shutdown().await;
     crate::log::drain_error_records(&agent);
     let deadline = tokio::time::Instant::now() + flush_deadline;
-    while !agent.buffer.is_empty() && tokio::time::Instant::now() < deadline {
+    // Flushed = the ring is empty and the center acknowledged everything
+    // (or does not acknowledge at all).
+    let flushed = || agent.buffer.is_empty() && delivery.settled();
+    while !flushed() && tokio::time::Instant::now() < deadline {
         agent.kick.notify_one();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if agent.buffer.is_empty() {
+    if flushed() {
         tracing::info!("ring flushed to the center");
-    } else {
-        tracing::warn!(
-            ring_len = agent.buffer.len(),
-            "flush deadline passed; records left unsent"
-        );
     }
     // End the Transfer stream cleanly (if connected), then stop the rest.
     agent.closing.set(true);
@@ -131,6 +135,26 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
         .is_err()
     {
         transport.abort();
+    }
+    // What no center took goes to the disk spool (replayed at next start):
+    // the unacknowledged window before everything spooled, the ring after.
+    if !agent.buffer.is_empty() || !delivery.settled() {
+        let window = delivery.window_to_spool();
+        let ring = transport::spill(&agent, &delivery, &mut Vec::new());
+        delivery.seal();
+        if agent.buffer.is_empty() && delivery.settled() {
+            tracing::info!(
+                window_packets = window,
+                ring_records = ring,
+                "unsent data moved to the disk spool"
+            );
+        } else {
+            tracing::warn!(
+                ring_len = agent.buffer.len(),
+                unacked = delivery.stats().unacked_packets,
+                "flush deadline passed; records left unsent (no spool room)"
+            );
+        }
     }
     for t in tasks {
         t.abort();

@@ -67,8 +67,6 @@ pub(crate) struct ByteCounters {
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(6);
 /// A PING not answered within this closes the connection.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default hung-peer bound of [`Channel::connect`].
-pub(crate) const DEFAULT_FAILOVER: Duration = Duration::from_secs(15);
 
 /// A live h2 connection usable by tonic (cheap to clone; clones share the
 /// connection, so file uploads run as another stream on it).
@@ -79,24 +77,14 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    /// Dials `addr` (`host:port`) within `timeout`.
-    pub(crate) async fn connect(
-        addr: &str,
-        tls: Arc<ClientConfig>,
-        name: ServerName<'static>,
-        counters: Arc<ByteCounters>,
-        timeout: Duration,
-    ) -> Result<Channel, ChannelError> {
-        Self::connect_with(addr, tls, name, counters, timeout, DEFAULT_FAILOVER).await
-    }
-
-    /// [`Channel::connect`] with the hung-peer bound `failover`: the socket's
+    /// Dials `addr` (`host:port`) within `timeout`, with the hung-peer bound
+    /// `failover`: the socket's
     /// `TCP_USER_TIMEOUT` (sent data unacknowledged by the peer's kernel for
     /// that long closes the connection) and HTTP/2 PING keepalive (no frame
     /// from the center for [`PING_INTERVAL`], then no PING answer within
     /// [`PING_TIMEOUT`], closes it: a frozen center process whose kernel
     /// still acknowledges TCP).
-    pub(crate) async fn connect_with(
+    pub(crate) async fn connect(
         addr: &str,
         tls: Arc<ClientConfig>,
         name: ServerName<'static>,

@@ -39,6 +39,21 @@ pub(crate) struct Delivery {
     pub(crate) acked: tokio::sync::Notify,
 }
 
+impl Default for DeliveryStats {
+    fn default() -> Self {
+        DeliveryStats {
+            unacked_packets: 0,
+            unacked_bytes: 0,
+            resent_packets: 0,
+            acked_packets: 0,
+            mode: "unknown",
+            spool: SpoolStats::default(),
+            spooled: 0,
+            spool_refused: 0,
+        }
+    }
+}
+
 /// A random non-zero boot epoch.
 pub(crate) fn new_epoch() -> u64 {
     let mut b = [0u8; 8];
@@ -64,13 +79,13 @@ fn unix_ms() -> u64 {
 }
 
 /// Heartbeat view of the delivery state.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct DeliveryStats {
     pub(crate) unacked_packets: usize,
     pub(crate) unacked_bytes: usize,
     pub(crate) resent_packets: u64,
     pub(crate) acked_packets: u64,
-    pub(crate) acking: bool,
+    pub(crate) mode: &'static str,
     pub(crate) spool: SpoolStats,
     pub(crate) spooled: u64,
     pub(crate) spool_refused: u64,
@@ -129,7 +144,11 @@ impl Delivery {
             unacked_bytes: w.bytes(),
             resent_packets: w.resent(),
             acked_packets: w.acked(),
-            acking: w.mode() == Mode::Acking,
+            mode: match w.mode() {
+                Mode::Acking => "acking",
+                Mode::NonAcking => "none",
+                Mode::Unknown => "unknown",
+            },
             spool: self
                 .spool
                 .borrow()
@@ -332,6 +351,45 @@ impl Delivery {
     pub(crate) fn is_empty(&self) -> bool {
         self.window.borrow().is_empty() && self.spool_empty()
     }
+}
+
+thread_local! {
+    /// The transport's latest [`DeliveryStats`] (the agent runs on one
+    /// thread; the heartbeat reads what the transport published).
+    static PUBLISHED: Cell<DeliveryStats> = Cell::new(DeliveryStats::default());
+}
+
+impl Delivery {
+    /// Publishes the counters for the heartbeat.
+    pub(crate) fn publish(&self) {
+        let s = self.stats();
+        PUBLISHED.with(|p| p.set(s));
+    }
+}
+
+/// Adds the delivery fields to a 1000 heartbeat: `ack_mode`
+/// (`acking`/`none`/`unknown`), `unacked_packets`, `unacked_bytes`,
+/// `resent_packets`, `acked_packets`, `spool_bytes`, `spool_entries`,
+/// `spool_oldest_age` (seconds), `spool_corrupt`, `spooled_packets`,
+/// `spool_refused`.
+pub(crate) fn heartbeat_fields(p: &mut elkeid_core::payload::PayloadBuf) {
+    let s = PUBLISHED.with(Cell::get);
+    let age = if s.spool.oldest_ms == 0 {
+        0
+    } else {
+        unix_ms().saturating_sub(s.spool.oldest_ms) / 1000
+    };
+    p.field("ack_mode", s.mode)
+        .field_u64("unacked_packets", s.unacked_packets as u64)
+        .field_u64("unacked_bytes", s.unacked_bytes as u64)
+        .field_u64("resent_packets", s.resent_packets)
+        .field_u64("acked_packets", s.acked_packets)
+        .field_u64("spool_bytes", s.spool.bytes)
+        .field_u64("spool_entries", s.spool.entries)
+        .field_u64("spool_oldest_age", age)
+        .field_u64("spool_corrupt", s.spool.corrupt)
+        .field_u64("spooled_packets", s.spooled)
+        .field_u64("spool_refused", s.spool_refused);
 }
 
 /// Appends the identity fields to an encoded packet.

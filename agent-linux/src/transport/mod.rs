@@ -5,11 +5,16 @@
 //! - `channel`: TCP + TLS + h2 connection as a tonic service, byte counters.
 //! - this file: address selection (§2.4: service discovery, private,
 //!   public), reconnect with exponential backoff and jitter (never exits),
-//!   the send loop (ring batches, commit/rollback) and the receive loop
-//!   (command dispatch).
+//!   the send loop (ring batches into the acknowledged window, re-sends,
+//!   stall detection) and the receive loop (acks, command dispatch).
+//! - `delivery`: the unacknowledged window and the disk spool.
+//!
+//! A hung center is left within `--failover-secs`: HTTP/2 PING keepalive
+//! and `TCP_USER_TIMEOUT` end a dead connection, and acknowledgements that
+//! stop advancing while packets wait end the session; the address that
+//! failed is then tried last.
 
 pub(crate) mod channel;
-#[allow(dead_code)] // wired into the send loop after the agent restructuring lands
 pub(crate) mod delivery;
 pub(crate) mod tls;
 
@@ -30,6 +35,7 @@ use crate::buffer::RING_SLOTS;
 use crate::config::{PRODUCT, VERSION};
 use crate::state::{Agent, Exit};
 use channel::Channel;
+use delivery::Delivery;
 
 /// gRPC path of the Transfer stream.
 pub(crate) const TRANSFER_PATH: &str = "/grpc.Transfer/Transfer";
@@ -57,6 +63,9 @@ pub(crate) enum SessionError {
     /// The center ended the stream cleanly.
     #[error("center ended the stream")]
     Ended,
+    /// Acknowledgements stopped advancing while packets waited.
+    #[error("center stalled: no acknowledgement progress")]
+    Stalled,
 }
 
 /// Errors of a service-discovery lookup.
@@ -144,12 +153,14 @@ pub(crate) fn next_backoff(cur: Duration) -> Duration {
     (cur * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
 }
 
-/// Tries service discovery, then the private list, then the public list.
+/// Tries service discovery, then the private list, then the public list;
+/// `avoid` (the address that just failed) is tried last.
 async fn dial(
     agent: &Agent,
     tls: &Arc<ClientConfig>,
     name: &ServerName<'static>,
-) -> Option<(Channel, &'static str)> {
+    avoid: Option<&str>,
+) -> Option<(Channel, &'static str, String)> {
     let region = agent.region.borrow().clone();
     let servers = agent.cfg.servers.get(&region).cloned().unwrap_or_default();
     let mut candidates: Vec<(String, &'static str)> = Vec::new();
@@ -167,6 +178,13 @@ async fn dial(
     if candidates.is_empty() {
         tracing::error!(region = %region, "no center address configured for this region");
     }
+    if let Some(bad) = avoid
+        && candidates.len() > 1
+        && let Some(i) = candidates.iter().position(|(a, _)| a == bad)
+    {
+        let c = candidates.remove(i);
+        candidates.push(c);
+    }
     for (addr, mode) in candidates {
         match Channel::connect(
             &addr,
@@ -174,12 +192,13 @@ async fn dial(
             name.clone(),
             agent.bytes.clone(),
             agent.cfg.dial_timeout,
+            agent.cfg.failover,
         )
         .await
         {
             Ok(ch) => {
                 tracing::info!(addr = %addr, net_mode = mode, "connected to center");
-                return Some((ch, mode));
+                return Some((ch, mode, addr));
             }
             Err(error) => tracing::warn!(addr = %addr, %error, "dial failed"),
         }
@@ -190,7 +209,7 @@ async fn dial(
 /// Connects, runs a session, backs off and reconnects, forever; returns
 /// only once `agent.closing` is set and the ring was flushed (the request
 /// stream is then ended cleanly).
-pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
+pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>, delivery: Rc<Delivery>) {
     let name = match tls::server_name(&agent.cfg.server_name) {
         Ok(n) => n,
         Err(error) => {
@@ -202,13 +221,25 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
     let mut jitter = Jitter::new();
     let mut backoff = Duration::ZERO;
     let mut connected_once = false;
+    let mut avoid: Option<String> = None;
     loop {
-        if !backoff.is_zero() {
-            let d = jitter.apply(backoff);
-            tracing::info!(delay_ms = d.as_millis() as u64, "reconnecting after delay");
-            tokio::time::sleep(d).await;
-        }
-        let Some((ch, mode)) = dial(&agent, &tls, &name).await else {
+        // While no center takes data, the ring spills into the spool.
+        let connect = async {
+            if !backoff.is_zero() {
+                let d = jitter.apply(backoff);
+                tracing::info!(delay_ms = d.as_millis() as u64, "reconnecting after delay");
+                tokio::time::sleep(d).await;
+            }
+            dial(&agent, &tls, &name, avoid.as_deref()).await
+        };
+        let dialed = tokio::select! {
+            r = connect => r,
+            () = offline(&agent, &delivery) => None,
+        };
+        let Some((ch, mode, addr)) = dialed else {
+            if agent.closing.get() {
+                return;
+            }
             backoff = next_backoff(backoff);
             continue;
         };
@@ -222,17 +253,27 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
         agent.net_mode.set(mode);
         agent.channel.replace(Some(ch.clone()));
         let started = tokio::time::Instant::now();
-        let r = session(&agent, ch).await;
+        delivery.rewind();
+        let r = session(&agent, ch, &delivery).await;
         agent.channel.replace(None);
+        delivery.publish();
+        avoid = None;
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
-            Err(error) => tracing::warn!(%error, "transfer session ended"),
+            Err(error) => {
+                tracing::warn!(addr = %addr, %error, "transfer session ended");
+                // a hung or failing center: try the others first
+                avoid = Some(addr);
+            }
         }
         if agent.closing.get() {
             return;
         }
         backoff = if started.elapsed() > Duration::from_secs(30) {
             BACKOFF_MIN
+        } else if avoid.is_some() && !delivery.is_empty() {
+            // failover: the next address at once
+            Duration::ZERO
         } else {
             next_backoff(backoff)
         };
@@ -241,7 +282,7 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>) {
 
 /// One Transfer stream: a 1000 heartbeat first, then the send and receive
 /// loops until either fails.
-async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
+async fn session(agent: &Rc<Agent>, ch: Channel, delivery: &Delivery) -> Result<(), SessionError> {
     crate::heartbeat::push_agent_heartbeat(agent).await;
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     let origin = format!("https://{}", agent.cfg.server_name)
@@ -261,13 +302,17 @@ async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
     let receiver = async {
         let mut commands = call.await?.into_inner();
         while let Some(cmd) = commands.message().await? {
+            // an ack-only Command is an acknowledgement, never a config sync
+            if delivery.on_command(&cmd) {
+                continue;
+            }
             dispatch(agent, cmd);
         }
         Err::<(), _>(SessionError::Ended)
     };
     tokio::pin!(receiver);
     tokio::select! {
-        r = send_loop(agent, tx) => {
+        r = send_loop(agent, tx, delivery) => {
             // Closing: the request stream has ended (tx dropped); give the
             // center a moment to end its side cleanly.
             r?;
@@ -280,11 +325,27 @@ async fn session(agent: &Rc<Agent>, ch: Channel) -> Result<(), SessionError> {
     }
 }
 
-/// Ships ring batches every 100 ms, at once when the ring passes its
-/// high-water mark, or when kicked. A batch is committed once the request
-/// body took it; on any failure it is rolled back and re-sent after the
-/// reconnect, in order.
-async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), SessionError> {
+/// Hands one packet to the request body; `Err` when the stream is gone.
+async fn send_one(tx: &mpsc::Sender<Bytes>, pkt: Bytes) -> Result<(), SessionError> {
+    tx.send(pkt).await.map_err(|_| SessionError::Closed)?;
+    // The slot frees once the body took the packet.
+    let permit = tx.reserve().await.map_err(|_| SessionError::Closed)?;
+    drop(permit);
+    Ok(())
+}
+
+/// Ships packets every 100 ms, at once when the ring passes its high-water
+/// mark, when kicked, or when an acknowledgement made room. Order: what the
+/// window holds unsent (re-sends after a reconnect first), then the spool,
+/// then new ring batches, each stamped with its identity and kept in the
+/// window until acknowledged (released at once against a center without
+/// the extension). Ends with [`SessionError::Stalled`] when
+/// acknowledgements stop advancing.
+async fn send_loop(
+    agent: &Agent,
+    tx: mpsc::Sender<Bytes>,
+    delivery: &Delivery,
+) -> Result<(), SessionError> {
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
@@ -293,15 +354,27 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
             _ = tick.tick() => {}
             _ = agent.buffer.high_water() => {}
             _ = agent.kick.notified() => {}
+            _ = delivery.acked.notified() => {}
         }
         crate::log::drain_error_records(agent);
-        if agent.closing.get() && agent.buffer.is_empty() {
-            return Ok(());
+        if delivery.poll() {
+            delivery.publish();
+            return Err(SessionError::Stalled);
         }
         if agent.release_memory.replace(false) {
             buf = Vec::new();
         }
         loop {
+            while let Some(pkt) = delivery.next_to_send() {
+                send_one(&tx, pkt).await?;
+                delivery.sent();
+            }
+            if delivery.refill_from_spool() > 0 {
+                continue;
+            }
+            if !delivery.can_take(MAX_BATCH_BYTES) {
+                break;
+            }
             buf.clear();
             let meta = agent.meta.borrow().clone();
             let Some((batch, n)) =
@@ -315,26 +388,82 @@ async fn send_loop(agent: &Agent, tx: mpsc::Sender<Bytes>) -> Result<(), Session
                 }
                 break;
             };
-            // Hand the buffer itself to the request body (no copy); the
-            // next batch starts a buffer of the same size.
+            delivery::stamp(&mut buf, delivery.next_id());
+            // Hand the buffer itself to the window (no copy); the next
+            // batch starts a buffer of the same size.
             let cap = buf.len();
             let pkt = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(cap)));
-            if tx.send(pkt).await.is_err() {
-                agent.buffer.rollback(batch);
-                return Err(SessionError::Closed);
-            }
-            // The slot frees once the body took the packet.
-            match tx.reserve().await {
-                Ok(permit) => drop(permit),
+            match delivery.push(pkt) {
+                Ok(()) => {
+                    // the window owns the packet now: the ring slots free
+                    agent.buffer.commit(batch);
+                    agent.tx_records.set(agent.tx_records.get() + n as u64);
+                }
                 Err(_) => {
                     agent.buffer.rollback(batch);
-                    return Err(SessionError::Closed);
+                    break;
                 }
             }
-            agent.buffer.commit(batch);
-            agent.tx_records.set(agent.tx_records.get() + n as u64);
+        }
+        delivery.publish();
+        if agent.closing.get() && agent.buffer.is_empty() && delivery.is_empty() {
+            return Ok(());
         }
     }
+}
+
+/// While no center is connected: when a spool is configured, moves ring
+/// batches into it (stamped with their identity) so plugins keep being
+/// read; when it is full, the ring fills and back-pressure applies as
+/// before. Never returns.
+async fn offline(agent: &Agent, delivery: &Delivery) {
+    let mut tick = tokio::time::interval(SEND_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = agent.buffer.high_water() => {}
+            _ = agent.kick.notified() => {}
+        }
+        crate::log::drain_error_records(agent);
+        spill(agent, delivery, &mut buf);
+        delivery.publish();
+        if buf.capacity() > 64 * 1024 {
+            buf = Vec::new();
+        }
+    }
+}
+
+/// Moves everything the ring holds into the spool while it has room;
+/// returns records moved.
+pub(crate) fn spill(agent: &Agent, delivery: &Delivery, buf: &mut Vec<u8>) -> usize {
+    let mut moved = 0;
+    if !delivery.has_spool() {
+        return 0;
+    }
+    loop {
+        if !delivery.spool_has_room(MAX_BATCH_BYTES) {
+            break;
+        }
+        buf.clear();
+        let meta = agent.meta.borrow().clone();
+        let Some((batch, n)) = agent
+            .buffer
+            .begin_packet(RING_SLOTS, MAX_BATCH_BYTES, &meta, buf)
+        else {
+            break;
+        };
+        delivery::stamp(buf, delivery.next_id());
+        if delivery.spool_new(buf) {
+            agent.buffer.commit(batch);
+            moved += n;
+        } else {
+            agent.buffer.rollback(batch);
+            break;
+        }
+    }
+    moved
 }
 
 /// Handles one Command (§3.5, with Elkeid's "task drops configs" fixed).
