@@ -261,3 +261,79 @@ async fn against_a_center_without_the_extension_the_agent_behaves_as_before() {
     assert_eq!(field(&hb, "drop_cnt"), "0", "{hb}");
     drop(agent);
 }
+
+/// Records of `data_type` in the agent's spool segments (decoded with the
+/// core codec and prost, as the agent's replay would).
+fn spooled(work_dir: &Path, data_type: i32) -> usize {
+    use prost::Message;
+    let Ok(rd) = std::fs::read_dir(work_dir.join("spool")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.filter_map(Result::ok) {
+        let Ok(data) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(mut pos) = elkeid_core::spool::check_magic(&data) else {
+            continue;
+        };
+        while let Ok((entry, len)) = elkeid_core::spool::decode_entry(&data[pos..]) {
+            pos += len;
+            if let Ok(p) = elkeid_proto::grpc::PackagedData::decode(entry.packet) {
+                n += p
+                    .records
+                    .iter()
+                    .filter(|r| r.data_type == data_type)
+                    .count();
+            }
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn center_outage_spools_keeps_the_plugin_running_and_survives_agent_restart() {
+    const N: u64 = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let cdir = tmp.path().join("center");
+    let wd = tmp.path().join("agent");
+    let center = Center::start(&cdir, &[]);
+    let grpc = center.grpc.to_string();
+    let files = FileServer::start();
+    let mut agent = Agent::start(&center, &wd, "ack-spool", None, &[]);
+    let id = agent.id.clone();
+    wait_connected(&center, &id, Duration::from_secs(60)).await;
+    start_flood(&center, &id, &files, N).await;
+    wait_for(Duration::from_secs(240), || {
+        (flood_lines(&cdir) >= 1000).then_some(())
+    })
+    .expect("flood reaches the center");
+    drop(center); // the center goes away for the rest of the flood
+    let before = flood_lines(&cdir);
+    // The plugin is not blocked: its last record (the marker) is written
+    // while no center takes data, so it lands in the spool.
+    wait_for(Duration::from_secs(120), || {
+        (spooled(&wd, 7001) == 1).then_some(())
+    })
+    .expect("the whole flood was read from the plugin into the spool");
+    assert!(spooled(&wd, 7000) > 0);
+    // SIGTERM with no center: what is in memory goes to the spool too
+    let st = agent
+        .terminate(Duration::from_secs(30))
+        .expect("agent exits");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        before as u64 + spooled(&wd, 7000) as u64 >= N,
+        "at exit everything is on the center's disk or in the spool"
+    );
+    // center back, agent restarted on the same work dir: the spool replays
+    let center = Center::start_at(&cdir, &grpc, &[]);
+    let agent = Agent::start(&center, &wd, "ack-spool", None, &[]);
+    wait_for(Duration::from_secs(240), || has_marker(&cdir).then_some(()))
+        .expect("end marker delivered from the spool");
+    let got = flood_records(&cdir, &id);
+    let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(distinct.len() as u64, N, "0 lost");
+    assert_eq!(got.len() as u64, N, "0 duplicates");
+    drop(agent);
+}
