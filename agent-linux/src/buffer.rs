@@ -23,6 +23,9 @@ pub(crate) struct Buffer {
     space: Notify,
     /// Woken when the ring passes the high-water mark: send now.
     data: Notify,
+    /// Woken by producers that want their records sent at once (a
+    /// heartbeat, a 5100, shutdown).
+    kick: Notify,
     /// Agent records dropped because even the reserve was full.
     drops: Cell<u64>,
     /// Byte level at which the sender is woken early.
@@ -50,6 +53,7 @@ impl Buffer {
             ring: RefCell::new(Ring::new(cfg)),
             space: Notify::new(),
             data: Notify::new(),
+            kick: Notify::new(),
             drops: Cell::new(0),
             high_water_bytes,
             high_water_records: RING_SLOTS / 2,
@@ -102,6 +106,16 @@ impl Buffer {
     /// Resolves when the ring passed the high-water mark since the last call.
     pub(crate) async fn high_water(&self) {
         self.data.notified().await;
+    }
+
+    /// Asks the sender to ship what is buffered now.
+    pub(crate) fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Resolves after [`Buffer::kick`] (one permit is stored).
+    pub(crate) async fn kicked(&self) {
+        self.kick.notified().await;
     }
 
     /// Agent records dropped so far.

@@ -4,6 +4,7 @@
 //! running plugin, §3.9), at start, after every (re)connect (1000 only) and
 //! every `heartbeat_interval`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -11,18 +12,36 @@ use std::sync::atomic::Ordering;
 use elkeid_core::payload::PayloadBuf;
 use tokio::time::Instant;
 
+use crate::buffer::Buffer;
+use crate::config::Config;
+use crate::counters::Counters;
 use crate::host::Host;
+use crate::meta::HostMeta;
+use crate::plugin::PluginManager;
 use crate::procstat::{ProcSample, clock_ticks, sample};
-use crate::state::Agent;
 
 /// Data type of the agent heartbeat.
-pub(crate) const DT_AGENT_HEARTBEAT: i32 = 1000;
+pub(crate) use elkeid_core::schema::data_type::AGENT_HEARTBEAT as DT_AGENT_HEARTBEAT;
 /// Data type of a plugin heartbeat.
-pub(crate) const DT_PLUGIN_HEARTBEAT: i32 = 1001;
+pub(crate) use elkeid_core::schema::data_type::PLUGIN_HEARTBEAT as DT_PLUGIN_HEARTBEAT;
+
+/// The heartbeat: what it reads (shared), and what it owns (the previous
+/// samples for its rates and the agent's own `state_detail` entries).
+#[derive(Debug)]
+pub(crate) struct Heartbeat {
+    cfg: Rc<Config>,
+    meta: Rc<HostMeta>,
+    counters: Rc<Counters>,
+    buffer: Rc<Buffer>,
+    plugins: Rc<PluginManager>,
+    prev: RefCell<Prev>,
+    /// The agent's own `state_detail` entries (plugins keep theirs).
+    abnormal: RefCell<Vec<String>>,
+}
 
 /// Previous samples for rates.
 #[derive(Debug, Default)]
-pub(crate) struct Prev {
+struct Prev {
     at: Option<Instant>,
     own: Option<ProcSample>,
     rx_bytes: u64,
@@ -51,26 +70,64 @@ fn cpu_frac(ticks: u64, secs: f64) -> f64 {
 
 /// Seconds since `start_unix` (at least 1 to avoid 0-division on fresh processes).
 fn since_start(start_unix: i64) -> f64 {
-    crate::state::now_unix().saturating_sub(start_unix).max(1) as f64
+    crate::clock::now_unix().saturating_sub(start_unix).max(1) as f64
+}
+
+impl Heartbeat {
+    pub(crate) fn new(
+        cfg: Rc<Config>,
+        meta: Rc<HostMeta>,
+        counters: Rc<Counters>,
+        buffer: Rc<Buffer>,
+        plugins: Rc<PluginManager>,
+    ) -> Self {
+        Heartbeat {
+            cfg,
+            meta,
+            counters,
+            buffer,
+            plugins,
+            prev: RefCell::new(Prev::default()),
+            abnormal: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Marks the agent abnormal (`state_detail` gets `msg`).
+    pub(crate) fn set_abnormal(&self, msg: String) {
+        let mut v = self.abnormal.borrow_mut();
+        if v.len() < 32 && !v.contains(&msg) {
+            v.push(msg);
+        }
+    }
+
+    /// A config sync starts: forget the agent's own entries.
+    pub(crate) fn clear_abnormal(&self) {
+        self.abnormal.borrow_mut().clear();
+    }
+
+    /// The agent's own entries (SIGUSR1 dump).
+    pub(crate) fn abnormal(&self) -> Vec<String> {
+        self.abnormal.borrow().clone()
+    }
 }
 
 /// Builds the 1000 payload and updates `prev`.
-pub(crate) async fn agent_payload(agent: &Agent) -> PayloadBuf {
+pub(crate) async fn agent_payload(agent: &Heartbeat) -> PayloadBuf {
     let now = Instant::now();
     let pid = std::process::id();
     let own = sample(pid).unwrap_or_default();
-    let host = agent.host.clone();
+    let host = agent.meta.host.clone();
     let work_dir = agent.cfg.work_dir.clone();
     let du = tokio::task::spawn_blocking(move || Host::du(&work_dir, Some("plugin")))
         .await
         .unwrap_or(0);
-    let rx_bytes = agent.bytes.rx.load(Ordering::Relaxed);
-    let tx_bytes = agent.bytes.tx.load(Ordering::Relaxed);
-    let tx_records = agent.tx_records.get();
-    let rx_commands = agent.rx_commands.get();
+    let rx_bytes = agent.counters.bytes.rx.load(Ordering::Relaxed);
+    let tx_bytes = agent.counters.bytes.tx.load(Ordering::Relaxed);
+    let tx_records = agent.counters.tx_records.get();
+    let rx_commands = agent.counters.rx_commands.get();
     let sys_cpu = host.cpu_times();
 
-    let mut prev = agent.hb.borrow_mut();
+    let mut prev = agent.prev.borrow_mut();
     // First sample: rates since process start (Elkeid reports cpu 0).
     let (secs, cpu, read_speed, write_speed) = match (prev.at, prev.own) {
         (Some(at), Some(p)) => {
@@ -138,7 +195,7 @@ pub(crate) async fn agent_payload(agent: &Agent) -> PayloadBuf {
         "abnormal"
     };
     let state_detail = serde_json::to_string(&abnormal).unwrap_or_else(|_| "[]".into());
-    let st = &agent.host_static;
+    let st = &agent.meta.host_static;
 
     let mut p = PayloadBuf::with_capacity(2048);
     p.field("kernel_version", &st.kernel_version)
@@ -148,9 +205,9 @@ pub(crate) async fn agent_payload(agent: &Agent) -> PayloadBuf {
         .field("platform_version", &st.platform_version)
         .field("state", state)
         .field("state_detail", &state_detail)
-        .field("idc", &agent.idc.borrow())
-        .field("region", &agent.region.borrow())
-        .field("net_mode", agent.net_mode.get())
+        .field("idc", &agent.meta.idc.borrow())
+        .field("region", &agent.meta.region.borrow())
+        .field("net_mode", agent.counters.net_mode.get())
         .field_f64("rx_speed", rx_speed)
         .field_f64("tx_speed", tx_speed)
         .field_f64("cpu", cpu)
@@ -184,21 +241,23 @@ pub(crate) async fn agent_payload(agent: &Agent) -> PayloadBuf {
         .field_u64("drop_cnt", agent.buffer.drops())
         .field_u64("ring_len", agent.buffer.len() as u64)
         .field_u64("ring_bytes", agent.buffer.bytes() as u64)
-        .field_u64("reconnects", agent.reconnects.get())
+        .field_u64("reconnects", agent.counters.reconnects.get())
         .field_u64("hb_seq", seq);
     crate::transport::delivery::heartbeat_fields(&mut p);
     p
 }
 
 /// Pushes a 1000 heartbeat into the ring and wakes the sender.
-pub(crate) async fn push_agent_heartbeat(agent: &Agent) {
+pub(crate) async fn push_agent_heartbeat(agent: &Heartbeat) {
     let p = agent_payload(agent).await;
-    agent.push(DT_AGENT_HEARTBEAT, p.as_bytes());
-    agent.kick.notify_one();
+    agent
+        .buffer
+        .push_agent(DT_AGENT_HEARTBEAT, crate::clock::now_unix(), p.as_bytes());
+    agent.buffer.kick();
 }
 
 /// Pushes one 1001 per running plugin.
-pub(crate) async fn push_plugin_heartbeats(agent: &Agent) {
+pub(crate) async fn push_plugin_heartbeats(agent: &Heartbeat) {
     let snaps = agent.plugins.snapshot();
     let now = Instant::now();
     let mut seen = Vec::with_capacity(snaps.len());
@@ -209,7 +268,7 @@ pub(crate) async fn push_plugin_heartbeats(agent: &Agent) {
         let du = tokio::task::spawn_blocking(move || Host::du(&dir, None))
             .await
             .unwrap_or(0);
-        let prev = agent.hb.borrow().plugins.get(&s.pid).copied();
+        let prev = agent.prev.borrow().plugins.get(&s.pid).copied();
         let (cpu, read_speed, write_speed) = match prev {
             Some((p, at)) => {
                 let secs = now.duration_since(at).as_secs_f64();
@@ -228,7 +287,7 @@ pub(crate) async fn push_plugin_heartbeats(agent: &Agent) {
                 )
             }
         };
-        agent.hb.borrow_mut().plugins.insert(s.pid, (cur, now));
+        agent.prev.borrow_mut().plugins.insert(s.pid, (cur, now));
         let secs = s.elapsed_secs;
         let start_time = if cur.start_time_unix > 0 {
             cur.start_time_unix
@@ -250,22 +309,24 @@ pub(crate) async fn push_plugin_heartbeats(agent: &Agent) {
             .field_f64("tx_tps", rate(s.tx_cnt, secs))
             .field_f64("rx_speed", rate(s.rx_bytes, secs))
             .field_f64("tx_speed", rate(s.tx_bytes, secs));
-        agent.push(DT_PLUGIN_HEARTBEAT, p.as_bytes());
+        agent
+            .buffer
+            .push_agent(DT_PLUGIN_HEARTBEAT, crate::clock::now_unix(), p.as_bytes());
     }
     agent
-        .hb
+        .prev
         .borrow_mut()
         .plugins
         .retain(|pid, _| seen.contains(pid));
 }
 
 /// The periodic heartbeat task: refresh host facts, 1000, then 1001s.
-pub(crate) async fn run(agent: Rc<Agent>) {
+pub(crate) async fn run(agent: Rc<Heartbeat>) {
     let mut tick = tokio::time::interval(agent.cfg.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        agent.refresh_host();
+        agent.meta.refresh();
         push_agent_heartbeat(&agent).await;
         push_plugin_heartbeats(&agent).await;
     }

@@ -98,12 +98,12 @@ fn parse_uuid(s: &str) -> Result<[u8; 16], UuidParseError> {
 
 /// UUIDv5 (SHA-1) in the OID namespace.
 pub(crate) fn uuid5_oid(name: &[u8]) -> String {
-    let mut h = sha1_smol::Sha1::new();
+    let mut h = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
     h.update(&NAMESPACE_OID);
     h.update(name);
-    let d = h.digest().bytes();
+    let d = h.finish();
     let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
+    b.copy_from_slice(&d.as_ref()[..16]);
     b[6] = (b[6] & 0x0f) | 0x50;
     b[8] = (b[8] & 0x3f) | 0x80;
     format_uuid(&b)
@@ -120,10 +120,10 @@ fn uuid4() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let mut h = sha1_smol::Sha1::new();
+        let mut h = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
         h.update(&now.to_le_bytes());
         h.update(&std::process::id().to_le_bytes());
-        b.copy_from_slice(&h.digest().bytes()[..16]);
+        b.copy_from_slice(&h.finish().as_ref()[..16]);
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;

@@ -5,15 +5,19 @@
 //! - `identity`: agent id (§3.2 of the wire spec, without the empty-id bug).
 //! - `host`: hostname, IP lists, platform, kernel, DMI and system facts.
 //! - `procstat`: per-process samples from procfs for both heartbeats.
-//! - `buffer`: the core ring behind a `RefCell`, with back-pressure wake-ups.
-//! - `state`: the shared `Agent` (counters, connection, stop signal).
-//! - `transport/`: mTLS + h2 connection, address selection, send and
-//!   receive loops, command dispatch.
+//! - `buffer`: the core ring behind a `RefCell`, with back-pressure and
+//!   "send now" wake-ups.
+//! - `agent`: the top; builds and owns the parts below, executes commands.
+//! - `command`: pure `Command -> Vec<Action>` and the plugin-sync diff.
+//! - `counters`, `meta`, `stop`: plain counters, host metadata, stop signal.
+//! - `transport/`: mTLS + h2 connection (owns the `Link`),
+//!   address selection, send and receive loops.
 //! - `heartbeat`: 1000 / 1001 records.
 //! - `tasks`: agent tasks 1050 (upload), 1051 (idc/region), 1060 (shutdown).
 //! - [`log`]: tracing to a size-capped file, stderr, and 1010 records.
 //! - `signals`: SIGTERM / SIGUSR1 / SIGUSR2.
-//! - `http_client`: tiny HTTP/1.1 GET client (service discovery).
+//! - `fetch`: the one HTTP(S) client (artifact downloads with SHA-256
+//!   checks for plugins and self-update; service discovery).
 //! - `plugin/`, `update`: plugin management and self-update.
 //!
 //! Everything runs on one tokio `current_thread` runtime inside a `LocalSet`;
@@ -24,16 +28,21 @@
 pub mod config;
 pub mod log;
 
+mod agent;
 mod buffer;
+mod clock;
+mod command;
+mod counters;
+mod fetch;
 mod heartbeat;
 mod host;
-mod http_client;
 mod identity;
+mod meta;
 mod plugin;
 mod procstat;
 mod signals;
 mod spool;
-mod state;
+mod stop;
 mod tasks;
 mod transport;
 mod update;
@@ -41,7 +50,7 @@ mod update;
 use std::rc::Rc;
 use std::time::Duration;
 
-pub use state::Exit;
+pub use stop::Exit;
 
 /// Errors that stop the agent at start-up (the binary exits with 64 for
 /// configuration-class errors).
@@ -76,15 +85,31 @@ pub fn restore_old_binary(exe: &std::path::Path) -> std::io::Result<bool> {
     update::restore_old_binary(exe)
 }
 
+/// What [`preflight`] checked and built (the TLS client configuration).
+#[derive(Debug)]
+pub struct Preflight {
+    tls: std::sync::Arc<rustls::ClientConfig>,
+}
+
+/// Validates the configuration without touching the filesystem: the CA,
+/// certificate and key are read and loaded and the server name is checked.
+/// The binary calls this before it creates `work_dir` or its log file, so a
+/// bad configuration leaves nothing behind.
+pub fn preflight(cfg: &config::Config) -> Result<Preflight, RunError> {
+    let tls = transport::tls::client_config(cfg).map_err(|e| RunError::Tls(e.to_string()))?;
+    transport::tls::server_name(&cfg.server_name).map_err(|e| RunError::Tls(e.to_string()))?;
+    Ok(Preflight { tls })
+}
+
 /// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
 /// plugins, flushes the ring to the center (bounded by `flush_deadline`)
 /// and returns why it stopped. Must run inside a `LocalSet`.
-pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
+pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|source| RunError::WorkDir {
         path: cfg.work_dir.clone(),
         source,
     })?;
-    let tls = transport::tls::client_config(&cfg).map_err(|e| RunError::Tls(e.to_string()))?;
+    let tls = pre.tls;
     let (id, source) = identity::load(&cfg.work_dir, cfg.specified_agent_id.as_deref())
         .map_err(|e| RunError::Identity(e.to_string()))?;
     tracing::info!(agent_id = %id, source = ?source, version = config::VERSION, "elkeid-agent starting");
@@ -98,38 +123,27 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
         buffer.clone(),
     )));
     let flush_deadline = cfg.flush_deadline;
-    let delivery = Rc::new(transport::delivery::Delivery::new(
-        cfg.unacked_bytes,
-        cfg.failover,
-        &cfg.spool_dir(),
-        cfg.spool_max_bytes,
-    ));
-    let agent = state::Agent::new(cfg, id, buffer, plugins);
-
-    let tasks = [
-        tokio::task::spawn_local(signals::run(agent.clone())),
-        tokio::task::spawn_local(heartbeat::run(agent.clone())),
-    ];
-    let mut transport =
-        tokio::task::spawn_local(transport::run(agent.clone(), tls, delivery.clone()));
-    let why = agent.stopped().await;
+    let agent = agent::Agent::new(cfg, id, buffer, plugins);
+    let (tasks, mut transport) = agent.spawn(tls);
+    let why = agent.stop.stopped().await;
+    let delivery = agent.delivery.clone();
     tracing::info!(reason = ?why, "stopping: shutting plugins down");
     agent.plugins.shutdown().await;
-    crate::log::drain_error_records(&agent);
+    crate::log::drain_error_records(&agent.buffer);
     let deadline = tokio::time::Instant::now() + flush_deadline;
     // Flushed = the ring is empty and the center acknowledged everything
     // (or does not acknowledge at all).
     let flushed = || agent.buffer.is_empty() && delivery.settled();
     while !flushed() && tokio::time::Instant::now() < deadline {
-        agent.kick.notify_one();
+        agent.buffer.kick();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if flushed() {
         tracing::info!("ring flushed to the center");
     }
     // End the Transfer stream cleanly (if connected), then stop the rest.
-    agent.closing.set(true);
-    agent.kick.notify_one();
+    agent.link.closing.set(true);
+    agent.buffer.kick();
     if tokio::time::timeout(Duration::from_secs(2), &mut transport)
         .await
         .is_err()
@@ -140,7 +154,7 @@ pub async fn run(cfg: config::Config) -> Result<Exit, RunError> {
     // the unacknowledged window before everything spooled, the ring after.
     if !agent.buffer.is_empty() || !delivery.settled() {
         let window = delivery.window_to_spool();
-        let ring = transport::spill(&agent, &delivery, &mut Vec::new());
+        let ring = transport::spill(&agent.buffer, &agent.meta, &delivery, &mut Vec::new());
         delivery.seal();
         if agent.buffer.is_empty() && delivery.settled() {
             tracing::info!(

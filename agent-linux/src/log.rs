@@ -24,7 +24,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use crate::config::LogLevel;
 
 /// Data type of agent error logs.
-pub(crate) const DT_AGENT_LOG: i32 = 1010;
+pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 /// Pending 1010 records kept at most (between two send ticks).
 const MAX_PENDING: usize = 256;
 /// Largest 1010 payload.
@@ -266,18 +266,18 @@ impl<S: Subscriber> Layer<S> for ErrorRecords {
             PENDING_DROPS.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.push_back((crate::state::now_unix(), p.as_bytes().to_vec()));
+        q.push_back((crate::clock::now_unix(), p.as_bytes().to_vec()));
     }
 }
 
 /// Moves pending 1010 records into the ring (called by the send loop).
-pub(crate) fn drain_error_records(agent: &crate::state::Agent) {
+pub(crate) fn drain_error_records(buffer: &crate::buffer::Buffer) {
     let items: Vec<(i64, Vec<u8>)> = {
         let mut q = PENDING.lock().unwrap_or_else(|e| e.into_inner());
         q.drain(..).collect()
     };
     for (ts, p) in items {
-        agent.buffer.push_agent(DT_AGENT_LOG, ts, &p);
+        buffer.push_agent(DT_AGENT_LOG, ts, &p);
     }
 }
 

@@ -24,6 +24,14 @@ fn main() -> ExitCode {
         }
         Command::Run(c) => *c,
     };
+    // Validate everything before the first directory or log file exists.
+    let pre = match elkeid_agent::preflight(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("elkeid-agent: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
     if let Err(e) = std::fs::create_dir_all(&cfg.work_dir) {
         eprintln!(
             "elkeid-agent: invalid value for work_dir: {}: {e}",
@@ -53,7 +61,7 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    let r = local.block_on(&rt, elkeid_agent::run(cfg));
+    let r = local.block_on(&rt, elkeid_agent::run(cfg, pre));
     drop(local);
     drop(rt);
     match r {

@@ -8,10 +8,12 @@ use std::rc::Rc;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::state::{Agent, Exit};
+use crate::stop::{Exit, StopSignal};
 
-/// Listens for signals until the task is dropped.
-pub(crate) async fn run(agent: Rc<Agent>) {
+/// Listens for signals until the task is dropped: SIGTERM/SIGINT stop the
+/// agent, SIGUSR1 toggles debug logging then calls `on_usr1(debug_on)` (the
+/// state dump), SIGUSR2 calls `on_usr2`.
+pub(crate) async fn run(stop: Rc<StopSignal>, on_usr1: impl Fn(bool), on_usr2: impl Fn()) {
     let (Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -25,42 +27,20 @@ pub(crate) async fn run(agent: Rc<Agent>) {
         tokio::select! {
             _ = term.recv() => {
                 tracing::info!("SIGTERM: shutting down");
-                agent.stop(Exit::Terminate);
+                stop.stop(Exit::Terminate);
             }
             _ = int.recv() => {
                 tracing::info!("SIGINT: shutting down");
-                agent.stop(Exit::Terminate);
+                stop.stop(Exit::Terminate);
             }
             _ = usr1.recv() => {
                 let debug_on = crate::log::toggle_debug();
-                dump(&agent, debug_on);
+                on_usr1(debug_on);
             }
             _ = usr2.recv() => {
-                agent.release_memory.set(true);
+                on_usr2();
                 tracing::info!("SIGUSR2: releasing cached buffers");
             }
         }
     }
-}
-
-/// Logs the internal state (SIGUSR1).
-fn dump(agent: &Agent, debug_on: bool) {
-    let plugins = agent.plugins.names();
-    tracing::info!(
-        debug_logging = debug_on,
-        agent_id = %agent.id,
-        net_mode = agent.net_mode.get(),
-        connected = agent.channel.borrow().is_some(),
-        ring_len = agent.buffer.len(),
-        ring_bytes = agent.buffer.bytes(),
-        drop_cnt = agent.buffer.drops(),
-        log_drops = crate::log::pending_drops(),
-        tx_records = agent.tx_records.get(),
-        rx_commands = agent.rx_commands.get(),
-        reconnects = agent.reconnects.get(),
-        upload_busy = agent.upload_busy.get(),
-        abnormal = ?agent.abnormal.borrow(),
-        plugins = ?plugins,
-        "state dump"
-    );
 }

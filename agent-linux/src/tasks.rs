@@ -3,6 +3,7 @@
 //! (persisted in `<work-dir>/specified_env`, no helper binary), 1060
 //! graceful shutdown. Every failure produces a 5100 record with the token.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -14,14 +15,45 @@ use prost::Message;
 use tokio::io::AsyncReadExt;
 use tonic::codegen::http::uri::PathAndQuery;
 
-use crate::state::{Agent, Exit};
+use crate::buffer::Buffer;
+use crate::config::Config;
+use crate::meta::HostMeta;
+use crate::stop::{Exit, StopSignal};
+use crate::transport::Link;
 
-/// Upload a file.
-pub(crate) const DT_UPLOAD: i32 = 1050;
+/// Data type of a task result / failure record.
+pub(crate) use elkeid_core::schema::data_type::TASK_RESULT as DT_TASK_RESULT;
+
+/// What agent tasks work with; owns the "an upload is running" flag.
+#[derive(Debug)]
+pub(crate) struct AgentTasks {
+    pub(crate) cfg: Rc<Config>,
+    pub(crate) meta: Rc<HostMeta>,
+    pub(crate) buffer: Rc<Buffer>,
+    /// Uploads open a stream on the live connection.
+    pub(crate) link: Rc<Link>,
+    pub(crate) stop: Rc<StopSignal>,
+    /// An upload is running.
+    pub(crate) upload_busy: Cell<bool>,
+}
+
+/// Pushes a 5100 task-failure record and wakes the sender.
+pub(crate) fn task_failed(buffer: &Buffer, token: &str, msg: &str) {
+    tracing::warn!(token, msg, "task failed");
+    let mut p = elkeid_core::payload::PayloadBuf::new();
+    p.field("token", token)
+        .field("msg", msg)
+        .field("status", "failed");
+    buffer.push_agent(DT_TASK_RESULT, crate::clock::now_unix(), p.as_bytes());
+    buffer.kick();
+}
+
 /// Set idc / region.
-pub(crate) const DT_SET_META: i32 = 1051;
+pub(crate) use elkeid_core::schema::data_type::TASK_SET_META as DT_SET_META;
 /// Shut down.
-pub(crate) const DT_SHUTDOWN: i32 = 1060;
+pub(crate) use elkeid_core::schema::data_type::TASK_SHUTDOWN as DT_SHUTDOWN;
+/// Upload a file.
+pub(crate) use elkeid_core::schema::data_type::TASK_UPLOAD as DT_UPLOAD;
 
 /// gRPC path of file uploads.
 const UPLOAD_PATH: &str = "/grpc.FileExt/Upload";
@@ -82,17 +114,21 @@ struct UploadReq {
 }
 
 /// Dispatches one agent task.
-pub(crate) fn handle(agent: &Rc<Agent>, task: Task) {
+pub(crate) fn handle(agent: &Rc<AgentTasks>, task: Task) {
     match task.data_type {
         DT_UPLOAD => {
             if agent.upload_busy.get() {
-                agent.task_failed(&task.token, &TaskError::Busy.to_string());
+                task_failed(&agent.buffer, &task.token, &TaskError::Busy.to_string());
                 return;
             }
             let req: UploadReq = match serde_json::from_str(&task.data) {
                 Ok(r) => r,
                 Err(e) => {
-                    agent.task_failed(&task.token, &TaskError::Json(e.to_string()).to_string());
+                    task_failed(
+                        &agent.buffer,
+                        &task.token,
+                        &TaskError::Json(e.to_string()).to_string(),
+                    );
                     return;
                 }
             };
@@ -110,25 +146,25 @@ pub(crate) fn handle(agent: &Rc<Agent>, task: Task) {
                     Ok(n) => {
                         tracing::info!(token = %task.token, path = %req.path, bytes = n, "upload done")
                     }
-                    Err(e) => a.task_failed(&task.token, &e.to_string()),
+                    Err(e) => task_failed(&a.buffer, &task.token, &e.to_string()),
                 }
             });
         }
         DT_SET_META => {
             if let Err(e) = set_meta(agent, &task.data) {
-                agent.task_failed(&task.token, &e.to_string());
+                task_failed(&agent.buffer, &task.token, &e.to_string());
             }
         }
         DT_SHUTDOWN => {
             tracing::info!(token = %task.token, "shutdown requested by the center");
-            agent.stop(Exit::Terminate);
+            agent.stop.stop(Exit::Terminate);
         }
         other => tracing::debug!(data_type = other, "ignoring agent task"),
     }
 }
 
 /// 1051: `{"idc": "...", "region": "..."}`, both optional strings.
-fn set_meta(agent: &Agent, data: &str) -> Result<(), TaskError> {
+fn set_meta(agent: &AgentTasks, data: &str) -> Result<(), TaskError> {
     let v: serde_json::Value =
         serde_json::from_str(data).map_err(|e| TaskError::Json(e.to_string()))?;
     let obj = v
@@ -149,15 +185,15 @@ fn set_meta(agent: &Agent, data: &str) -> Result<(), TaskError> {
     }
     let new_idc = idc
         .map(str::to_string)
-        .unwrap_or_else(|| agent.idc.borrow().clone());
+        .unwrap_or_else(|| agent.meta.idc.borrow().clone());
     let new_region = region
         .map(str::to_string)
-        .unwrap_or_else(|| agent.region.borrow().clone());
+        .unwrap_or_else(|| agent.meta.region.borrow().clone());
     persist_env(&agent.cfg.specified_env_path(), &new_idc, &new_region)
         .map_err(TaskError::Persist)?;
     tracing::info!(idc = %new_idc, region = %new_region, "idc/region updated");
-    agent.idc.replace(new_idc);
-    agent.region.replace(new_region);
+    agent.meta.idc.replace(new_idc);
+    agent.meta.region.replace(new_region);
     Ok(())
 }
 
@@ -182,7 +218,7 @@ pub(crate) fn persist_env(path: &std::path::Path, idc: &str, region: &str) -> st
 
 /// 1050: streams the file in chunks of min(buf_size, 512000) bytes, one per
 /// second, on a new stream of the live connection.
-async fn upload(agent: &Agent, token: &str, req: &UploadReq) -> Result<u64, TaskError> {
+async fn upload(agent: &AgentTasks, token: &str, req: &UploadReq) -> Result<u64, TaskError> {
     let io = |source| TaskError::Io {
         path: req.path.clone(),
         source,
@@ -201,6 +237,7 @@ async fn upload(agent: &Agent, token: &str, req: &UploadReq) -> Result<u64, Task
         return Err(TaskError::TooLarge { size, limit });
     }
     let ch = agent
+        .link
         .channel
         .borrow()
         .clone()

@@ -27,7 +27,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::plugin::download::{DownloadConfig, DownloadError, Downloader, sha256_file};
+use crate::fetch::{DownloadConfig, DownloadError, Downloader, sha256_file};
 
 /// How long the `--version` smoke test of a new binary may take.
 const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -294,8 +294,7 @@ fn sanitize(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::download::{hex, tests::serve};
-    use sha2::Digest;
+    use crate::fetch::{hex, tests::serve};
 
     fn cfg(kind: &str, sha: &str, url: String) -> elkeid_proto::grpc::Config {
         elkeid_proto::grpc::Config {
@@ -316,7 +315,12 @@ mod tests {
         std::fs::write(&exe, b"#!/bin/sh\necho old\n").unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let addr = serve(new_body.to_vec());
-        (d, exe, hex(&sha2::Sha256::digest(new_body)), addr)
+        (
+            d,
+            exe,
+            hex(ring::digest::digest(&ring::digest::SHA256, new_body).as_ref()),
+            addr,
+        )
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -82,6 +82,17 @@ pub enum ConfigError {
         /// Parser message (names the key).
         msg: String,
     },
+    /// A value given by a flag or an environment variable is out of range
+    /// or malformed; `subject` names what the user set.
+    #[error("config: bad value for {subject} (key `{key}`): {msg}")]
+    InvalidArg {
+        /// `flag --conn-limit` or `environment variable ELKEID_CENTER_CONN_LIMIT`.
+        subject: String,
+        /// The key, in file notation.
+        key: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
     /// A value is out of range or malformed.
     #[error("config: bad value for key `{key}`: {msg}")]
     Invalid {
@@ -103,82 +114,82 @@ pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "ELKEID_CENTER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Data directory (PKI, api keys, records, uploads).
+    /// Data directory (PKI, api keys, records, uploads). [default: ./elkeid-data]
     #[arg(long, env = "ELKEID_CENTER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Log filter (tracing `EnvFilter` syntax).
+    /// Log filter (tracing `EnvFilter` syntax). [default: info]
     #[arg(long, env = "ELKEID_CENTER_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// gRPC listen address.
+    /// gRPC listen address. [default: 0.0.0.0:6751]
     #[arg(long, env = "ELKEID_CENTER_GRPC_ADDR")]
     pub grpc_addr: Option<String>,
-    /// Maximum concurrent agent streams.
+    /// Maximum concurrent agent streams. [default: 10000]
     #[arg(long, env = "ELKEID_CENTER_CONN_LIMIT")]
     pub conn_limit: Option<String>,
-    /// Seconds to wait for the first packet of a stream.
+    /// Seconds to wait for the first packet of a stream. [default: 30]
     #[arg(long, env = "ELKEID_CENTER_FIRST_PACKET_TIMEOUT_SECS")]
     pub first_packet_timeout_secs: Option<String>,
-    /// Maximum gRPC message size (decompressed), bytes.
+    /// Maximum gRPC message size (decompressed), bytes. [default: 10485760]
     #[arg(long, env = "ELKEID_CENTER_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<String>,
     /// Serve gRPC without TLS (h2c). Only for tests / behind a proxy.
     #[arg(long, env = "ELKEID_CENTER_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
-    /// CA certificate (PEM) that agent client certificates must chain to.
+    /// CA certificate (PEM) that agent client certificates must chain to. [default: DATA_DIR/pki/ca.crt]
     #[arg(long, env = "ELKEID_CENTER_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// Server certificate (PEM).
+    /// Server certificate (PEM). [default: DATA_DIR/pki/server.crt]
     #[arg(long, env = "ELKEID_CENTER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// Server private key (PEM).
+    /// Server private key (PEM). [default: DATA_DIR/pki/server.key]
     #[arg(long, env = "ELKEID_CENTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Maximum size of one uploaded file, bytes.
+    /// Maximum size of one uploaded file, bytes. [default: 536870912]
     #[arg(long, env = "ELKEID_CENTER_UPLOAD_MAX_BYTES")]
     pub upload_max_bytes: Option<String>,
-    /// HTTP API listen address.
+    /// HTTP API listen address. [default: 0.0.0.0:6752]
     #[arg(long, env = "ELKEID_CENTER_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// Serve the HTTP API over TLS with the server certificate (true|false).
+    /// Serve the HTTP API over TLS with the server certificate (true|false). [default: false]
     #[arg(long, env = "ELKEID_CENTER_HTTP_TLS")]
     pub http_tls: Option<String>,
-    /// AK/SK authentication of the HTTP API (true|false).
+    /// AK/SK authentication of the HTTP API (true|false). [default: true]
     #[arg(long, env = "ELKEID_CENTER_AUTH")]
     pub auth: Option<String>,
-    /// TOML file with the `[aksk]` table.
+    /// TOML file with the `[aksk]` table. [default: DATA_DIR/api-keys.toml]
     #[arg(long, env = "ELKEID_CENTER_API_KEYS")]
     pub api_keys: Option<PathBuf>,
-    /// Sinks to enable: ndjson, null, kafka (repeatable).
+    /// Sinks to enable: ndjson, null, kafka (repeatable). [default: ndjson]
     #[arg(long = "sink", env = "ELKEID_CENTER_SINK", value_delimiter = ',')]
     pub sinks: Vec<String>,
-    /// Directory of the NDJSON sink.
+    /// Directory of the NDJSON sink. [default: DATA_DIR/records]
     #[arg(long, env = "ELKEID_CENTER_NDJSON_DIR")]
     pub ndjson_dir: Option<PathBuf>,
-    /// NDJSON file size at which a new file is started, bytes.
+    /// NDJSON file size at which a new file is started, bytes. [default: 268435456]
     #[arg(long, env = "ELKEID_CENTER_NDJSON_ROTATE_BYTES")]
     pub ndjson_rotate_bytes: Option<String>,
-    /// Kafka bootstrap brokers (comma list).
+    /// Kafka bootstrap brokers (comma list). [default: 127.0.0.1:9092]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_BROKERS", value_delimiter = ',')]
     pub kafka_brokers: Vec<String>,
-    /// Kafka topic.
+    /// Kafka topic. [default: hids_svr]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_TOPIC")]
     pub kafka_topic: Option<String>,
-    /// Kafka record-batch compression: none, gzip, snappy, lz4, zstd.
+    /// Kafka record-batch compression: none, gzip, snappy, lz4, zstd. [default: none]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_COMPRESSION")]
     pub kafka_compression: Option<String>,
-    /// Kafka acks (-1 = all).
+    /// Kafka acks (-1 = all). [default: -1]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_ACKS", allow_hyphen_values = true)]
     pub kafka_acks: Option<String>,
-    /// Kafka batch linger, ms.
+    /// Kafka batch linger, ms. [default: 100]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_LINGER_MS")]
     pub kafka_linger_ms: Option<String>,
-    /// Kafka batch size cap, bytes.
+    /// Kafka batch size cap, bytes. [default: 1048576]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_MAX_BATCH_BYTES")]
     pub kafka_max_batch_bytes: Option<String>,
-    /// Kafka in-flight budget, bytes.
+    /// Kafka in-flight budget, bytes. [default: 67108864]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_QUEUE")]
     pub kafka_queue: Option<String>,
-    /// Drop (counted) instead of back-pressure when Kafka is slow (true|false).
+    /// Drop (counted) instead of back-pressure when Kafka is slow (true|false). [default: false]
     #[arg(long, env = "ELKEID_CENTER_KAFKA_DROP_WHEN_FULL")]
     pub kafka_drop_when_full: Option<String>,
     /// Kafka SASL/PLAIN user (enables SASL).
@@ -187,30 +198,135 @@ pub struct Cli {
     /// Kafka SASL/PLAIN password.
     #[arg(long, env = "ELKEID_CENTER_KAFKA_SASL_PASSWORD")]
     pub kafka_sasl_password: Option<String>,
-    /// Manager backend: local | elkeid.
+    /// Manager backend: local | elkeid. [default: local]
     #[arg(long, env = "ELKEID_CENTER_MANAGER")]
     pub manager: Option<String>,
     /// Elkeid manager address(es), host:port (comma list).
     #[arg(long, env = "ELKEID_CENTER_MANAGER_ADDR", value_delimiter = ',')]
     pub manager_addr: Vec<String>,
-    /// Local manager component file (JSON or TOML).
+    /// Local manager component file (JSON or TOML). [default: DATA_DIR/components.json]
     #[arg(long, env = "ELKEID_CENTER_COMPONENTS_FILE")]
     pub components_file: Option<PathBuf>,
-    /// Timeout of one manager HTTP call, ms.
+    /// Timeout of one manager HTTP call, ms. [default: 5000]
     #[arg(long, env = "ELKEID_CENTER_MANAGER_TIMEOUT_MS")]
     pub manager_timeout_ms: Option<String>,
-    /// Retries of a failed manager HTTP call.
+    /// Retries of a failed manager HTTP call. [default: 2]
     #[arg(long, env = "ELKEID_CENTER_MANAGER_RETRIES")]
     pub manager_retries: Option<String>,
-    /// Per-connection command queue length.
+    /// Per-connection command queue length. [default: 1024]
     #[arg(long, env = "ELKEID_CENTER_COMMAND_QUEUE")]
     pub command_queue: Option<String>,
-    /// Command enqueue timeout, ms.
+    /// Command enqueue timeout, ms. [default: 2000]
     #[arg(long, env = "ELKEID_CENTER_COMMAND_SEND_TIMEOUT_MS")]
     pub command_send_timeout_ms: Option<String>,
-    /// Command send-result timeout, ms.
+    /// Command send-result timeout, ms. [default: 2000]
     #[arg(long, env = "ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS")]
     pub command_result_timeout_ms: Option<String>,
+    /// Where each value given on the command line came from (see
+    /// [`Cli::parse_args`]); empty when built with clap's `parse`.
+    #[arg(skip)]
+    pub origins: Origins,
+}
+
+/// File key -> argument id, for naming the flag or environment variable a
+/// bad value came from.
+const KEY_ARGS: &[(&str, &str)] = &[
+    ("log_level", "log_level"),
+    ("grpc.addr", "grpc_addr"),
+    ("grpc.conn_limit", "conn_limit"),
+    (
+        "grpc.first_packet_timeout_secs",
+        "first_packet_timeout_secs",
+    ),
+    ("grpc.max_message_bytes", "max_message_bytes"),
+    ("grpc.upload_max_bytes", "upload_max_bytes"),
+    ("grpc.ca_file", "tls_ca"),
+    ("grpc.cert_file", "tls_cert"),
+    ("grpc.key_file", "tls_key"),
+    ("http.addr", "http_addr"),
+    ("http.tls", "http_tls"),
+    ("http.auth", "auth"),
+    ("http.api_keys_file", "api_keys"),
+    ("sinks.enabled", "sinks"),
+    ("sinks.ndjson.rotate_bytes", "ndjson_rotate_bytes"),
+    ("sinks.kafka.brokers", "kafka_brokers"),
+    ("sinks.kafka.topic", "kafka_topic"),
+    ("sinks.kafka.compression", "kafka_compression"),
+    ("sinks.kafka.acks", "kafka_acks"),
+    ("sinks.kafka.linger_ms", "kafka_linger_ms"),
+    ("sinks.kafka.max_batch_bytes", "kafka_max_batch_bytes"),
+    ("sinks.kafka.queue", "kafka_queue"),
+    ("sinks.kafka.drop_when_full", "kafka_drop_when_full"),
+    ("sinks.kafka.sasl_username", "kafka_sasl_username"),
+    ("manager.backend", "manager"),
+    ("manager.addrs", "manager_addr"),
+    ("manager.timeout_ms", "manager_timeout_ms"),
+    ("manager.retries", "manager_retries"),
+    ("commands.queue_len", "command_queue"),
+    ("commands.send_timeout_ms", "command_send_timeout_ms"),
+    ("commands.result_timeout_ms", "command_result_timeout_ms"),
+];
+
+/// For each file key whose value came from a flag or an environment
+/// variable: the words naming it (`flag --conn-limit`,
+/// `environment variable ELKEID_CENTER_CONN_LIMIT`).
+#[derive(Debug, Clone, Default)]
+pub struct Origins(BTreeMap<&'static str, String>);
+
+impl Origins {
+    /// What the user set for `key`, if it came from a flag or the environment.
+    pub fn subject(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// The error for a bad `key`: naming the flag or variable if the value
+    /// came from one, the file key otherwise.
+    pub fn invalid(&self, key: &'static str, msg: String) -> ConfigError {
+        match self.subject(key) {
+            Some(subject) => ConfigError::InvalidArg {
+                subject: subject.to_string(),
+                key,
+                msg,
+            },
+            None => ConfigError::Invalid { key, msg },
+        }
+    }
+}
+
+impl Cli {
+    /// Parses the process arguments and environment like clap's
+    /// `try_parse`, also recording where each value came from.
+    pub fn parse_args() -> Result<Cli, clap::Error> {
+        Self::parse_args_from(std::env::args_os())
+    }
+
+    /// [`Cli::parse_args`] over the given arguments.
+    pub fn parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+        let cmd = Self::command();
+        let matches = cmd.clone().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&matches)?;
+        for &(key, id) in KEY_ARGS {
+            let Some(arg) = cmd.get_arguments().find(|a| a.get_id().as_str() == id) else {
+                continue;
+            };
+            let subject = match matches.value_source(id) {
+                Some(ValueSource::CommandLine) => arg.get_long().map(|l| format!("flag --{l}")),
+                Some(ValueSource::EnvVariable) => arg
+                    .get_env()
+                    .map(|e| format!("environment variable {}", e.to_string_lossy())),
+                _ => None,
+            };
+            if let Some(subject) = subject {
+                cli.origins.0.insert(key, subject);
+            }
+        }
+        Ok(cli)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -440,6 +556,9 @@ pub struct Config {
     pub manager: ManagerConfig,
     /// Command delivery.
     pub commands: CommandConfig,
+    /// Which keys were set by a flag or an environment variable (for
+    /// errors found after loading, such as the sinks' own checks).
+    pub origins: Origins,
 }
 
 impl Config {
@@ -552,6 +671,16 @@ fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
 }
 
 fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
+    let origins = cli.origins.clone();
+    let mut config = resolve_values(cli, file).map_err(|e| match e {
+        ConfigError::Invalid { key, msg } => origins.invalid(key, msg),
+        e => e,
+    })?;
+    config.origins = origins;
+    Ok(config)
+}
+
+fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
     let data_dir = cli
         .data_dir
         .or(file.data_dir)
@@ -775,6 +904,7 @@ fn resolve(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         kafka,
         manager,
         commands,
+        origins: Origins::default(),
     })
 }
 
@@ -789,6 +919,37 @@ mod tests {
         let mut v = vec!["elkeid-center"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn errors_name_the_flag_the_file_key_or_nothing_else() {
+        let c = Cli::parse_args_from(["elkeid-center", "--conn-limit", "x"]).unwrap();
+        assert_eq!(
+            c.origins.subject("grpc.conn_limit"),
+            Some("flag --conn-limit")
+        );
+        assert_eq!(c.origins.subject("grpc.addr"), None);
+        let e = resolve(c, FileConfig::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("flag --conn-limit (key `grpc.conn_limit`)"),
+            "{e}"
+        );
+        // A file value: the key alone.
+        let file = parse_file(Path::new("c.toml"), "[grpc]\nconn_limit = 0\n").unwrap();
+        let c = Cli::parse_args_from(["elkeid-center"]).unwrap();
+        let e = resolve(c, file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config: bad value for key `grpc.conn_limit`: must be greater than 0"
+        );
+        // Every table entry names a real argument.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        for (key, id) in KEY_ARGS {
+            assert!(
+                cmd.get_arguments().any(|a| a.get_id().as_str() == *id),
+                "{key} -> {id}"
+            );
+        }
     }
 
     #[test]

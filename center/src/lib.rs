@@ -8,7 +8,6 @@
 //! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
 //! - `pool.rs`: live agent streams, conn limit, conflicts, command delivery.
 //! - `records.rs`: per-record processing (heartbeats, task results, logs).
-//! - `payload.rs`: borrowed decoding of a serialized `Payload`.
 //! - `manager/`: where configs come from and task results go (`local`, `elkeid`).
 //! - `http/`: the axum API with AK/SK auth.
 //! - `metrics.rs`: counters and Prometheus text.
@@ -29,7 +28,6 @@ mod grpc;
 mod http;
 mod manager;
 mod metrics;
-mod payload;
 mod pki;
 mod pool;
 mod records;
@@ -239,7 +237,7 @@ pub async fn run(
     let sinks = match sinks::build(&config, &metrics, &ack_metrics).await {
         Ok(s) => s,
         Err(sinks::BuildError::Config { key, msg }) => {
-            return Err(ConfigError::Invalid { key, msg }.into());
+            return Err(config.origins.invalid(key, msg).into());
         }
         Err(e) => return Err(RunError::Sink(e.to_string())),
     };
@@ -383,4 +381,22 @@ pub async fn run(
     let _ = std::fs::remove_file(dir.join("listen.json"));
     tracing::info!("elkeid-center stopped");
     result
+}
+
+/// Current Unix seconds (0 if the clock is before 1970).
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A serialized `Payload` with these entries (tests only).
+#[cfg(test)]
+pub(crate) fn test_payload(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut p = elkeid_core::payload::PayloadBuf::new();
+    for (k, v) in fields {
+        p.field(k, v);
+    }
+    p.into_vec()
 }

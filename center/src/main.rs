@@ -3,14 +3,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use std::io::IsTerminal;
+
 use elkeid_center::{Cli, Config, RunError};
 
 /// `EX_USAGE`: bad configuration.
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_args() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -32,13 +33,18 @@ fn main() -> ExitCode {
     let filter = match tracing_subscriber::EnvFilter::try_new(&config.log_level) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("elkeid-center: config: bad value for key `log_level`: {e}");
+            eprintln!(
+                "elkeid-center: {}",
+                config.origins.invalid("log_level", e.to_string())
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // No colour codes into pipes, files or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

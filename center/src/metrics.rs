@@ -1,7 +1,8 @@
 //! Counters and the Prometheus text exposition.
 //!
 //! Elkeid names (kept so dashboards carry over): `elkeid_ac_grpc_conn_count`,
-//! `elkeid_ac_grpc_recv_qps` (packets after the first of each stream),
+//! `elkeid_ac_grpc_recv_qps` (every packet received, the first of each
+//! stream included),
 //! `elkeid_ac_grpc_send_qps` (commands sent),
 //! `elkeid_ac_output_data_type_count{data_type}`. Ours start with
 //! `elkeid_center_`. The per-agent series of Elkeid (`elkeid_ac_output_count`,

@@ -138,13 +138,6 @@ pub(crate) struct Pool {
     metrics: Arc<Metrics>,
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 impl Pool {
     /// A pool with `conn_limit` slots.
     pub(crate) fn new(
@@ -189,7 +182,7 @@ impl Pool {
         let conn = Arc::new(Conn {
             agent_id: agent_id.to_string(),
             addr,
-            create_at: now_unix(),
+            create_at: crate::now_unix(),
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             tx,
             closed: CancellationToken::new(),

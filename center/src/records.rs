@@ -22,23 +22,15 @@ use serde_json::{Map, Number, Value};
 use crate::ack::{AckStore, Admit, PacketId, Ticket};
 use crate::manager::{Manager, TaskItem, TaskQueue};
 use crate::metrics::{Metrics, inc};
+use crate::now_unix;
 use crate::pool::Conn;
 use crate::sinks::{PacketBatch, Sinks};
 
-/// 1000 fields that stay strings.
-pub(crate) const AGENT_STRING_FIELDS: [&str; 7] = [
-    "platform_version",
-    "version",
-    "host_serial",
-    "host_id",
-    "host_model",
-    "host_vendor",
-    "cpu_name",
-];
-/// 1001 fields that stay strings.
-pub(crate) const PLUGIN_STRING_FIELDS: [&str; 1] = ["pversion"];
-/// Data types that are task results for the manager.
-pub(crate) const TASK_TYPES: [i32; 6] = [2001, 2003, 6000, 5100, 5101, 8010];
+// 1000 fields that stay strings.
+use elkeid_core::schema::heartbeat::STRING_KEYS as AGENT_STRING_FIELDS;
+// 1001 fields that stay strings.
+use elkeid_core::schema::plugin_heartbeat::STRING_KEYS as PLUGIN_STRING_FIELDS;
+use elkeid_core::schema::{data_type as dt, plugin_heartbeat};
 
 /// Everything a stream handler needs.
 #[derive(Clone)]
@@ -70,14 +62,6 @@ impl std::fmt::Debug for Ctx {
             .field("sinks", &self.sinks)
             .finish_non_exhaustive()
     }
-}
-
-/// Current Unix seconds.
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// A string value as JSON: a number when it parses as a finite float.
@@ -208,35 +192,40 @@ pub(crate) async fn handle_packet(
     let mut counts: std::collections::BTreeMap<i32, u64> = std::collections::BTreeMap::new();
     for rec in &pkt.records {
         *counts.entry(rec.data_type).or_default() += 1;
-        let dt = rec.data_type;
-        if !(dt == 1000 || dt == 1001 || dt == 1010 || dt == 1011 || TASK_TYPES.contains(&dt)) {
+        let ty = rec.data_type;
+        let heartbeat = ty == dt::AGENT_HEARTBEAT || ty == dt::PLUGIN_HEARTBEAT;
+        if !(heartbeat || dt::is_agent_log(ty) || dt::is_task_result(ty)) {
             continue;
         }
-        if (dt == 1000 || dt == 1001) && rec.data.len() > MAX_DETAIL_BYTES {
+        if heartbeat && rec.data.len() > MAX_DETAIL_BYTES {
             // Kept per connection (1001: per plugin name): bound what one
             // agent can pin in memory. The record still goes to the sinks.
             inc(&m.payload_errors);
-            tracing::warn!(agent_id = %conn.agent_id, data_type = dt, bytes = rec.data.len(), "heartbeat too large to keep as connection detail");
+            tracing::warn!(agent_id = %conn.agent_id, data_type = ty, bytes = rec.data.len(), "heartbeat too large to keep as connection detail");
             continue;
         }
-        let fields = match crate::payload::decode(&rec.data) {
+        let fields = match elkeid_core::payload::decode_utf8(&rec.data) {
             Ok(f) => f,
             Err(error) => {
                 inc(&m.payload_errors);
-                tracing::debug!(agent_id = %conn.agent_id, data_type = dt, %error, "record body is not a Payload");
+                tracing::debug!(agent_id = %conn.agent_id, data_type = ty, %error, "record body is not a Payload");
                 continue;
             }
         };
-        match dt {
-            1000 => {
+        match ty {
+            dt::AGENT_HEARTBEAT => {
                 let d = agent_detail(&fields, conn, &pkt, now);
                 if conn.take_first_heartbeat() {
                     push_configs(ctx, conn, d.clone());
                 }
                 *conn.detail.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
             }
-            1001 => {
-                let Some(&(_, name)) = fields.iter().rev().find(|(k, _)| *k == "name") else {
+            dt::PLUGIN_HEARTBEAT => {
+                let Some(&(_, name)) = fields
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| *k == plugin_heartbeat::NAME)
+                else {
                     inc(&m.payload_errors);
                     continue;
                 };
@@ -248,16 +237,16 @@ pub(crate) async fn handle_packet(
                     plugins.insert(name.to_string(), d);
                 }
             }
-            1010 | 1011 => {
+            dt::AGENT_LOG | dt::AGENT_LOG_2 => {
                 let map: std::collections::BTreeMap<&str, &str> = fields.iter().copied().collect();
-                tracing::info!(target: "elkeid_center::agent_log", agent_id = %conn.agent_id, data_type = dt, fields = ?map, "agent log");
+                tracing::info!(target: "elkeid_center::agent_log", agent_id = %conn.agent_id, data_type = ty, fields = ?map, "agent log");
             }
             _ => {
                 let mut f: Map<String, Value> = fields
                     .iter()
                     .map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string())))
                     .collect();
-                f.insert("data_type".into(), Value::String(dt.to_string()));
+                f.insert("data_type".into(), Value::String(ty.to_string()));
                 ctx.tasks.push(TaskItem {
                     agent_id: conn.agent_id.clone(),
                     fields: f,
@@ -411,12 +400,12 @@ mod tests {
         // A plugin heartbeat too large to keep per connection.
         let big = elkeid_proto::grpc::EncodedRecord {
             data_type: 1001,
-            data: crate::payload::encode(&[("name", "p"), ("x", &"y".repeat(100_000))]).into(),
+            data: crate::test_payload(&[("name", "p"), ("x", &"y".repeat(100_000))]).into(),
             ..Default::default()
         };
         let small = elkeid_proto::grpc::EncodedRecord {
             data_type: 1001,
-            data: crate::payload::encode(&[("name", "q"), ("pversion", "1")]).into(),
+            data: crate::test_payload(&[("name", "q"), ("pversion", "1")]).into(),
             ..Default::default()
         };
         let pkt = PackagedData {

@@ -19,6 +19,9 @@
 //!   stall detection).
 //! - [`spool`]: the disk spool's segment/entry codec (CRC-32C per entry,
 //!   torn vs corrupt).
+//! - [`schema`]: record data types and the payload keys of the records the
+//!   agent builds (heartbeats, 1010 logs, 5100 results), shared with the
+//!   center and the tests.
 //!
 //! # Features
 //! - `alloc`: heap-backed helpers ([`frame::FrameDecoder`],
@@ -38,4 +41,5 @@ pub mod packet;
 pub mod payload;
 pub mod pb;
 pub mod ring;
+pub mod schema;
 pub mod spool;

@@ -8,7 +8,8 @@
 //! Formatting goes through `core::fmt` into the output buffer: no heap.
 //!
 //! [`entries`] walks the entries of a serialized `Payload` without
-//! allocating.
+//! allocating; [`decode_utf8`] (with `alloc`) is the all-UTF-8 view the
+//! center uses.
 
 use core::fmt::{self, Write as _};
 
@@ -440,6 +441,25 @@ impl<'a> Iterator for Entries<'a> {
     }
 }
 
+/// Decodes a whole serialized `Payload` into `(key, value)` strings in wire
+/// order (duplicates kept; a map built from it keeps the last one).
+///
+/// This is the center's policy: a record body is shown as fields only when
+/// it is a valid `Payload` whose keys and values are all UTF-8; anything
+/// else is an error (the NDJSON sink then writes the body as base64).
+/// Allocation is bounded by the input: at most one pair per 2 input bytes.
+#[cfg(feature = "alloc")]
+pub fn decode_utf8(payload: &[u8]) -> Result<alloc::vec::Vec<(&str, &str)>, PayloadError> {
+    let mut out = alloc::vec::Vec::new();
+    for e in entries(payload) {
+        let (k, v) = e?;
+        let k = core::str::from_utf8(k).map_err(|_| PayloadError("key is not UTF-8"))?;
+        let v = core::str::from_utf8(v).map_err(|_| PayloadError("value is not UTF-8"))?;
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[cfg(feature = "std")]
 mod tests {
@@ -604,5 +624,34 @@ mod tests {
         }
         assert_eq!(entries(&[]).count(), 0);
         assert!(PayloadError("x").to_string().contains("x"));
+    }
+
+    #[test]
+    fn decode_utf8_policy() {
+        // Payload{fields: {"a": "bc"}} = 0a 07 0a 01 61 12 02 62 63 (spec §1.2)
+        let golden = [0x0a, 0x07, 0x0a, 0x01, b'a', 0x12, 0x02, b'b', b'c'];
+        assert_eq!(decode_utf8(&golden).unwrap(), [("a", "bc")]);
+        assert_eq!(decode_utf8(&[]).unwrap(), []);
+        let mut dup = PayloadBuf::new();
+        dup.field("k", "1").field("k", "2");
+        assert_eq!(
+            decode_utf8(dup.as_bytes()).unwrap(),
+            [("k", "1"), ("k", "2")]
+        );
+        // Not UTF-8 (key, then value), truncated, overlong varint, field 0,
+        // a group wire type, a key with the varint wire type.
+        for bad in [
+            &[0x0a, 0x03, 0x0a, 0x01, 0xff][..],
+            &[0x0a, 0x03, 0x12, 0x01, 0xff],
+            &[0x0a, 0x07, 0x0a],
+            &[
+                0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+            &[0x02, 0x00],
+            &[0x0b],
+            &[0x0a, 0x02, 0x08, 0x01],
+        ] {
+            assert!(decode_utf8(bad).is_err(), "{bad:02x?}");
+        }
     }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use elkeid_proto::grpc::transfer_client::TransferClient;
@@ -338,16 +338,7 @@ where
     }
 }
 
-/// Current Unix time in seconds.
-pub fn unix_now() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap()
-}
+pub use crate::unix_now;
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;

@@ -134,3 +134,11 @@ impl Center {
         self.data_dir.join("pki").join(file)
     }
 }
+
+/// Current Unix time in seconds (the one clock helper of the tests, the
+/// test plugins included).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

@@ -254,8 +254,7 @@ async fn against_a_center_without_the_extension_the_agent_behaves_as_before() {
         ndjson_records_in(&cdir)
             .into_iter()
             .filter(|r| r["agent_id"] == id.as_str() && r["data_type"] == 1000)
-            .filter(|r| field(r, "ack_mode") == "none")
-            .last()
+            .rfind(|r| field(r, "ack_mode") == "none")
     })
     .expect("a heartbeat after the detection");
     assert_eq!(field(&hb, "drop_cnt"), "0", "{hb}");

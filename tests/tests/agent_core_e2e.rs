@@ -10,52 +10,7 @@ use std::time::Duration;
 use elkeid_tests::{Center, KillOnDrop, bin, wait_for};
 
 /// Every field name of spec §3.8, plus our own counters.
-const HEARTBEAT_FIELDS: &[&str] = &[
-    "kernel_version",
-    "arch",
-    "platform",
-    "platform_family",
-    "platform_version",
-    "state",
-    "state_detail",
-    "idc",
-    "region",
-    "net_mode",
-    "rx_speed",
-    "tx_speed",
-    "cpu",
-    "rss",
-    "read_speed",
-    "write_speed",
-    "pid",
-    "nfd",
-    "start_time",
-    "tx_tps",
-    "rx_tps",
-    "du",
-    "ngr",
-    "nproc",
-    "total_mem",
-    "load_1",
-    "load_5",
-    "load_15",
-    "running_procs",
-    "total_procs",
-    "host_serial",
-    "host_id",
-    "host_model",
-    "host_vendor",
-    "dns",
-    "gateway",
-    "cpu_name",
-    "boot_time",
-    "cpu_usage",
-    "mem_usage",
-    "drop_cnt",
-    "ring_len",
-    "ring_bytes",
-    "reconnects",
-];
+const HEARTBEAT_FIELDS: &[&str] = &elkeid_core::schema::heartbeat::KEYS;
 
 const WORKERS: usize = 2;
 
@@ -394,6 +349,53 @@ fn bad_config_exits_64_naming_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("ca"));
+}
+
+#[test]
+fn bad_tls_fails_before_touching_the_filesystem_and_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let wd = d.path().join("work");
+    let ca = d.path().join("missing-ca.crt");
+    let out = Command::new(bin("elkeid-agent", "elkeid-agent"))
+        .arg("--work-dir")
+        .arg(&wd)
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(d.path().join("missing.crt"))
+        .arg("--key")
+        .arg(d.path().join("missing.key"))
+        .args(["--server", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    // The error names its subject: which PEM and which file.
+    assert!(
+        err.contains(&format!("cannot read ca {}", ca.display())),
+        "{err}"
+    );
+    // Nothing was created: no work dir, no log directory or file.
+    assert!(!wd.exists(), "work dir created before validation: {err}");
+
+    // A present but unusable CA file: named as well, still nothing created.
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let out = Command::new(bin("elkeid-agent", "elkeid-agent"))
+        .arg("--work-dir")
+        .arg(&wd)
+        .arg("--ca")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&ca)
+        .arg("--key")
+        .arg(&ca)
+        .args(["--server", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains(&ca.display().to_string()), "{err}");
+    assert!(!wd.exists(), "work dir created before validation: {err}");
 }
 
 /// A one-shot-per-connection service-discovery server answering

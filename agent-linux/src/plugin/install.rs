@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use elkeid_proto::grpc::Config;
 
-use super::download::{DownloadError, Downloader, sha256_file};
 use super::extract::{self, ExtractError, Limits};
 use super::layout::Paths;
+use crate::fetch::{DownloadError, Downloader, sha256_file};
 
 /// Prefix of in-progress downloads inside the plugin dir.
 const DOWNLOAD_PREFIX: &str = ".download-";
@@ -179,10 +179,9 @@ fn unique() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::download::{DownloadConfig, hex, tests::serve};
     use super::super::extract::tests::{archive, entry};
     use super::*;
-    use sha2::Digest;
+    use crate::fetch::{DownloadConfig, hex, tests::serve};
     use std::io::Write;
 
     fn cfg(kind: &str, sha: &str, sig: &str, urls: Vec<String>) -> Config {
@@ -198,7 +197,7 @@ mod tests {
     }
 
     fn sha(b: &[u8]) -> String {
-        hex(&sha2::Sha256::digest(b))
+        hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
     }
 
     #[tokio::test(flavor = "current_thread")]

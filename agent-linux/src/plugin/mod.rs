@@ -5,7 +5,6 @@
 //!   1001 snapshots, shutdown), [`PluginContext`], 1010 reporting and the
 //!   abnormal list for the 1000 heartbeat's `state`.
 //! - `layout`: name validation and `<work-dir>/plugin/<name>/` paths.
-//! - `download`: HTTP(S) GET with caps, timeouts and SHA-256 verification.
 //! - `extract`: hardened `tar.gz` extraction.
 //! - `install`: reuse / download / extract into staging, then commit.
 //! - `process`: spawning with the fd 0-5 layout, process-group kill.
@@ -23,7 +22,6 @@
 //! manager answer turns into a fleet-wide outage); set
 //! [`PluginContext::empty_config_removes_all`] for Elkeid's behaviour.
 
-pub(crate) mod download;
 pub(crate) mod extract;
 pub(crate) mod install;
 pub(crate) mod layout;
@@ -45,7 +43,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::buffer::Buffer;
-use download::{DownloadConfig, Downloader};
+use crate::command::{PluginOp, plan_sync};
+use crate::fetch::{DownloadConfig, Downloader};
 use layout::Paths;
 use reader::Counters;
 use supervisor::Plugin;
@@ -57,7 +56,7 @@ pub(crate) const MAX_TASK_FRAME: usize = 1024 * 1024;
 /// Most abnormal messages kept for the heartbeat.
 const MAX_ABNORMAL: usize = 32;
 /// Data type of agent log records.
-pub(crate) const DT_AGENT_LOG: i32 = 1010;
+pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 
 /// What the plugin manager needs from the agent.
 #[derive(Debug, Clone)]
@@ -141,7 +140,7 @@ impl Shared {
             .field("plugin", plugin)
             .field("pver", version);
         self.buffer
-            .push_agent(DT_AGENT_LOG, unix_now(), p.as_bytes());
+            .push_agent(DT_AGENT_LOG, crate::clock::now_unix(), p.as_bytes());
         let mut ab = self.abnormal.borrow_mut();
         if ab.len() >= MAX_ABNORMAL {
             ab.remove(0);
@@ -205,56 +204,38 @@ impl PluginManager {
             return;
         }
         self.shared.abnormal.borrow_mut().clear();
-        let mut desired: BTreeMap<String, Config> = BTreeMap::new();
-        for c in configs {
-            if c.name == layout::AGENT_NAME {
-                continue;
-            }
-            if let Err(e) = layout::validate_name(&c.name) {
-                self.shared.report(
-                    &c.name,
-                    &c.version,
-                    &format!("load plugin {:?} failed: {e}", c.name),
-                );
-                continue;
-            }
-            desired.insert(c.name.clone(), c);
-        }
-        if desired.is_empty() && !self.ctx.empty_config_removes_all {
-            if !self.plugins.borrow().is_empty() {
-                tracing::warn!(
-                    running = self.plugins.borrow().len(),
-                    "empty plugin config list: keeping the running plugins (set empty_config_removes_all for Elkeid's behaviour)"
-                );
-            }
-            return;
-        }
-        let gone: Vec<String> = self
+        let running: BTreeMap<String, String> = self
             .plugins
             .borrow()
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .cloned()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.plugin.version.clone()))
             .collect();
-        for name in gone {
-            self.remove(&name).await;
+        let plan = plan_sync(configs, &running, self.ctx.empty_config_removes_all, |n| {
+            layout::validate_name(n).map_err(|e| e.to_string())
+        });
+        if plan.kept_all {
+            tracing::warn!(
+                running = running.len(),
+                "empty plugin config list: keeping the running plugins (set empty_config_removes_all for Elkeid's behaviour)"
+            );
         }
-        for (name, cfg) in desired {
-            let same = self
-                .plugins
-                .borrow()
-                .get(&name)
-                .is_some_and(|e| e.plugin.version == cfg.version);
-            if same {
-                continue;
-            }
-            if let Err(msg) = self.load(cfg).await {
-                let version = msg.1;
-                self.shared.report(
-                    &name,
-                    &version,
-                    &format!("load plugin {name} failed: {}", msg.0),
-                );
+        for op in plan.ops {
+            match op {
+                PluginOp::Reject { name, version, msg } => {
+                    self.shared.report(&name, &version, &msg);
+                }
+                PluginOp::Remove(name) => self.remove(&name).await,
+                PluginOp::Install(cfg) | PluginOp::Upgrade(cfg) => {
+                    let name = cfg.name.clone();
+                    if let Err(msg) = self.load(cfg).await {
+                        let version = msg.1;
+                        self.shared.report(
+                            &name,
+                            &version,
+                            &format!("load plugin {name} failed: {}", msg.0),
+                        );
+                    }
+                }
             }
         }
     }
@@ -411,18 +392,10 @@ async fn stop(e: Entry) {
     }
 }
 
-/// Unix seconds now.
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use elkeid_core::ring::RingConfig;
-    use sha2::Digest;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
@@ -442,7 +415,9 @@ mod tests {
             r#type: String::new(),
             version: version.into(),
             sha256: String::new(),
-            signature: download::hex(&sha2::Sha256::digest(body.as_bytes())),
+            signature: crate::fetch::hex(
+                ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref(),
+            ),
             download_urls: Vec::new(),
             detail: String::new(),
         }

@@ -126,7 +126,7 @@ async fn run_once(sh: &Shared, p: &Plugin, queue: &mut mpsc::Receiver<Vec<u8>>) 
     } = sp;
     tokio::task::spawn_local(stderr::drain(stderr, p.paths.clone(), sh.stderr_cap));
     p.pid.set(Some(pid));
-    p.start_time.set(super::unix_now());
+    p.start_time.set(crate::clock::now_unix());
     p.last_sample.set(Instant::now());
     p.counters.take();
     tracing::info!(plugin = %p.name, version = %p.version, pid, "plugin started");

@@ -6,7 +6,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+pub(crate) use crate::counters::ByteCounters;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,13 +54,6 @@ pub(crate) enum ChannelError {
     /// The whole dial took longer than the dial timeout.
     #[error("dial {0} timed out")]
     Timeout(String),
-}
-
-/// Bytes received and sent on all RPCs since start.
-#[derive(Debug, Default)]
-pub(crate) struct ByteCounters {
-    pub(crate) rx: AtomicU64,
-    pub(crate) tx: AtomicU64,
 }
 
 /// HTTP/2 PING after this long without a frame from the center. Not below

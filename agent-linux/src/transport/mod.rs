@@ -5,37 +5,77 @@
 //! - `channel`: TCP + TLS + h2 connection as a tonic service, byte counters.
 //! - this file: address selection (§2.4: service discovery, private,
 //!   public), reconnect with exponential backoff and jitter (never exits),
-//!   the send loop (ring batches into the acknowledged window, re-sends,
-//!   stall detection) and the receive loop (acks, command dispatch).
-//! - `delivery`: the unacknowledged window and the disk spool.
+//!   the send loop (ring batches, commit/rollback) and the receive loop
+//!   (each command goes to the `on_command` callback; the agent plans and
+//!   executes it, see `crate::command`).
+//!
+//! - `delivery`: the unacknowledged window and the disk spool (acknowledged
+//!   delivery): packets are stamped with their identity, kept until the
+//!   center acknowledges them, re-sent in order after a reconnect or a
+//!   failover, and spilled to the spool while no center takes data.
+//!
+//! The transport owns the connection state ([`Link`]) and the delivery
+//! state; it writes the counters and reads the host metadata (packet
+//! fields, region).
 //!
 //! A hung center is left within `--failover-secs`: HTTP/2 PING keepalive
 //! and `TCP_USER_TIMEOUT` end a dead connection, and acknowledgements that
 //! stop advancing while packets wait end the session; the address that
-//! failed is then tried last.
+//! failed is then tried last, at once.
 
 pub(crate) mod channel;
 pub(crate) mod delivery;
 pub(crate) mod tls;
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use elkeid_proto::codec::RawEncodeCodec;
-use elkeid_proto::grpc::{Command, Config as PluginConfig};
+use elkeid_proto::grpc::Command;
 use elkeid_proto::snappy::SnappyClient;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use tonic::codegen::http::uri::PathAndQuery;
 
-use crate::buffer::RING_SLOTS;
-use crate::config::{PRODUCT, VERSION};
-use crate::state::{Agent, Exit};
+use crate::buffer::{Buffer, RING_SLOTS};
+use crate::config::Config;
+use crate::counters::Counters;
+use crate::heartbeat::Heartbeat;
+use crate::meta::HostMeta;
 use channel::Channel;
 use delivery::Delivery;
+
+/// Connection state, owned by the transport (others only look).
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    /// The live connection (uploads open another stream on it).
+    pub(crate) channel: RefCell<Option<Channel>>,
+    /// Graceful stop: end the Transfer stream once the ring is empty.
+    pub(crate) closing: Cell<bool>,
+    /// SIGUSR2 asked to drop cached buffers.
+    pub(crate) release_memory: Cell<bool>,
+}
+
+/// What the transport works with.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    pub(crate) cfg: Rc<Config>,
+    pub(crate) buffer: Rc<Buffer>,
+    pub(crate) counters: Rc<Counters>,
+    pub(crate) meta: Rc<HostMeta>,
+    /// A 1000 heartbeat is pushed at the start of every session.
+    pub(crate) heartbeat: Rc<Heartbeat>,
+    pub(crate) link: Rc<Link>,
+    /// Unacknowledged window and disk spool.
+    pub(crate) delivery: Rc<Delivery>,
+}
+
+/// Receives every Command, in order, on the runtime thread.
+pub(crate) type OnCommand = Rc<dyn Fn(Command)>;
 
 /// gRPC path of the Transfer stream.
 pub(crate) const TRANSFER_PATH: &str = "/grpc.Transfer/Transfer";
@@ -73,7 +113,7 @@ pub(crate) enum SessionError {
 pub(crate) enum DiscoveryError {
     /// The HTTP request failed.
     #[error("service discovery: {0}")]
-    Http(#[from] crate::http_client::HttpError),
+    Http(#[from] crate::fetch::DownloadError),
     /// The response is not the expected JSON.
     #[error("service discovery: bad response: {0}")]
     Json(String),
@@ -119,7 +159,7 @@ pub(crate) fn parse_discovery(body: &[u8]) -> Result<Vec<String>, DiscoveryError
 
 async fn discover(sd: &str, timeout: Duration) -> Result<Vec<String>, DiscoveryError> {
     let url = format!("http://{sd}/registry/detail?name=hids_svr_grpc&count=10");
-    let body = crate::http_client::get(&url, timeout, MAX_SD_RESPONSE).await?;
+    let body = crate::fetch::get(&url, timeout, MAX_SD_RESPONSE).await?;
     parse_discovery(&body)
 }
 
@@ -156,12 +196,12 @@ pub(crate) fn next_backoff(cur: Duration) -> Duration {
 /// Tries service discovery, then the private list, then the public list;
 /// `avoid` (the address that just failed) is tried last.
 async fn dial(
-    agent: &Agent,
+    agent: &Transport,
     tls: &Arc<ClientConfig>,
     name: &ServerName<'static>,
     avoid: Option<&str>,
 ) -> Option<(Channel, &'static str, String)> {
-    let region = agent.region.borrow().clone();
+    let region = agent.meta.region.borrow().clone();
     let servers = agent.cfg.servers.get(&region).cloned().unwrap_or_default();
     let mut candidates: Vec<(String, &'static str)> = Vec::new();
     for sd in &servers.service_discovery {
@@ -190,7 +230,7 @@ async fn dial(
             &addr,
             tls.clone(),
             name.clone(),
-            agent.bytes.clone(),
+            agent.counters.bytes.clone(),
             agent.cfg.dial_timeout,
             agent.cfg.failover,
         )
@@ -207,9 +247,9 @@ async fn dial(
 }
 
 /// Connects, runs a session, backs off and reconnects, forever; returns
-/// only once `agent.closing` is set and the ring was flushed (the request
+/// only once `link.closing` is set and the ring was flushed (the request
 /// stream is then ended cleanly).
-pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>, delivery: Rc<Delivery>) {
+pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command: OnCommand) {
     let name = match tls::server_name(&agent.cfg.server_name) {
         Ok(n) => n,
         Err(error) => {
@@ -222,6 +262,7 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>, delivery: Rc<D
     let mut backoff = Duration::ZERO;
     let mut connected_once = false;
     let mut avoid: Option<String> = None;
+    let delivery = agent.delivery.clone();
     loop {
         // While no center takes data, the ring spills into the spool.
         let connect = async {
@@ -234,39 +275,39 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>, delivery: Rc<D
         };
         let dialed = tokio::select! {
             r = connect => r,
-            () = offline(&agent, &delivery) => None,
+            () = offline(&agent) => None,
         };
         let Some((ch, mode, addr)) = dialed else {
-            if agent.closing.get() {
+            if agent.link.closing.get() {
                 return;
             }
             backoff = next_backoff(backoff);
             continue;
         };
         if connected_once {
-            agent.reconnects.set(agent.reconnects.get() + 1);
+            Counters::add(&agent.counters.reconnects, 1);
         } else {
             // A self-updated binary keeps `<exe>.old` until it has connected.
             crate::update::cleanup_old_binary();
         }
         connected_once = true;
-        agent.net_mode.set(mode);
-        agent.channel.replace(Some(ch.clone()));
+        agent.counters.net_mode.set(mode);
+        agent.link.channel.replace(Some(ch.clone()));
         let started = tokio::time::Instant::now();
         delivery.rewind();
-        let r = session(&agent, ch, &delivery).await;
-        agent.channel.replace(None);
+        let r = session(&agent, ch, &on_command).await;
+        agent.link.channel.replace(None);
         delivery.publish();
         avoid = None;
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
             Err(error) => {
                 tracing::warn!(addr = %addr, %error, "transfer session ended");
-                // a hung or failing center: try the others first
+                // a hung or failing center: the others first
                 avoid = Some(addr);
             }
         }
-        if agent.closing.get() {
+        if agent.link.closing.get() {
             return;
         }
         backoff = if started.elapsed() > Duration::from_secs(30) {
@@ -282,8 +323,12 @@ pub(crate) async fn run(agent: Rc<Agent>, tls: Arc<ClientConfig>, delivery: Rc<D
 
 /// One Transfer stream: a 1000 heartbeat first, then the send and receive
 /// loops until either fails.
-async fn session(agent: &Rc<Agent>, ch: Channel, delivery: &Delivery) -> Result<(), SessionError> {
-    crate::heartbeat::push_agent_heartbeat(agent).await;
+async fn session(
+    agent: &Transport,
+    ch: Channel,
+    on_command: &OnCommand,
+) -> Result<(), SessionError> {
+    crate::heartbeat::push_agent_heartbeat(&agent.heartbeat).await;
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     let origin = format!("https://{}", agent.cfg.server_name)
         .parse()
@@ -302,17 +347,18 @@ async fn session(agent: &Rc<Agent>, ch: Channel, delivery: &Delivery) -> Result<
     let receiver = async {
         let mut commands = call.await?.into_inner();
         while let Some(cmd) = commands.message().await? {
+            Counters::add(&agent.counters.rx_commands, 1);
             // an ack-only Command is an acknowledgement, never a config sync
-            if delivery.on_command(&cmd) {
+            if agent.delivery.on_command(&cmd) {
                 continue;
             }
-            dispatch(agent, cmd);
+            on_command(cmd);
         }
         Err::<(), _>(SessionError::Ended)
     };
     tokio::pin!(receiver);
     tokio::select! {
-        r = send_loop(agent, tx, delivery) => {
+        r = send_loop(agent, tx) => {
             // Closing: the request stream has ended (tx dropped); give the
             // center a moment to end its side cleanly.
             r?;
@@ -340,12 +386,9 @@ async fn send_one(tx: &mpsc::Sender<Bytes>, pkt: Bytes) -> Result<(), SessionErr
 /// then new ring batches, each stamped with its identity and kept in the
 /// window until acknowledged (released at once against a center without
 /// the extension). Ends with [`SessionError::Stalled`] when
-/// acknowledgements stop advancing.
-async fn send_loop(
-    agent: &Agent,
-    tx: mpsc::Sender<Bytes>,
-    delivery: &Delivery,
-) -> Result<(), SessionError> {
+/// acknowledgements stop advancing while packets wait.
+async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), SessionError> {
+    let delivery = &agent.delivery;
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
@@ -353,15 +396,15 @@ async fn send_loop(
         tokio::select! {
             _ = tick.tick() => {}
             _ = agent.buffer.high_water() => {}
-            _ = agent.kick.notified() => {}
+            _ = agent.buffer.kicked() => {}
             _ = delivery.acked.notified() => {}
         }
-        crate::log::drain_error_records(agent);
+        crate::log::drain_error_records(&agent.buffer);
         if delivery.poll() {
             delivery.publish();
             return Err(SessionError::Stalled);
         }
-        if agent.release_memory.replace(false) {
+        if agent.link.release_memory.replace(false) {
             buf = Vec::new();
         }
         loop {
@@ -376,7 +419,7 @@ async fn send_loop(
                 break;
             }
             buf.clear();
-            let meta = agent.meta.borrow().clone();
+            let meta = agent.meta.packet.borrow().clone();
             let Some((batch, n)) =
                 agent
                     .buffer
@@ -397,7 +440,7 @@ async fn send_loop(
                 Ok(()) => {
                     // the window owns the packet now: the ring slots free
                     agent.buffer.commit(batch);
-                    agent.tx_records.set(agent.tx_records.get() + n as u64);
+                    Counters::add(&agent.counters.tx_records, n as u64);
                 }
                 Err(_) => {
                     agent.buffer.rollback(batch);
@@ -406,7 +449,7 @@ async fn send_loop(
             }
         }
         delivery.publish();
-        if agent.closing.get() && agent.buffer.is_empty() && delivery.is_empty() {
+        if agent.link.closing.get() && agent.buffer.is_empty() && delivery.is_empty() {
             return Ok(());
         }
     }
@@ -416,7 +459,7 @@ async fn send_loop(
 /// batches into it (stamped with their identity) so plugins keep being
 /// read; when it is full, the ring fills and back-pressure applies as
 /// before. Never returns.
-async fn offline(agent: &Agent, delivery: &Delivery) {
+async fn offline(agent: &Transport) {
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
@@ -424,11 +467,11 @@ async fn offline(agent: &Agent, delivery: &Delivery) {
         tokio::select! {
             _ = tick.tick() => {}
             _ = agent.buffer.high_water() => {}
-            _ = agent.kick.notified() => {}
+            _ = agent.buffer.kicked() => {}
         }
-        crate::log::drain_error_records(agent);
-        spill(agent, delivery, &mut buf);
-        delivery.publish();
+        crate::log::drain_error_records(&agent.buffer);
+        spill(&agent.buffer, &agent.meta, &agent.delivery, &mut buf);
+        agent.delivery.publish();
         if buf.capacity() > 64 * 1024 {
             buf = Vec::new();
         }
@@ -437,7 +480,12 @@ async fn offline(agent: &Agent, delivery: &Delivery) {
 
 /// Moves everything the ring holds into the spool while it has room;
 /// returns records moved.
-pub(crate) fn spill(agent: &Agent, delivery: &Delivery, buf: &mut Vec<u8>) -> usize {
+pub(crate) fn spill(
+    buffer: &Buffer,
+    meta: &HostMeta,
+    delivery: &Delivery,
+    buf: &mut Vec<u8>,
+) -> usize {
     let mut moved = 0;
     if !delivery.has_spool() {
         return 0;
@@ -447,76 +495,20 @@ pub(crate) fn spill(agent: &Agent, delivery: &Delivery, buf: &mut Vec<u8>) -> us
             break;
         }
         buf.clear();
-        let meta = agent.meta.borrow().clone();
-        let Some((batch, n)) = agent
-            .buffer
-            .begin_packet(RING_SLOTS, MAX_BATCH_BYTES, &meta, buf)
-        else {
+        let m = meta.packet.borrow().clone();
+        let Some((batch, n)) = buffer.begin_packet(RING_SLOTS, MAX_BATCH_BYTES, &m, buf) else {
             break;
         };
         delivery::stamp(buf, delivery.next_id());
         if delivery.spool_new(buf) {
-            agent.buffer.commit(batch);
+            buffer.commit(batch);
             moved += n;
         } else {
-            agent.buffer.rollback(batch);
+            buffer.rollback(batch);
             break;
         }
     }
     moved
-}
-
-/// Handles one Command (§3.5, with Elkeid's "task drops configs" fixed).
-fn dispatch(agent: &Rc<Agent>, cmd: Command) {
-    agent.rx_commands.set(agent.rx_commands.get() + 1);
-    if let Some(task) = cmd.task {
-        if task.object_name == PRODUCT {
-            crate::tasks::handle(agent, task);
-        } else {
-            let token = task.token.clone();
-            let name = task.object_name.clone();
-            if let Err(error) = agent.plugins.send_task(task) {
-                tracing::warn!(plugin = %name, %error, "task not delivered");
-                agent.task_failed(&token, &error.to_string());
-            }
-        }
-        if cmd.configs.is_empty() {
-            return;
-        }
-    }
-    config_sync(agent, cmd.configs);
-}
-
-/// Config sync: `elkeid-agent` entry with another version -> self-update;
-/// the rest is the desired plugin set.
-fn config_sync(agent: &Rc<Agent>, configs: Vec<PluginConfig>) {
-    agent.abnormal.borrow_mut().clear();
-    let (own, plugins): (Vec<PluginConfig>, Vec<PluginConfig>) =
-        configs.into_iter().partition(|c| c.name == PRODUCT);
-    if let Some(cfg) = own.into_iter().next()
-        && cfg.version != VERSION
-    {
-        let a = agent.clone();
-        tokio::task::spawn_local(async move {
-            let ctx = crate::update::UpdateContext {
-                work_dir: a.cfg.work_dir.clone(),
-            };
-            match crate::update::self_update(&ctx, &cfg).await {
-                Ok(crate::update::UpdateOutcome::Replaced(path)) => {
-                    tracing::info!(version = %cfg.version, "self-update installed, restarting");
-                    a.stop(Exit::Reexec(path));
-                }
-                Err(error) => {
-                    tracing::error!(version = %cfg.version, %error, "agent update failed");
-                    a.set_abnormal(format!("agent update failed: {error}"));
-                }
-            }
-        });
-    }
-    let a = agent.clone();
-    tokio::task::spawn_local(async move {
-        a.plugins.sync(plugins).await;
-    });
 }
 
 #[cfg(test)]

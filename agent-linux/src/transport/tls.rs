@@ -20,18 +20,20 @@ pub(crate) enum TlsError {
     #[error("no {0} configured (use --ca/--cert/--key or embed them at build time)")]
     Missing(&'static str),
     /// A PEM file could not be read.
-    #[error("cannot read {what}: {source}")]
+    #[error("cannot read {what} {path}: {source}")]
     Read {
         /// ca, cert or key.
         what: &'static str,
+        /// The file.
+        path: String,
         /// The I/O error.
         source: std::io::Error,
     },
     /// A PEM file had no usable item.
     #[error("bad PEM in {what}: {msg}")]
     Pem {
-        /// ca, cert or key.
-        what: &'static str,
+        /// ca, cert or key (with its file when it came from one).
+        what: String,
         /// Details.
         msg: String,
     },
@@ -91,21 +93,32 @@ impl ServerCertVerifier for FixedNameVerifier {
 }
 
 fn load(what: &'static str, pem: Option<&Pem>) -> Result<Vec<u8>, TlsError> {
-    pem.ok_or(TlsError::Missing(what))?
-        .load()
-        .map_err(|source| TlsError::Read { what, source })
+    let pem = pem.ok_or(TlsError::Missing(what))?;
+    pem.load().map_err(|source| TlsError::Read {
+        what,
+        path: pem_subject(pem),
+        source,
+    })
+}
+
+/// The file a PEM came from, or `(embedded)`.
+fn pem_subject(pem: &Pem) -> String {
+    match pem {
+        Pem::File(p) => p.display().to_string(),
+        Pem::Embedded(_) => "(embedded)".to_string(),
+    }
 }
 
 fn certs(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let v: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Pem {
-            what,
+            what: what.to_string(),
             msg: e.to_string(),
         })?;
     if v.is_empty() {
         return Err(TlsError::Pem {
-            what,
+            what: what.to_string(),
             msg: "no CERTIFICATE block".into(),
         });
     }
@@ -126,7 +139,7 @@ pub(crate) fn client_config_from_pem(
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let chain = certs("cert", cert)?;
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Pem {
-        what: "key",
+        what: "key".to_string(),
         msg: e.to_string(),
     })?;
     client_config_from_der(certs("ca", ca)?, chain, key, name)
@@ -165,7 +178,22 @@ pub(crate) fn client_config(cfg: &crate::config::Config) -> Result<Arc<ClientCon
     let ca = load("ca", cfg.ca.as_ref())?;
     let cert = load("cert", cfg.cert.as_ref())?;
     let key = load("key", cfg.key.as_ref())?;
-    client_config_from_pem(&ca, &cert, &key, &cfg.server_name)
+    client_config_from_pem(&ca, &cert, &key, &cfg.server_name).map_err(|e| match e {
+        // Name the file the bad PEM came from.
+        TlsError::Pem { what, msg } => {
+            let pem = match what.as_str() {
+                "ca" => cfg.ca.as_ref(),
+                "cert" => cfg.cert.as_ref(),
+                _ => cfg.key.as_ref(),
+            };
+            let what = match pem {
+                Some(p) => format!("{what} {}", pem_subject(p)),
+                None => what,
+            };
+            TlsError::Pem { what, msg }
+        }
+        other => other,
+    })
 }
 
 /// The crypto provider (for servers in tests).

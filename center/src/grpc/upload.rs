@@ -58,14 +58,16 @@ impl UploadSvc {
     }
 
     fn result(&self, token: &str, ok: bool, msg: String) {
+        use elkeid_core::schema::{data_type, task_result as tr};
         let mut f = Map::new();
-        f.insert("token".into(), Value::String(token.to_string()));
+        f.insert(tr::TOKEN.into(), Value::String(token.to_string()));
+        let status = if ok { tr::SUCCEED } else { tr::FAILED };
+        f.insert(tr::STATUS.into(), Value::String(status.into()));
+        f.insert(tr::MSG.into(), Value::String(msg));
         f.insert(
-            "status".into(),
-            Value::String(if ok { "succeed" } else { "failed" }.into()),
+            "data_type".into(),
+            Value::String(data_type::TASK_RESULT.to_string()),
         );
-        f.insert("msg".into(), Value::String(msg));
-        f.insert("data_type".into(), Value::String("5100".into()));
         self.ctx.tasks.push(TaskItem {
             agent_id: String::new(),
             fields: f,

@@ -103,7 +103,7 @@ pub(crate) async fn middleware(
             );
         }
     };
-    if (crate::records::now_unix().saturating_sub(t)).abs() >= WINDOW {
+    if (crate::now_unix().saturating_sub(t)).abs() >= WINDOW {
         return refuse(&state, "timestamp error".into());
     }
     let Some(sk) = state.aksk.get(&ak.to_lowercase()).cloned() else {

@@ -5,7 +5,7 @@
 //! - this file: router, shared state, the `{"code","msg","data"}` envelope.
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
-//! - `tls.rs`: optional HTTPS (`http.tls = true`, Elkeid's default), with the
+//! - `tls.rs`: optional HTTPS (`http.tls = true`; off by default), with the
 //!   server certificate of the gRPC side.
 //!
 //! Plain HTTP by default; `/ping` and `/metrics` are unauthenticated, as in Elkeid.
@@ -175,7 +175,7 @@ mod tests {
     #[tokio::test]
     async fn api_shapes_and_auth() {
         let (addr, pool) = start(true).await;
-        let now = crate::records::now_unix().to_string();
+        let now = crate::now_unix().to_string();
         let ts = Some(now.as_str());
         assert_eq!(
             call(&addr, "GET", "/ping", None, "").await,

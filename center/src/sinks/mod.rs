@@ -70,7 +70,6 @@ pub(crate) enum SinkError {
     Closed(&'static str),
     /// The sink's bounded queue is full and its policy is to drop (counted).
     #[error("sink {0} dropped the batch: queue full")]
-    #[allow(dead_code)] // constructed by sinks with a drop policy (kafka)
     Dropped(&'static str),
     /// Any other sink-specific failure.
     #[error("sink {sink}: {msg}")]

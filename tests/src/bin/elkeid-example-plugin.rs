@@ -37,11 +37,13 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use elkeid_core::frame::decode_task;
 use elkeid_core::payload::PayloadBuf;
 use elkeid_core::pb::Writer;
+use elkeid_core::schema::data_type::COLLECTOR_RESULT;
+use elkeid_tests::unix_now;
 
 /// Largest task this plugin accepts (the Go SDK's limit).
 const MAX_TASK: usize = 1024 * 1024;
@@ -55,12 +57,6 @@ fn inherited(fd: i32) -> File {
     // SAFETY: the agent opened fds 3, 4 (and 5) for us before exec; nothing
     // else in this process owns them, and each is taken exactly once.
     File::from(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs() as i64)
 }
 
 /// Writes one record frame: u32 LE length, then Record {1, 2, 3}.
@@ -185,7 +181,7 @@ fn main() {
             ("plugin", name.as_str()),
         ];
         // Task results are what an operator waits for: use fd 5 if present.
-        let r = send(high.as_ref().unwrap_or(&out), 6000, &fields);
+        let r = send(high.as_ref().unwrap_or(&out), COLLECTOR_RESULT, &fields);
         if r.is_err() {
             std::process::exit(0);
         }

@@ -64,9 +64,7 @@ fn push_frame(out: &mut Vec<u8>, data_type: u32, ts: u32, key: &str, value: &str
 
 fn main() {
     let mut out = inherited(4);
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs() as u32);
+    let ts = u32::try_from(elkeid_tests::unix_now()).unwrap_or(u32::MAX);
     if detail("hostile").is_some() {
         let _ = out.write_all(&u32::MAX.to_le_bytes());
         let _ = out.write_all(b"\x08\x01");

@@ -420,8 +420,9 @@ struct Line<'a> {
 
 /// Appends one record's line (with the trailing `\n`) to `out`.
 pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, idx: usize, rec: &EncodedRecord) {
-    let (fields, body) = match crate::payload::decode_map(&rec.data) {
-        Ok(m) => (Some(m), None),
+    let (fields, body) = match elkeid_core::payload::decode_utf8(&rec.data) {
+        // Last duplicate wins, as in a protobuf map.
+        Ok(pairs) => (Some(pairs.into_iter().collect()), None),
         Err(_) => (
             None,
             Some(base64::engine::general_purpose::STANDARD.encode(&rec.data)),
@@ -525,7 +526,7 @@ mod tests {
             b.records.push(EncodedRecord {
                 data_type: 1,
                 timestamp: i,
-                data: crate::payload::encode(&[("k", "v")]).into(),
+                data: crate::test_payload(&[("k", "v")]).into(),
             });
         }
         sink.send(&Arc::new(b)).await.unwrap();
@@ -569,7 +570,7 @@ mod tests {
                 .map(|i| EncodedRecord {
                     data_type: 1,
                     timestamp: i,
-                    data: crate::payload::encode(&[("k", "v")]).into(),
+                    data: crate::test_payload(&[("k", "v")]).into(),
                 })
                 .collect();
             sink.send(&Arc::new(b)).await.unwrap();

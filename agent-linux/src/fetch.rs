@@ -1,4 +1,6 @@
-//! Downloading plugin (and agent) artifacts with a SHA-256 check (§4.2).
+//! The agent's one HTTP(S) client: artifact downloads for plugins and
+//! self-update (with a SHA-256 check, §4.2) and the small in-memory GET of
+//! service discovery ([`get`]).
 //!
 //! Each URL is tried in order: HTTP/1.1 GET over plain TCP or rustls
 //! (system CA bundle + an optional extra CA file), dial + TLS handshake
@@ -18,7 +20,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -158,6 +159,39 @@ impl Downloader {
 
     /// One GET streamed into `dest`; returns the body length.
     async fn get_to_file(&self, url: &str, dest: &Path) -> Result<u64, DownloadError> {
+        let open = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dest)
+                .map(Sink::File)
+        };
+        self.get_into(url, open).await.map(|(n, _)| n)
+    }
+
+    /// One GET into memory (at most `max_bytes`), bounded by `total_timeout`.
+    pub(crate) async fn get_bytes(&self, url: &str) -> Result<Bytes, DownloadError> {
+        let r = tokio::time::timeout(
+            self.cfg.total_timeout,
+            self.get_into(url, || Ok(Sink::Mem(Vec::new()))),
+        )
+        .await
+        .map_err(|_| DownloadError::Timeout)??;
+        match r.1 {
+            Sink::Mem(v) => Ok(Bytes::from(v)),
+            Sink::File(_) => Err(DownloadError::Io(io::Error::other("unexpected file sink"))),
+        }
+    }
+
+    /// One GET whose body goes to the sink `open` creates once the status
+    /// is 2xx; returns the body length and the sink.
+    async fn get_into(
+        &self,
+        url: &str,
+        open: impl FnOnce() -> io::Result<Sink>,
+    ) -> Result<(u64, Sink), DownloadError> {
         let bad = || DownloadError::BadUrl(url.to_string());
         let uri: http::Uri = url.parse().map_err(|_| bad())?;
         let https = match uri.scheme_str() {
@@ -197,9 +231,9 @@ impl Downloader {
             let stream = tokio::time::timeout(self.cfg.connect_timeout, handshake)
                 .await
                 .map_err(|_| DownloadError::ConnectTimeout)??;
-            self.exchange(stream, req, dest).await
+            self.exchange(stream, req, open).await
         } else {
-            self.exchange(tcp, req, dest).await
+            self.exchange(tcp, req, open).await
         }
     }
 
@@ -207,8 +241,8 @@ impl Downloader {
         &self,
         stream: S,
         req: http::Request<Empty<Bytes>>,
-        dest: &Path,
-    ) -> Result<u64, DownloadError>
+        open: impl FnOnce() -> io::Result<Sink>,
+    ) -> Result<(u64, Sink), DownloadError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -220,12 +254,7 @@ impl Downloader {
             if !resp.status().is_success() {
                 return Err(DownloadError::Status(resp.status().as_u16()));
             }
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(dest)?;
+            let mut sink = open()?;
             let mut len: u64 = 0;
             while let Some(frame) = resp.body_mut().frame().await {
                 let Ok(data) = frame?.into_data() else {
@@ -235,10 +264,10 @@ impl Downloader {
                 if len > max {
                     return Err(DownloadError::TooLarge(max));
                 }
-                file.write_all(&data)?;
+                sink.write_all(&data)?;
             }
-            file.flush()?;
-            Ok(len)
+            sink.flush()?;
+            Ok((len, sink))
         };
         // Drive the connection alongside; it ends once `work` drops the sender.
         let (r, _conn) = tokio::join!(work, conn);
@@ -278,11 +307,48 @@ impl Downloader {
     }
 }
 
+/// Where a response body goes.
+#[derive(Debug)]
+enum Sink {
+    File(std::fs::File),
+    Mem(Vec<u8>),
+}
+
+impl Sink {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::File(f) => f.write_all(data),
+            Sink::Mem(v) => {
+                v.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File(f) => f.flush(),
+            Sink::Mem(_) => Ok(()),
+        }
+    }
+}
+
+/// GETs `url` into memory: at most `max` bytes, the whole request within
+/// `timeout` (service discovery; plain `http://` or `https://`).
+pub(crate) async fn get(url: &str, timeout: Duration, max: usize) -> Result<Bytes, DownloadError> {
+    let dl = Downloader::new(DownloadConfig {
+        max_bytes: max as u64,
+        connect_timeout: timeout,
+        total_timeout: timeout,
+        extra_ca: None,
+    });
+    dl.get_bytes(url).await
+}
+
 /// Lowercase hex SHA-256 of a file, computed on the blocking pool.
 pub(crate) async fn sha256_file(path: PathBuf) -> io::Result<String> {
     tokio::task::spawn_blocking(move || {
         let mut f = std::fs::File::open(path)?;
-        let mut h = Sha256::new();
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = f.read(&mut buf)?;
@@ -291,7 +357,7 @@ pub(crate) async fn sha256_file(path: PathBuf) -> io::Result<String> {
             }
             h.update(&buf[..n]);
         }
-        Ok(hex(&h.finalize()))
+        Ok(hex(h.finish().as_ref()))
     })
     .await
     .map_err(io::Error::other)?
@@ -349,7 +415,7 @@ pub(crate) mod tests {
     }
 
     fn sha(b: &[u8]) -> String {
-        hex(&Sha256::digest(b))
+        hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
     }
 
     #[test]
@@ -484,5 +550,34 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, DownloadError::NoUrl));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn get_in_memory_ok_status_cap_and_url() {
+        let a = serve(b"hello".to_vec());
+        let b = get(&format!("http://{a}/ok"), Duration::from_secs(5), 100)
+            .await
+            .unwrap();
+        assert_eq!(&b[..], b"hello");
+        let e = get(&format!("http://{a}/404"), Duration::from_secs(5), 100).await;
+        assert!(matches!(e, Err(DownloadError::Status(404))), "{e:?}");
+        let e = get(&format!("http://{a}/ok"), Duration::from_secs(5), 3).await;
+        assert!(matches!(e, Err(DownloadError::TooLarge(3))), "{e:?}");
+        let e = get("ftp://x/", Duration::from_secs(5), 3).await;
+        assert!(matches!(e, Err(DownloadError::BadUrl(_))), "{e:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn get_silent_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        let keep = std::thread::spawn(move || {
+            let s = l.accept();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(s);
+        });
+        let r = get(&format!("http://{a}/"), Duration::from_millis(300), 10).await;
+        assert!(matches!(r, Err(DownloadError::Timeout)), "{r:?}");
+        keep.join().unwrap();
     }
 }

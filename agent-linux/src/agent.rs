@@ -1,0 +1,202 @@
+//! The top of the agent: builds the parts, owns them, wires them together,
+//! and executes the actions [`crate::command::plan`] returns. Nothing below
+//! imports this module; each part gets only what it uses:
+//!
+//! | part | owns | module |
+//! |---|---|---|
+//! | `Counters` | bytes, records sent, commands, reconnects, net_mode | `counters` (written by the transport) |
+//! | `HostMeta` | id, host facts, hostname/IPs, idc/region, packet metadata | `meta` (refreshed by the heartbeat, 1051 sets idc/region) |
+//! | `Link` | the live connection, closing, release_memory | `transport` |
+//! | `Delivery` | unacknowledged window, disk spool | `transport::delivery` (heartbeat reads a published snapshot) |
+//! | `Heartbeat` | previous samples, the agent's `state_detail` entries | `heartbeat` |
+//! | `AgentTasks` | the upload-running flag | `tasks` |
+//! | `StopSignal` | why the agent stops | `stop` |
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use elkeid_proto::grpc::Command;
+
+use crate::buffer::Buffer;
+use crate::command::Action;
+use crate::config::Config;
+use crate::counters::Counters;
+use crate::heartbeat::Heartbeat;
+use crate::meta::HostMeta;
+use crate::plugin::PluginManager;
+use crate::stop::{Exit, StopSignal};
+use crate::tasks::AgentTasks;
+use crate::transport::delivery::Delivery;
+use crate::transport::{Link, Transport};
+
+/// Every part of a running agent.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub(crate) cfg: Rc<Config>,
+    pub(crate) buffer: Rc<Buffer>,
+    pub(crate) plugins: Rc<PluginManager>,
+    pub(crate) counters: Rc<Counters>,
+    pub(crate) meta: Rc<HostMeta>,
+    pub(crate) link: Rc<Link>,
+    /// Unacknowledged window and disk spool (owned by the transport).
+    pub(crate) delivery: Rc<Delivery>,
+    pub(crate) heartbeat: Rc<Heartbeat>,
+    pub(crate) tasks: Rc<AgentTasks>,
+    pub(crate) stop: Rc<StopSignal>,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        cfg: Config,
+        id: String,
+        buffer: Rc<Buffer>,
+        plugins: Rc<PluginManager>,
+    ) -> Rc<Agent> {
+        let cfg = Rc::new(cfg);
+        let meta = Rc::new(HostMeta::new(id, cfg.idc.clone(), cfg.region.clone()));
+        let counters = Rc::new(Counters::default());
+        let link = Rc::new(Link::default());
+        let delivery = Rc::new(Delivery::new(
+            cfg.unacked_bytes,
+            cfg.failover,
+            &cfg.spool_dir(),
+            cfg.spool_max_bytes,
+        ));
+        let stop = Rc::new(StopSignal::new());
+        let heartbeat = Rc::new(Heartbeat::new(
+            cfg.clone(),
+            meta.clone(),
+            counters.clone(),
+            buffer.clone(),
+            plugins.clone(),
+        ));
+        let tasks = Rc::new(AgentTasks {
+            cfg: cfg.clone(),
+            meta: meta.clone(),
+            buffer: buffer.clone(),
+            link: link.clone(),
+            stop: stop.clone(),
+            upload_busy: std::cell::Cell::new(false),
+        });
+        Rc::new(Agent {
+            cfg,
+            buffer,
+            plugins,
+            counters,
+            meta,
+            link,
+            delivery,
+            heartbeat,
+            tasks,
+            stop,
+        })
+    }
+
+    /// The transport's view.
+    pub(crate) fn transport(&self) -> Rc<Transport> {
+        Rc::new(Transport {
+            cfg: self.cfg.clone(),
+            buffer: self.buffer.clone(),
+            counters: self.counters.clone(),
+            meta: self.meta.clone(),
+            heartbeat: self.heartbeat.clone(),
+            link: self.link.clone(),
+            delivery: self.delivery.clone(),
+        })
+    }
+
+    /// Handles one received command: plan, then execute in order.
+    pub(crate) fn on_command(self: &Rc<Self>, cmd: Command) {
+        for action in crate::command::plan(cmd) {
+            self.execute(action);
+        }
+    }
+
+    /// Executes one action of a received command.
+    fn execute(self: &Rc<Self>, action: Action) {
+        match action {
+            Action::RunAgentTask(task) => crate::tasks::handle(&self.tasks, task),
+            Action::DeliverTask(task) => {
+                let token = task.token.clone();
+                let name = task.object_name.clone();
+                if let Err(error) = self.plugins.send_task(task) {
+                    tracing::warn!(plugin = %name, %error, "task not delivered");
+                    crate::tasks::task_failed(&self.buffer, &token, &error.to_string());
+                }
+            }
+            Action::ClearAbnormal => self.heartbeat.clear_abnormal(),
+            Action::SelfUpdate(cfg) => {
+                let a = self.clone();
+                tokio::task::spawn_local(async move {
+                    let ctx = crate::update::UpdateContext {
+                        work_dir: a.cfg.work_dir.clone(),
+                    };
+                    match crate::update::self_update(&ctx, &cfg).await {
+                        Ok(crate::update::UpdateOutcome::Replaced(path)) => {
+                            tracing::info!(version = %cfg.version, "self-update installed, restarting");
+                            a.stop.stop(Exit::Reexec(path));
+                        }
+                        Err(error) => {
+                            tracing::error!(version = %cfg.version, %error, "agent update failed");
+                            a.heartbeat
+                                .set_abnormal(format!("agent update failed: {error}"));
+                        }
+                    }
+                });
+            }
+            Action::SyncPlugins(plugins) => {
+                let a = self.clone();
+                tokio::task::spawn_local(async move {
+                    a.plugins.sync(plugins).await;
+                });
+            }
+        }
+    }
+
+    /// Logs the internal state (SIGUSR1).
+    pub(crate) fn dump(&self, debug_on: bool) {
+        let plugins = self.plugins.names();
+        let c = &self.counters;
+        tracing::info!(
+            debug_logging = debug_on,
+            agent_id = %self.meta.id,
+            net_mode = c.net_mode.get(),
+            connected = self.link.channel.borrow().is_some(),
+            ring_len = self.buffer.len(),
+            ring_bytes = self.buffer.bytes(),
+            drop_cnt = self.buffer.drops(),
+            log_drops = crate::log::pending_drops(),
+            tx_records = c.tx_records.get(),
+            rx_commands = c.rx_commands.get(),
+            reconnects = c.reconnects.get(),
+            upload_busy = self.tasks.upload_busy.get(),
+            abnormal = ?self.heartbeat.abnormal(),
+            plugins = ?plugins,
+            "state dump"
+        );
+    }
+
+    /// Starts the signal, heartbeat and transport tasks.
+    pub(crate) fn spawn(
+        self: &Rc<Self>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> (
+        Vec<tokio::task::JoinHandle<()>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (a1, a2) = (self.clone(), self.clone());
+        let tasks = vec![
+            tokio::task::spawn_local(crate::signals::run(
+                self.stop.clone(),
+                move |debug_on| a1.dump(debug_on),
+                move || a2.link.release_memory.set(true),
+            )),
+            tokio::task::spawn_local(crate::heartbeat::run(self.heartbeat.clone())),
+        ];
+        let a = self.clone();
+        let on_command: crate::transport::OnCommand = Rc::new(move |cmd| a.on_command(cmd));
+        let transport =
+            tokio::task::spawn_local(crate::transport::run(self.transport(), tls, on_command));
+        (tasks, transport)
+    }
+}

@@ -1,0 +1,8 @@
+//! Wall-clock helper shared by every module (the one `now_unix`).
+
+/// Unix seconds now (0 before the epoch, saturating far in the future).
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
