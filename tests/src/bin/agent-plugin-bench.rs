@@ -258,7 +258,11 @@ async fn main() {
     let dups = metric(api, "elkeid_center_duplicate_records_dropped_total").await;
     println!(
         "acks sent {acks:.0}; ndjson group commits {syncs:.0}, mean fdatasync {:.2} ms, max {:.2} ms; duplicates dropped {dups:.0}",
-        if syncs > 0.0 { sync_sum / syncs * 1e3 } else { 0.0 },
+        if syncs > 0.0 {
+            sync_sum / syncs * 1e3
+        } else {
+            0.0
+        },
         sync_max * 1e3
     );
     drop(center);

@@ -7,13 +7,14 @@
 //! {"data_type":1000,"agent_time":1700000000,"svr_time":1700000001,
 //!  "agent_id":"…","hostname":"…","version":"…","product":"…",
 //!  "intranet_ipv4":["…"],"extranet_ipv4":[],"intranet_ipv6":[],"extranet_ipv6":[],
-//!  "tag":"","agent_epoch":…,"agent_seq":…,"record_idx":…,"fields":{"key":"value",…}}
+//!  "tag":"","agent_epoch":…,"agent_seq":…,"record_idx":…,"packet_records":…,"fields":{"key":"value",…}}
 //! ```
 //! Keys in this order; `fields` holds the decoded `Payload` (keys sorted, the
 //! last duplicate wins). A body that is not a valid `Payload` (bad protobuf or
 //! non-UTF-8 strings) is written base64 (standard alphabet, padded) under
 //! `body` instead of `fields`. `agent_epoch`, `agent_seq` (the packet's
-//! identity) and `record_idx` (the record's index in the packet) are present
+//! identity), `record_idx` (the record's index in the packet) and
+//! `packet_records` (records in the packet) are present
 //! only for agents that send packet identities (elkeid-rs agents): together
 //! with `agent_id` they identify a record, so consumers can de-duplicate.
 //!
@@ -347,11 +348,23 @@ struct IdLine<'a> {
     agent_id: std::borrow::Cow<'a, str>,
     agent_epoch: Option<u64>,
     agent_seq: Option<u64>,
+    packet_records: Option<usize>,
 }
 
-/// Identities (agent, epoch, highest seq) of the records in the newest
-/// NDJSON files of `dir`: what the center made durable just before a crash.
-/// A torn last line is skipped.
+/// One complete line of the recovery scan.
+struct Scanned {
+    file: usize,
+    offset: u64,
+    key: Option<(String, u64, u64, usize)>,
+}
+
+/// Recovery after a crash, before the sink starts: in the newest NDJSON
+/// files of `dir`, a torn last line (crash mid-write) is cut off, and so is
+/// the last packet when not all its `packet_records` lines made it (never
+/// acknowledged: the agent re-sends it whole, so keeping the part would
+/// duplicate it). Returns the identities (agent, epoch, highest seq) of
+/// the complete packets there: what the center made durable just before the
+/// crash, possibly after the last journal line.
 pub(crate) fn recover_ids(dir: &Path) -> Vec<(String, PacketId)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -365,31 +378,77 @@ pub(crate) fn recover_ids(dir: &Path) -> Vec<(String, PacketId)> {
         })
         .collect();
     files.sort();
-    let mut best: std::collections::HashMap<(String, u64), u64> = Default::default();
-    for f in files.iter().rev().take(RECOVER_FILES) {
-        let Ok(file) = std::fs::File::open(f) else {
+    let files: Vec<PathBuf> = files.split_off(files.len().saturating_sub(RECOVER_FILES));
+    let mut lines: Vec<Scanned> = Vec::new();
+    for (fi, f) in files.iter().enumerate() {
+        let Ok(data) = std::fs::read(f) else {
             continue;
         };
-        let mut r = std::io::BufReader::with_capacity(BUF, file);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match std::io::BufRead::read_until(&mut r, b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let Ok(l) = serde_json::from_slice::<IdLine<'_>>(&line) else {
-                continue;
+        let mut offset = 0usize;
+        while offset < data.len() {
+            let Some(end) = data[offset..].iter().position(|b| *b == b'\n') else {
+                // torn last line: cut off
+                tracing::warn!(file = %f.display(), offset, "ndjson: torn last line removed");
+                truncate(f, offset as u64);
+                break;
             };
-            if let (Some(epoch), Some(seq)) = (l.agent_epoch, l.agent_seq) {
-                let e = best.entry((l.agent_id.into_owned(), epoch)).or_default();
-                *e = (*e).max(seq);
-            }
+            let line = &data[offset..offset + end];
+            let key = serde_json::from_slice::<IdLine<'_>>(line)
+                .ok()
+                .and_then(|l| {
+                    Some((
+                        l.agent_id.into_owned(),
+                        l.agent_epoch?,
+                        l.agent_seq?,
+                        l.packet_records?,
+                    ))
+                });
+            lines.push(Scanned {
+                file: fi,
+                offset: offset as u64,
+                key,
+            });
+            offset += end + 1;
         }
+    }
+    // Packets are written whole, one after another: only the last one can
+    // be incomplete.
+    if let Some(Some(last)) = lines.last().map(|l| l.key.clone()) {
+        let same = |l: &Scanned| {
+            l.key
+                .as_ref()
+                .is_some_and(|k| (&k.0, k.1, k.2) == (&last.0, last.1, last.2))
+        };
+        let n = lines.iter().rev().take_while(|l| same(l)).count();
+        if n < last.3 {
+            let first = &lines[lines.len() - n];
+            let (fi, off) = (first.file, first.offset);
+            tracing::warn!(agent_id = %last.0, epoch = last.1, seq = last.2, lines = n, of = last.3, "ndjson: incomplete last packet removed (the agent re-sends it)");
+            truncate(&files[fi], off);
+            for later in files.iter().skip(fi + 1) {
+                truncate(later, 0);
+            }
+            lines.truncate(lines.len() - n);
+        }
+    }
+    let mut best: std::collections::HashMap<(String, u64), u64> = Default::default();
+    for (agent, epoch, seq, _) in lines.into_iter().filter_map(|l| l.key) {
+        let e = best.entry((agent, epoch)).or_default();
+        *e = (*e).max(seq);
     }
     best.into_iter()
         .map(|((agent, epoch), seq)| (agent, PacketId { epoch, seq }))
         .collect()
+}
+
+fn truncate(path: &Path, len: u64) {
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len).and_then(|()| f.sync_all()));
+    if let Err(error) = r {
+        tracing::error!(file = %path.display(), %error, "ndjson: recovery truncate failed");
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -412,6 +471,8 @@ struct Line<'a> {
     agent_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     record_idx: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packet_records: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     fields: Option<std::collections::BTreeMap<&'a str, &'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -444,6 +505,7 @@ pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, idx: usize, rec
         agent_epoch: batch.id.map(|id| id.epoch),
         agent_seq: batch.id.map(|id| id.seq),
         record_idx: batch.id.map(|_| idx),
+        packet_records: batch.id.map(|_| batch.records.len()),
         fields,
         body,
     };
@@ -607,5 +669,18 @@ mod tests {
             recover_ids(dir.path()),
             vec![("a1".to_string(), PacketId { epoch: 42, seq: 20 })]
         );
+        // the torn line was cut off
+        let f = files(dir.path())[0].clone();
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(text.ends_with('\n') && text.lines().count() == 60);
+        // the last packet lost its last line (crash mid-packet): the rest of
+        // it goes too, and it is not counted as durable
+        let cut = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+        std::fs::write(&f, &text[..cut]).unwrap();
+        assert_eq!(
+            recover_ids(dir.path()),
+            vec![("a1".to_string(), PacketId { epoch: 42, seq: 19 })]
+        );
+        assert_eq!(std::fs::read_to_string(&f).unwrap().lines().count(), 57);
     }
 }
