@@ -126,6 +126,20 @@ async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
     let got = flood_records(&cdir, &id);
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     let idents: HashSet<(u64, u64, u64)> = got.iter().map(|(_, i)| *i).collect();
+    if distinct.len() as u64 != N {
+        let missing: Vec<u64> = (0..N).filter(|s| !distinct.contains(s)).collect();
+        let by_s: HashMap<u64, (u64, u64, u64)> = got.iter().map(|(s, i)| (*s, *i)).collect();
+        let first = missing[0];
+        let last = missing[missing.len() - 1];
+        eprintln!(
+            "missing {} records, first {first} last {last}; before: {:?}, after: {:?}; data kept in {}",
+            missing.len(),
+            first.checked_sub(1).and_then(|s| by_s.get(&s)),
+            by_s.get(&(last + 1)),
+            tmp.keep().display()
+        );
+        panic!("records lost");
+    }
     assert_eq!(distinct.len() as u64, N, "0 lost");
     assert_eq!(
         got.len() as u64,

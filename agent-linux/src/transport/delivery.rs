@@ -29,6 +29,9 @@ pub(crate) const DETECT: Duration = Duration::from_secs(5);
 pub(crate) struct Delivery {
     window: RefCell<AckWindow<Bytes>>,
     spool: RefCell<Option<Spool>>,
+    /// A packet taken from the spool that did not fit the window yet (it
+    /// goes before anything else from the spool).
+    stash: RefCell<Option<(PacketId, Bytes)>>,
     start: Instant,
     /// Packets appended to the spool since start.
     spooled: Cell<u64>,
@@ -125,6 +128,7 @@ impl Delivery {
         Delivery {
             window: RefCell::new(AckWindow::new(new_epoch(), unacked_bytes, timing)),
             spool: RefCell::new(spool),
+            stash: RefCell::new(None),
             start: Instant::now(),
             spooled: Cell::new(0),
             spool_refused: Cell::new(0),
@@ -216,7 +220,7 @@ impl Delivery {
     }
 
     fn spool_empty(&self) -> bool {
-        self.spool.borrow().as_ref().is_none_or(Spool::is_empty)
+        self.stash.borrow().is_none() && self.spool.borrow().as_ref().is_none_or(Spool::is_empty)
     }
 
     /// Whether a spool is configured.
@@ -245,8 +249,17 @@ impl Delivery {
     /// many.
     pub(crate) fn refill_from_spool(&self) -> usize {
         let mut n = 0;
+        let stashed = self.stash.borrow_mut().take();
+        if let Some((id, p)) = stashed {
+            let len = p.len();
+            if let Err((_, p)) = self.window.borrow_mut().push_with_id(id, len, p) {
+                *self.stash.borrow_mut() = Some((id, p));
+                return 0;
+            }
+            n += 1;
+        }
         let mut spool = self.spool.borrow_mut();
-        let Some(s) = spool.as_mut() else { return 0 };
+        let Some(s) = spool.as_mut() else { return n };
         loop {
             if !self
                 .window
@@ -258,8 +271,10 @@ impl Delivery {
             match s.pop_front() {
                 Ok(Some((id, p))) => {
                     let len = p.len();
-                    if self.window.borrow_mut().push_with_id(id, len, p).is_err() {
-                        break; // has_room was checked
+                    if let Err((_, p)) = self.window.borrow_mut().push_with_id(id, len, p) {
+                        // larger than the room checked: kept for the next turn
+                        *self.stash.borrow_mut() = Some((id, p));
+                        break;
                     }
                     n += 1;
                 }
@@ -318,7 +333,8 @@ impl Delivery {
     pub(crate) fn window_to_spool(&self) -> usize {
         let mut spool = self.spool.borrow_mut();
         let Some(s) = spool.as_mut() else { return 0 };
-        let packets: Vec<(PacketId, Bytes)> = self.window.borrow_mut().drain().collect();
+        let mut packets: Vec<(PacketId, Bytes)> = self.window.borrow_mut().drain().collect();
+        packets.extend(self.stash.borrow_mut().take());
         let moved = match s.push_front_all(unix_ms(), packets.iter().map(|(id, p)| (*id, &p[..]))) {
             Ok(n) => n,
             Err(error) => {

@@ -202,12 +202,12 @@ async fn ack_loop(
     let mut group: Vec<Pending> = Vec::new();
     loop {
         group.clear();
-        tokio::select! {
-            _ = conn.closed.cancelled() => return,
-            p = pending.recv() => match p {
-                Some(p) => group.push(p),
-                None => return,
-            }
+        // Even after the stream closed, the packets it handed to the sinks
+        // are followed to the end: their durability must be recorded, or a
+        // re-send on the next stream would wait for it forever.
+        match pending.recv().await {
+            Some(p) => group.push(p),
+            None => return,
         }
         while group.len() < ACK_PIPELINE
             && let Ok(p) = pending.try_recv()
@@ -260,9 +260,8 @@ async fn ack_loop(
             return;
         }
         for id in out {
-            if acks.send(id).await.is_err() {
-                return;
-            }
+            // a closed stream takes no more acks; keep recording durability
+            let _ = acks.try_send(id);
         }
     }
 }
