@@ -131,6 +131,19 @@ async fn acks_follow_durability_and_resends_are_deduplicated_across_kill_9() {
     seqs.dedup();
     assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert!(metric(&center, "elkeid_center_acks_sent_total").await >= 3.0);
+    drop(s);
+    // again, and this time the first packet after the restart is new
+    drop(center);
+    center = Center::start_at(dir.path(), &grpc, &[]);
+    let mut s = AgentStream::open(center.agent().await, pkt(id, 7))
+        .await
+        .unwrap();
+    ack_up_to(&mut s, 7).await;
+    assert_eq!(
+        lines_of(&center, id).len(),
+        21,
+        "the first packet of a stream is stored"
+    );
     assert!(metric(&center, "elkeid_center_ndjson_sync_seconds_count").await >= 1.0);
 }
 
