@@ -5,7 +5,7 @@
 #
 #   bash targets/setup.sh
 #
-# What and why (../shared/TOOLCHAIN.md has the measurements):
+# What and why (docs/TOOLCHAIN.md has the measurements):
 # - rustup targets for the pinned toolchain (rust-toolchain.toml):
 #   x86_64/aarch64 musl std are prebuilt; armv7 musl std is NOT distributed,
 #   so we build it from source with rust-src + -Zbuild-std (targets/build.sh).

@@ -192,6 +192,7 @@ impl Agent {
                 move || a2.link.release_memory.set(true),
             )),
             tokio::task::spawn_local(crate::heartbeat::run(self.heartbeat.clone())),
+            tokio::task::spawn_local(crate::status::run(self.clone())),
         ];
         let a = self.clone();
         let on_command: crate::transport::OnCommand = Rc::new(move |cmd| a.on_command(cmd));

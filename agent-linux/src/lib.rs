@@ -18,6 +18,7 @@
 //! - `signals`: SIGTERM / SIGUSR1 / SIGUSR2.
 //! - `fetch`: the one HTTP(S) client (artifact downloads with SHA-256
 //!   checks for plugins and self-update; service discovery).
+//! - [`status`]: `<work-dir>/status.json` and `elkeid-agent status`.
 //! - `plugin/`, `update`: plugin management and self-update.
 //!
 //! Everything runs on one tokio `current_thread` runtime inside a `LocalSet`;
@@ -42,6 +43,7 @@ mod plugin;
 mod procstat;
 mod signals;
 mod spool;
+pub mod status;
 mod stop;
 mod tasks;
 mod transport;

@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use elkeid_agent::config::{self, Command};
 
 fn main() -> ExitCode {
+    // `elkeid-agent status …`: report on the running agent (status.rs).
+    if std::env::args().nth(1).as_deref() == Some("status") {
+        return elkeid_agent::status::main(std::env::args().skip(2).collect());
+    }
     let cmd = match config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {

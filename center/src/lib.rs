@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: TOML file + flags + env (the CLI reference is there).
+//! - [`ctl`]: `elkeid-center ctl …`, the operator commands (a signed API client).
 //! - `pki.rs`: dev PKI and API keys generated on first start.
 //! - `tls.rs`: server TLS material (mTLS, client certificate required).
 //! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
@@ -24,6 +25,7 @@
 
 mod ack;
 pub mod config;
+pub mod ctl;
 mod grpc;
 mod http;
 mod manager;

@@ -11,14 +11,23 @@ use elkeid_center::{Cli, Config, RunError};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // `elkeid-center ctl …`: the operator commands (their own command line).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
+        return elkeid_center::ctl::main(std::env::args_os().skip(1));
+    }
     let cli = match Cli::parse_args() {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                clap::error::ErrorKind::DisplayHelp => {
+                    println!(
+                        "\nOperator commands (list agents, send tasks and configs, reset \
+                         connections): elkeid-center ctl --help"
+                    );
                     ExitCode::SUCCESS
                 }
+                clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
                 _ => ExitCode::from(EXIT_CONFIG),
             };
         }

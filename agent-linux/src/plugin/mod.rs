@@ -119,6 +119,17 @@ pub(crate) struct PluginSnapshot {
     pub(crate) elapsed_secs: f64,
 }
 
+/// A plugin as `elkeid-agent status` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct PluginView {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    /// `None` while waiting to restart.
+    pub(crate) pid: Option<u32>,
+    pub(crate) start_time: i64,
+    pub(crate) records_per_sec: f64,
+}
+
 /// State shared by the manager and the plugin tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -334,6 +345,28 @@ impl PluginManager {
             .tasks
             .try_send(frame)
             .map_err(|_| PluginError::Busy(task.object_name.clone()))
+    }
+
+    /// For `status.json`: every managed plugin, counters left alone
+    /// (records/s is the average since the last heartbeat sample).
+    pub(crate) fn status(&self) -> Vec<PluginView> {
+        let now = Instant::now();
+        self.plugins
+            .borrow()
+            .values()
+            .map(|e| {
+                let p = &e.plugin;
+                let secs = now.duration_since(p.last_sample.get()).as_secs_f64();
+                let rx = p.counters.rx_cnt.get();
+                PluginView {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    pid: p.pid.get(),
+                    start_time: p.start_time.get(),
+                    records_per_sec: if secs > 0.0 { rx as f64 / secs } else { 0.0 },
+                }
+            })
+            .collect()
     }
 
     /// For 1001 heartbeats: one entry per running plugin; counters reset.

@@ -104,6 +104,7 @@ pub(crate) async fn supervise(sh: Rc<Shared>, p: Rc<Plugin>, mut queue: mpsc::Re
         }
         let delay = backoff.next(started.elapsed());
         tracing::info!(plugin = %p.name, delay_ms = delay.as_millis() as u64, "restarting plugin after backoff");
+        crate::status::plugin_restarted(&p.name);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = p.stop.notified() => return,

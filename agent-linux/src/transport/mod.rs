@@ -238,6 +238,7 @@ async fn dial(
         {
             Ok(ch) => {
                 tracing::info!(addr = %addr, net_mode = mode, "connected to center");
+                crate::status::connected(&addr);
                 return Some((ch, mode, addr));
             }
             Err(error) => tracing::warn!(addr = %addr, %error, "dial failed"),
@@ -299,6 +300,12 @@ pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command
         agent.link.channel.replace(None);
         delivery.publish();
         avoid = None;
+        crate::status::disconnected(
+            &r.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        );
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
             Err(error) => {

@@ -44,6 +44,8 @@ pub(crate) struct KafkaStats {
     pub(crate) produce_errors: AtomicU64,
     /// Records accepted and not yet acknowledged or dropped.
     pub(crate) pending: AtomicU64,
+    /// Produce requests Kafka acknowledged (one per partition batch).
+    pub(crate) produced_batches: AtomicU64,
 }
 
 /// Records of one packet, bound for one partition, holding their share of
@@ -473,6 +475,7 @@ impl Worker {
             );
             let err = match attempt.await {
                 Ok(Ok(_offsets)) => {
+                    self.stats.produced_batches.fetch_add(1, Ordering::Relaxed);
                     self.stats.delivered.fetch_add(n, Ordering::Relaxed);
                     self.stats.pending.fetch_sub(n, Ordering::Relaxed);
                     break;

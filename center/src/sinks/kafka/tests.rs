@@ -1,10 +1,12 @@
 //! Kafka sink against a real Kafka-protocol broker (tansu in CI).
 //!
-//! `ELKEID_TEST_KAFKA=host:port` names a running broker (`tests/kafka-broker.sh
-//! start` prints it). Without it these tests fail when `CI` is set and are
-//! skipped loudly otherwise. The back-pressure test starts its own private
-//! `tansu` (from `PATH` or `ELKEID_TEST_TANSU`) so it can freeze it with
-//! SIGSTOP without disturbing other tests.
+//! `ELKEID_TEST_KAFKA=host:port` names a running broker and
+//! `ELKEID_TEST_TANSU` the `tansu` binary (`eval "$(bash tests/kafka-broker.sh
+//! start)"` exports both). Without them at build time these tests are
+//! reported `ignored, SKIPPED: …` by `cargo test` (see `center/build.rs`);
+//! with `CI` set they always run and fail without a broker. The
+//! back-pressure test starts its own private `tansu` so it can freeze it
+//! with SIGSTOP without disturbing other tests.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -22,24 +24,19 @@ use super::encode::partition_for;
 use super::*;
 use crate::sinks::{PacketBatch, Sink, SinkError};
 
-fn require(var: &str, what: &str) -> Option<String> {
+/// The value of `var`; these tests only run when it was set at build time
+/// (or under `CI`), so a missing one is a failure, never a silent pass.
+fn require(var: &str, what: &str) -> String {
     match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!(
-                "{var} is not set but CI is: {what} (run `tests/kafka-broker.sh start`, which prints the exports)"
-            )
-        }
-        _ => {
-            eprintln!(
-                "!!!!!!!! SKIPPED: {var} is not set: {what} (run `tests/kafka-broker.sh start`) !!!!!!!!"
-            );
-            None
-        }
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{var} is not set: {what} (run `eval \"$(bash tests/kafka-broker.sh start)\"`, \
+             which exports it)"
+        ),
     }
 }
 
-fn broker() -> Option<String> {
+fn broker() -> String {
     require("ELKEID_TEST_KAFKA", "Kafka sink tests need a real broker")
 }
 
@@ -185,8 +182,12 @@ fn check_all(got: &[(i32, Record)], partitions: i32, batches: &[Arc<PacketBatch>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_kafka),
+    ignore = "SKIPPED: no Kafka broker (ELKEID_TEST_KAFKA unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
 async fn records_round_trip_through_a_real_broker() {
-    let Some(broker) = broker() else { return };
+    let broker = broker();
     let topic = unique_topic("roundtrip");
     let cfg = KafkaConfig {
         create_partitions: 3,
@@ -227,8 +228,12 @@ async fn records_round_trip_through_a_real_broker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_kafka),
+    ignore = "SKIPPED: no Kafka broker (ELKEID_TEST_KAFKA unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
 async fn every_compression_round_trips() {
-    let Some(broker) = broker() else { return };
+    let broker = broker();
     for c in [
         KafkaCompression::Gzip,
         KafkaCompression::Snappy,
@@ -256,25 +261,52 @@ async fn every_compression_round_trips() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_kafka),
+    ignore = "SKIPPED: no Kafka broker (ELKEID_TEST_KAFKA unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
 async fn batches_split_at_batch_bytes() {
-    let Some(broker) = broker() else { return };
-    let topic = unique_topic("split");
-    // Tiny batches: every produce request carries only a few records.
-    let sink = KafkaSink::connect(KafkaConfig {
-        batch_bytes: 300,
-        ..config(&broker, &topic)
-    })
-    .await
-    .unwrap();
+    let broker = broker();
     let batches = vec![batch("agent-s", 1_700_001_000, 40)];
-    sink.send(&batches[0]).await.unwrap();
-    sink.flush().await.unwrap();
-    check_all(&read_all(&broker, &topic, 1).await, 1, &batches);
+    let values = super::encode::encode_batch(&batches[0]);
+    let bytes: usize = values.iter().map(Vec::len).sum();
+    // A batch holds at most 300 bytes, or one record when that is larger.
+    let per_batch = values.iter().map(Vec::len).max().unwrap_or(0).max(300);
+    // The same 40 records with the default 1 MiB limit, then with 300 bytes:
+    // one produce request, then at least one per 300 bytes of values.
+    let mut requests = Vec::new();
+    for (name, batch_bytes) in [("whole", 1024 * 1024), ("split", 300)] {
+        let topic = unique_topic(name);
+        let sink = KafkaSink::connect(KafkaConfig {
+            batch_bytes,
+            ..config(&broker, &topic)
+        })
+        .await
+        .unwrap();
+        sink.send(&batches[0]).await.unwrap();
+        sink.flush().await.unwrap();
+        check_all(&read_all(&broker, &topic, 1).await, 1, &batches);
+        requests.push(
+            sink.stats()
+                .produced_batches
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+    assert_eq!(requests[0], 1, "one request under the default limit");
+    assert!(
+        requests[1] > 1 && requests[1] as usize >= bytes / per_batch,
+        "{} requests for {bytes} bytes at 300 bytes per batch",
+        requests[1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_kafka),
+    ignore = "SKIPPED: no Kafka broker (ELKEID_TEST_KAFKA unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
 async fn missing_topic_without_create_is_a_clear_error() {
-    let Some(broker) = broker() else { return };
+    let broker = broker();
     let topic = unique_topic("absent");
     let err = KafkaSink::connect(KafkaConfig {
         create_topic: false,
@@ -286,8 +318,12 @@ async fn missing_topic_without_create_is_a_clear_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_kafka),
+    ignore = "SKIPPED: no Kafka broker (ELKEID_TEST_KAFKA unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
 async fn oversized_records_are_counted_not_sent() {
-    let Some(broker) = broker() else { return };
+    let broker = broker();
     let topic = unique_topic("oversized");
     let sink = KafkaSink::connect(KafkaConfig {
         max_message_bytes: 200,
@@ -318,19 +354,23 @@ struct OwnBroker {
 }
 
 impl OwnBroker {
-    fn start() -> Option<OwnBroker> {
-        let tansu = std::env::var("ELKEID_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
-        if Command::new(&tansu)
+    fn start() -> OwnBroker {
+        let tansu = std::env::var("ELKEID_TEST_TANSU")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "tansu".into());
+        let runs = Command::new(&tansu)
             .arg("--version")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .is_err()
-        {
+            .is_ok_and(|s| s.success());
+        if !runs {
             require(
                 "ELKEID_TEST_TANSU",
-                "the back-pressure test starts its own `tansu` broker; none on PATH",
-            )?;
+                "the back-pressure test starts its own `tansu` broker; none runs",
+            );
+            panic!("ELKEID_TEST_TANSU={tansu} does not run");
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -361,7 +401,7 @@ impl OwnBroker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(OwnBroker { child, addr })
+        OwnBroker { child, addr }
     }
 
     fn signal(&self, sig: &str) {
@@ -386,10 +426,12 @@ impl Drop for OwnBroker {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_tansu),
+    ignore = "SKIPPED: no tansu broker binary (ELKEID_TEST_TANSU unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
 async fn frozen_broker_blocks_senders_or_drops_by_policy() {
-    let Some(own) = OwnBroker::start() else {
-        return;
-    };
+    let own = OwnBroker::start();
     let (t_block, t_drop) = (unique_topic("block"), unique_topic("drop"));
     let a = batch("agent-p", 1_700_003_000, 4);
     let b = batch("agent-p", 1_700_003_001, 4);
