@@ -6,7 +6,8 @@
 #
 #   opkg-arch  aarch64_cortex-a53 | aarch64_cortex-a72 | aarch64_generic |
 #              arm_cortex-a7_neon-vfpv4 | arm_cortex-a9_vfpv3-d16 |
-#              arm_cortex-a15_neon-vfpv4 | x86_64
+#              arm_cortex-a15_neon-vfpv4 | mips_24kc | mipsel_24kc |
+#              riscv64_riscv64 | x86_64
 #   binary     default: target/ship/<rust-target>/elkeid-agent (targets/build.sh)
 #   out-dir    default: target/ipk
 #
@@ -30,6 +31,14 @@ case "$arch" in
     # least; every one of these OpenWrt arches qualifies.
     arm_cortex-a7_neon-vfpv4|arm_cortex-a9_vfpv3-d16|arm_cortex-a15_neon-vfpv4)
         rust_target=armv7-unknown-linux-musleabihf; elf_machine="ARM, EABI5" ;;
+    # mips(el)-unknown-linux-musl: MIPS32r2 soft-float, what OpenWrt's ath79
+    # (mips_24kc) and ramips mt7621/mt76x8 (mipsel_24kc) targets run.
+    mips_24kc)
+        rust_target=mips-unknown-linux-musl; elf_machine="32-bit MSB executable, MIPS, MIPS32 rel2" ;;
+    mipsel_24kc)
+        rust_target=mipsel-unknown-linux-musl; elf_machine="32-bit LSB executable, MIPS, MIPS32 rel2" ;;
+    riscv64_riscv64)
+        rust_target=riscv64gc-unknown-linux-musl; elf_machine="64-bit LSB executable, UCB RISC-V" ;;
     x86_64)
         rust_target=x86_64-unknown-linux-musl; elf_machine="x86-64" ;;
     *) die "unsupported opkg architecture '$arch'" ;;

@@ -3,8 +3,9 @@
 #   1. every shell script in the repository parses (sh -n, dash -n, busybox
 #      sh -n, or bash -n for bash scripts); shellcheck on openwrt/ and targets/
 #      (and error-level shellcheck on the others);
-#   2. .ipk packages for aarch64_cortex-a53, aarch64_generic and
-#      arm_cortex-a7_neon-vfpv4, unpacked with tar/gzip: layout, control
+#   2. .ipk packages for aarch64_cortex-a53, aarch64_generic,
+#      arm_cortex-a7_neon-vfpv4, mips_24kc, mipsel_24kc and riscv64_riscv64
+#      (plus: a big-endian MIPS binary refused as mipsel_24kc), unpacked with tar/gzip: layout, control
 #      fields, modes, owners, conffiles, maintainer scripts;
 #   3. the init script's UCI -> TOML translation under dash, busybox ash and
 #      bash --posix against fixture configs (valid and invalid), its
@@ -166,20 +167,31 @@ inspect_ipk() { # IPK ARCH ELF_MACHINE BIN
 }
 
 declare -A RUST_TARGET=([aarch64_cortex-a53]=aarch64-unknown-linux-musl [aarch64_generic]=aarch64-unknown-linux-musl
-                        [arm_cortex-a7_neon-vfpv4]=armv7-unknown-linux-musleabihf)
-declare -A MACHINE=([aarch64-unknown-linux-musl]="ARM aarch64" [armv7-unknown-linux-musleabihf]="ARM, EABI5")
+                        [arm_cortex-a7_neon-vfpv4]=armv7-unknown-linux-musleabihf
+                        [mips_24kc]=mips-unknown-linux-musl [mipsel_24kc]=mipsel-unknown-linux-musl
+                        [riscv64_riscv64]=riscv64gc-unknown-linux-musl)
 declare -A BIN=()
-for arch in aarch64_cortex-a53 aarch64_generic arm_cortex-a7_neon-vfpv4; do
+# OPENWRT_TEST_ARCHS narrows the set (e.g. while only some targets are built);
+# it must keep aarch64_generic and one of arm_cortex-a7_neon-vfpv4/mipsel_24kc.
+for arch in ${OPENWRT_TEST_ARCHS:-aarch64_cortex-a53 aarch64_generic arm_cortex-a7_neon-vfpv4 mips_24kc mipsel_24kc riscv64_riscv64}; do
     t=${RUST_TARGET[$arch]}
     if [ -z "${BIN[$t]:-}" ]; then BIN[$t]=$(agent_bin_for "$t"); fi
     ipk=$(bash openwrt/build-ipk.sh "$arch" "${BIN[$t]}" "$TMP/ipk")
     check "$arch: built $(basename "$ipk")" test -s "$ipk"
-    inspect_ipk "$ipk" "$arch" "${MACHINE[$t]}" "${BIN[$t]}"
+    inspect_ipk "$ipk" "$arch" "$(elf_machine "$t")" "${BIN[$t]}"
 done
+# (aarch64 is always among OPENWRT_TEST_ARCHS; the foreign binary is armv7's,
+# or mipsel's when the set was narrowed.)
+wrong=${BIN[armv7-unknown-linux-musleabihf]:-${BIN[mipsel-unknown-linux-musl]:-}}
+[ -n "$wrong" ] || die "OPENWRT_TEST_ARCHS needs an armv7 or mipsel architecture too"
 check "build-ipk.sh refuses a binary of the wrong architecture" \
-    bash -c "! bash openwrt/build-ipk.sh aarch64_generic '${BIN[armv7-unknown-linux-musleabihf]}' '$TMP/ipk-wrong' 2>/dev/null"
+    bash -c "! bash openwrt/build-ipk.sh aarch64_generic '$wrong' '$TMP/ipk-wrong' 2>/dev/null"
+if [ -n "${BIN[mips-unknown-linux-musl]:-}" ]; then
+    check "build-ipk.sh refuses a big-endian MIPS binary as mipsel_24kc" \
+        bash -c "! bash openwrt/build-ipk.sh mipsel_24kc '${BIN[mips-unknown-linux-musl]}' '$TMP/ipk-wrong' 2>/dev/null"
+fi
 check "build-ipk.sh refuses an unknown architecture" \
-    bash -c "! bash openwrt/build-ipk.sh mips_24kc '${BIN[aarch64-unknown-linux-musl]}' '$TMP/ipk-wrong' 2>/dev/null"
+    bash -c "! bash openwrt/build-ipk.sh mips64_octeonplus '${BIN[aarch64-unknown-linux-musl]}' '$TMP/ipk-wrong' 2>/dev/null"
 a=$(SOURCE_DATE_EPOCH=1700000000 bash openwrt/build-ipk.sh aarch64_generic "${BIN[aarch64-unknown-linux-musl]}" "$TMP/r1")
 b=$(SOURCE_DATE_EPOCH=1700000000 bash openwrt/build-ipk.sh aarch64_generic "${BIN[aarch64-unknown-linux-musl]}" "$TMP/r2")
 check "ipk builds are reproducible" cmp -s "$a" "$b"

@@ -2,6 +2,7 @@
 # shellcheck shell=bash
 
 TARGETS_ALL="x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf"
+TARGETS_ALL="$TARGETS_ALL mips-unknown-linux-musl mipsel-unknown-linux-musl riscv64gc-unknown-linux-musl"
 
 log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -11,12 +12,19 @@ expand_targets() {
     case "$1" in
         all) echo "$TARGETS_ALL" ;;
         x86_64-unknown-linux-musl|aarch64-unknown-linux-musl|armv7-unknown-linux-musleabihf) echo "$1" ;;
+        mips-unknown-linux-musl|mipsel-unknown-linux-musl|riscv64gc-unknown-linux-musl) echo "$1" ;;
         *) die "unknown target '$1' (one of: all $TARGETS_ALL)" ;;
     esac
 }
 
-# armv7 musl has no prebuilt std from rustup: std is built from rust-src.
-needs_build_std() { [ "$1" = armv7-unknown-linux-musleabihf ]; }
+# No prebuilt std from our rustup mirror: std is built from rust-src.
+# (armv7 and riscv64 musl: not distributed here; MIPS: tier 3, none anywhere.)
+needs_build_std() {
+    case "$1" in
+        armv7-unknown-linux-musleabihf|mips-unknown-linux-musl|mipsel-unknown-linux-musl|riscv64gc-unknown-linux-musl) return 0 ;;
+        *) return 1 ;;
+    esac
+}
 
 # cargo arguments/env for a target, as arrays: use
 #   cargo_env "$t"; env "${CARGO_ENV[@]}" cargo build "${CARGO_EXTRA[@]}" ...
@@ -30,11 +38,33 @@ cargo_env() {
     fi
 }
 
+# cargo arguments/env for the shipped agent (profile release-small): on the
+# router targets std itself is rebuilt from rust-src with the agent's
+# opt-level "z" and std's `optimize_for_size` feature, and without std's
+# `backtrace` feature (symbolizing backtraces: gimli, addr2line,
+# rustc-demangle, ~70 KiB; the shipped binary is stripped, so it could not
+# name a frame anyway) and `panic-unwind` (release-small is panic=abort).
+# Panic messages are still printed. x86_64 keeps the prebuilt std.
+# shellcheck disable=SC2034,SC2054
+agent_release_env() {
+    cargo_env "$1"
+    case "$1" in
+        x86_64-unknown-linux-musl) ;;
+        *)
+            CARGO_ENV=(RUSTC_BOOTSTRAP=1)
+            CARGO_EXTRA=(-Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size)
+            ;;
+    esac
+}
+
 strip_tool() {
     case "$1" in
         x86_64-unknown-linux-musl) echo strip ;;
         aarch64-unknown-linux-musl) echo aarch64-linux-gnu-strip ;;
         armv7-unknown-linux-musleabihf) echo arm-linux-gnueabihf-strip ;;
+        mips-unknown-linux-musl) echo mips-linux-gnu-strip ;;
+        mipsel-unknown-linux-musl) echo mipsel-linux-gnu-strip ;;
+        riscv64gc-unknown-linux-musl) echo riscv64-linux-gnu-strip ;;
         *) die "no strip tool for $1" ;;
     esac
 }
@@ -45,6 +75,9 @@ uname_arch() {
         x86_64-unknown-linux-musl) echo x86_64 ;;
         aarch64-unknown-linux-musl) echo aarch64 ;;
         armv7-unknown-linux-musleabihf) echo armv7l ;;
+        mips-unknown-linux-musl) echo mips ;;
+        mipsel-unknown-linux-musl) echo mips ;;
+        riscv64gc-unknown-linux-musl) echo riscv64 ;;
         *) die "no arch for $1" ;;
     esac
 }
@@ -54,6 +87,9 @@ qemu_runner() {
         x86_64-unknown-linux-musl) echo "" ;;
         aarch64-unknown-linux-musl) echo qemu-aarch64-static ;;
         armv7-unknown-linux-musleabihf) echo qemu-arm-static ;;
+        mips-unknown-linux-musl) echo qemu-mips-static ;;
+        mipsel-unknown-linux-musl) echo qemu-mipsel-static ;;
+        riscv64gc-unknown-linux-musl) echo qemu-riscv64-static ;;
         *) die "no runner for $1" ;;
     esac
 }
@@ -75,4 +111,26 @@ check_static() {
         die "$f needs shared libraries"
     fi
     log "static ok: $f: $desc"
+}
+
+# Size budget of the stripped agent, in bytes (targets/size-report.sh).
+# 2 MiB on the router targets (issue 11); x86_64 keeps the 3 MiB it had.
+agent_budget() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo $((3 * 1024 * 1024)) ;;
+        *) echo $((2 * 1024 * 1024)) ;;
+    esac
+}
+
+# `file -b` substring every binary of the target must show (ELF machine).
+elf_machine() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "x86-64" ;;
+        aarch64-unknown-linux-musl) echo "ARM aarch64" ;;
+        armv7-unknown-linux-musleabihf) echo "ARM, EABI5" ;;
+        mips-unknown-linux-musl) echo "32-bit MSB executable, MIPS, MIPS32 rel2" ;;
+        mipsel-unknown-linux-musl) echo "32-bit LSB executable, MIPS, MIPS32 rel2" ;;
+        riscv64gc-unknown-linux-musl) echo "64-bit LSB executable, UCB RISC-V" ;;
+        *) die "no ELF machine for $1" ;;
+    esac
 }

@@ -50,6 +50,9 @@ Usage: elkeid-agent [OPTIONS]
   --spool-dir DIR        disk spool for center outages (default WORK_DIR/spool)
   --spool-max-bytes N    byte cap of the disk spool, 0 disables it (default 268435456)
   --foreground           also log to stderr
+  --empty-config-removes-all[=true|false]
+                         an empty plugin config list removes every plugin
+                         (Elkeid's behaviour; default off: keep them)
   --version              print the version and exit
   --help                 print this help and exit
 
@@ -216,6 +219,9 @@ pub struct Config {
     pub spool_dir: Option<PathBuf>,
     /// Disk spool byte cap; 0 disables the spool.
     pub spool_max_bytes: u64,
+    /// An empty plugin config list stops and deletes every plugin (Elkeid's
+    /// behaviour); off: an empty list keeps the running plugins.
+    pub empty_config_removes_all: bool,
 }
 
 impl Config {
@@ -261,6 +267,7 @@ impl Config {
             unacked_bytes: 16 * 1024 * 1024,
             spool_dir: None,
             spool_max_bytes: 256 * 1024 * 1024,
+            empty_config_removes_all: false,
         }
     }
 
@@ -302,6 +309,7 @@ struct FileConfig {
     unacked_bytes: Option<i64>,
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<i64>,
+    empty_config_removes_all: Option<bool>,
     #[serde(default)]
     tls: FileTls,
     #[serde(default)]
@@ -408,6 +416,9 @@ fn apply_file(cfg: &mut Config, f: FileConfig) -> Result<(), ConfigError> {
     if let Some(v) = f.spool_max_bytes {
         cfg.spool_max_bytes = range("spool_max_bytes", v, 0, MAX_SPOOL)? as u64;
     }
+    if let Some(v) = f.empty_config_removes_all {
+        cfg.empty_config_removes_all = v;
+    }
     if let Some(p) = f.tls.ca {
         cfg.ca = Some(Pem::File(p));
     }
@@ -465,6 +476,8 @@ where
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
             "--foreground" => flags.push((name, None)),
+            // A switch that also takes `=true|false` (to override the file).
+            "--empty-config-removes-all" => flags.push((name, inline)),
             "--config" | "--work-dir" | "--server" | "--public" | "--sd" | "--region" | "--idc"
             | "--ca" | "--cert" | "--key" | "--server-name" | "--workers" | "--log-level"
             | "--log-max-bytes" | "--ring-bytes" | "--heartbeat-secs" | "--failover-secs"
@@ -527,6 +540,18 @@ where
         let key = name.trim_start_matches('-');
         match name.as_str() {
             "--foreground" => cfg.foreground = true,
+            "--empty-config-removes-all" => {
+                cfg.empty_config_removes_all = match v.to_ascii_lowercase().as_str() {
+                    "" | "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!("{v:?} is not true or false"),
+                        ));
+                    }
+                }
+            }
             "--server" => private_flags.push(check_addr(key, &v)?),
             "--public" => public_flags.push(check_addr(key, &v)?),
             "--sd" => sd_flags.push(check_addr(key, &v)?),
@@ -699,6 +724,38 @@ private = ["10.1.0.1:6751"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("servers.x.private"), "{e}");
+    }
+
+    #[test]
+    fn empty_config_removes_all_from_file_and_flag() {
+        assert!(!run(&[], &[]).unwrap().empty_config_removes_all);
+        assert!(
+            run(&["--empty-config-removes-all"], &[])
+                .unwrap()
+                .empty_config_removes_all
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a.toml");
+        std::fs::write(&f, "empty_config_removes_all = true\n").unwrap();
+        let file = f.to_str().unwrap();
+        assert!(
+            run(&["--config", file], &[])
+                .unwrap()
+                .empty_config_removes_all
+        );
+        // The flag overrides the file either way.
+        assert!(
+            !run(&["--config", file, "--empty-config-removes-all=false"], &[])
+                .unwrap()
+                .empty_config_removes_all
+        );
+        let e = run(&["--empty-config-removes-all=maybe"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty-config-removes-all"), "{e}");
+        std::fs::write(&f, "empty_config_removes_all = \"yes\"\n").unwrap();
+        let e = run(&["--config", file], &[]).unwrap_err().to_string();
+        assert!(e.contains("empty_config_removes_all"), "{e}");
     }
 
     #[test]

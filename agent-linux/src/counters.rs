@@ -4,6 +4,10 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+// 32-bit MIPS has no native 64-bit atomics: portable-atomic (lock-based there).
+#[cfg(not(target_has_atomic = "64"))]
+use portable_atomic::AtomicU64;
+#[cfg(target_has_atomic = "64")]
 use std::sync::atomic::AtomicU64;
 
 /// Bytes received and sent on all RPCs since start (updated by the

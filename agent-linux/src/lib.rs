@@ -120,10 +120,10 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         ..Default::default()
     };
     let buffer = buffer::Buffer::new(ring);
-    let plugins = Rc::new(plugin::PluginManager::new(plugin::PluginContext::new(
-        cfg.work_dir.clone(),
-        buffer.clone(),
-    )));
+    let plugins = Rc::new(plugin::PluginManager::new(plugin::PluginContext {
+        empty_config_removes_all: cfg.empty_config_removes_all,
+        ..plugin::PluginContext::new(cfg.work_dir.clone(), buffer.clone())
+    }));
     let flush_deadline = cfg.flush_deadline;
     let agent = agent::Agent::new(cfg, id, buffer, plugins);
     let (tasks, mut transport) = agent.spawn(tls);

@@ -22,10 +22,6 @@
 //! | `--auth true\|false` | `ELKEID_CENTER_AUTH` | `http.auth` | `true` |
 //! | `--api-keys F` | `ELKEID_CENTER_API_KEYS` | `http.api_keys_file` | `DIR/api-keys.toml` |
 //! | `--sink S` (repeatable) | `ELKEID_CENTER_SINK` (comma list) | `sinks.enabled` | `["ndjson"]` |
-//! | `--ndjson-dir D` | `ELKEID_CENTER_NDJSON_DIR` | `sinks.ndjson.dir` | `DIR/records` |
-//! | `--ndjson-rotate-bytes N` | `ELKEID_CENTER_NDJSON_ROTATE_BYTES` | `sinks.ndjson.rotate_bytes` | `268435456` |
-//! | `--kafka-brokers B` (comma list) | `ELKEID_CENTER_KAFKA_BROKERS` | `sinks.kafka.brokers` | `["127.0.0.1:9092"]` |
-//! | `--kafka-topic T` | `ELKEID_CENTER_KAFKA_TOPIC` | `sinks.kafka.topic` | `hids_svr` |
 //! | `--manager local\|elkeid` | `ELKEID_CENTER_MANAGER` | `manager.backend` | `local` |
 //! | `--manager-addr A` (comma list) | `ELKEID_CENTER_MANAGER_ADDR` | `manager.addrs` | `[]` (required for `elkeid`) |
 //! | `--components-file F` | `ELKEID_CENTER_COMPONENTS_FILE` | `manager.components_file` | `DIR/components.json` |
@@ -35,16 +31,21 @@
 //! | `--command-send-timeout-ms N` | `ELKEID_CENTER_COMMAND_SEND_TIMEOUT_MS` | `commands.send_timeout_ms` | `2000` |
 //! | `--command-result-timeout-ms N` | `ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS` | `commands.result_timeout_ms` | `2000` |
 //!
-//! | `--kafka-compression C` | `ELKEID_CENTER_KAFKA_COMPRESSION` | `sinks.kafka.compression` | `none` (none, gzip, snappy, lz4, zstd) |
-//! | `--kafka-acks N` | `ELKEID_CENTER_KAFKA_ACKS` | `sinks.kafka.acks` | `-1` (only -1 = all is supported) |
-//! | `--kafka-linger-ms N` | `ELKEID_CENTER_KAFKA_LINGER_MS` | `sinks.kafka.linger_ms` | `100` |
-//! | `--kafka-max-batch-bytes N` | `ELKEID_CENTER_KAFKA_MAX_BATCH_BYTES` | `sinks.kafka.max_batch_bytes` | `1048576` |
-//! | `--kafka-queue N` | `ELKEID_CENTER_KAFKA_QUEUE` | `sinks.kafka.queue` (in-flight bytes) | `67108864` |
-//! | `--kafka-drop-when-full true\|false` | `ELKEID_CENTER_KAFKA_DROP_WHEN_FULL` | `sinks.kafka.drop_when_full` | `false` (back-pressure) |
-//! | `--kafka-sasl-username U` | `ELKEID_CENTER_KAFKA_SASL_USERNAME` | `sinks.kafka.sasl_username` | none (SASL off) |
-//! | `--kafka-sasl-password P` | `ELKEID_CENTER_KAFKA_SASL_PASSWORD` | `sinks.kafka.sasl_password` | none |
+//! Each sink's own settings (`--ndjson-*`, `--kafka-*`, `[sinks.ndjson]`,
+//! `[sinks.kafka]`) are defined, documented and checked in its folder:
+//! `sinks/ndjson/config.rs`, `sinks/kafka/config.rs`.
 //!
-//! The Kafka defaults are applied by the Kafka sink (`sinks/kafka/config.rs`).
+//! Flag and environment values are parsed by typed clap value parsers
+//! ([`parse`]); a value that does not parse is reported like any other bad
+//! value (naming the flag or variable and the key, exit code 64).
+//!
+//! | `--etcd URL` (comma list) | `ELKEID_CENTER_ETCD` | `cluster.etcd` | none (a single center) |
+//! | `--cluster-advertise HOST` | `ELKEID_CENTER_CLUSTER_ADVERTISE` | `cluster.advertise` | the IP of `--grpc-addr` (required when that is 0.0.0.0/::) |
+//! | `--cluster-id ID` | `ELKEID_CENTER_CLUSTER_ID` | `cluster.id` | `ADVERTISE:HTTP_PORT` |
+//! | `--cluster-prefix P` | `ELKEID_CENTER_CLUSTER_PREFIX` | `cluster.prefix` | `/elkeid-rs/` |
+//! | `--cluster-lease-ttl-secs N` | `ELKEID_CENTER_CLUSTER_LEASE_TTL_SECS` | `cluster.lease_ttl_secs` | `10` (2..=3600) |
+//!
+//! The cluster keys are resolved by `cluster/config.rs`.
 //!
 //! Unknown file keys are errors. Any bad key makes the binary exit with code
 //! 64 and a message naming the key.
@@ -61,6 +62,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
+
+pub use crate::sinks::{KafkaConfig, NdjsonConfig, SinkKind};
+use crate::sinks::{SinkArgs, SinksFile};
 
 /// A configuration error; `key` names the offending configuration key.
 #[derive(Debug, thiserror::Error)]
@@ -121,17 +125,17 @@ pub struct Cli {
     #[arg(long, env = "ELKEID_CENTER_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// gRPC listen address. [default: 0.0.0.0:6751]
-    #[arg(long, env = "ELKEID_CENTER_GRPC_ADDR")]
-    pub grpc_addr: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_GRPC_ADDR", value_parser = parse::socket_addr)]
+    pub grpc_addr: Option<SocketAddr>,
     /// Maximum concurrent agent streams. [default: 10000]
-    #[arg(long, env = "ELKEID_CENTER_CONN_LIMIT")]
-    pub conn_limit: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_CONN_LIMIT", value_parser = parse::number::<u64>)]
+    pub conn_limit: Option<u64>,
     /// Seconds to wait for the first packet of a stream. [default: 30]
-    #[arg(long, env = "ELKEID_CENTER_FIRST_PACKET_TIMEOUT_SECS")]
-    pub first_packet_timeout_secs: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_FIRST_PACKET_TIMEOUT_SECS", value_parser = parse::number::<u64>)]
+    pub first_packet_timeout_secs: Option<u64>,
     /// Maximum gRPC message size (decompressed), bytes. [default: 10485760]
-    #[arg(long, env = "ELKEID_CENTER_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_MAX_MESSAGE_BYTES", value_parser = parse::number::<u64>)]
+    pub max_message_bytes: Option<u64>,
     /// Serve gRPC without TLS (h2c). Only for tests / behind a proxy.
     #[arg(long, env = "ELKEID_CENTER_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
@@ -145,62 +149,26 @@ pub struct Cli {
     #[arg(long, env = "ELKEID_CENTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Maximum size of one uploaded file, bytes. [default: 536870912]
-    #[arg(long, env = "ELKEID_CENTER_UPLOAD_MAX_BYTES")]
-    pub upload_max_bytes: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_UPLOAD_MAX_BYTES", value_parser = parse::number::<u64>)]
+    pub upload_max_bytes: Option<u64>,
     /// HTTP API listen address. [default: 0.0.0.0:6752]
-    #[arg(long, env = "ELKEID_CENTER_HTTP_ADDR")]
-    pub http_addr: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_HTTP_ADDR", value_parser = parse::socket_addr)]
+    pub http_addr: Option<SocketAddr>,
     /// Serve the HTTP API over TLS with the server certificate (true|false). [default: false]
-    #[arg(long, env = "ELKEID_CENTER_HTTP_TLS")]
-    pub http_tls: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_HTTP_TLS", value_parser = parse::boolean)]
+    pub http_tls: Option<bool>,
     /// AK/SK authentication of the HTTP API (true|false). [default: true]
-    #[arg(long, env = "ELKEID_CENTER_AUTH")]
-    pub auth: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_AUTH", value_parser = parse::boolean)]
+    pub auth: Option<bool>,
     /// TOML file with the `[aksk]` table. [default: DATA_DIR/api-keys.toml]
     #[arg(long, env = "ELKEID_CENTER_API_KEYS")]
     pub api_keys: Option<PathBuf>,
-    /// Sinks to enable: ndjson, null, kafka (repeatable). [default: ndjson]
-    #[arg(long = "sink", env = "ELKEID_CENTER_SINK", value_delimiter = ',')]
-    pub sinks: Vec<String>,
-    /// Directory of the NDJSON sink. [default: DATA_DIR/records]
-    #[arg(long, env = "ELKEID_CENTER_NDJSON_DIR")]
-    pub ndjson_dir: Option<PathBuf>,
-    /// NDJSON file size at which a new file is started, bytes. [default: 268435456]
-    #[arg(long, env = "ELKEID_CENTER_NDJSON_ROTATE_BYTES")]
-    pub ndjson_rotate_bytes: Option<String>,
-    /// Kafka bootstrap brokers (comma list). [default: 127.0.0.1:9092]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_BROKERS", value_delimiter = ',')]
-    pub kafka_brokers: Vec<String>,
-    /// Kafka topic. [default: hids_svr]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_TOPIC")]
-    pub kafka_topic: Option<String>,
-    /// Kafka record-batch compression: none, gzip, snappy, lz4, zstd. [default: none]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_COMPRESSION")]
-    pub kafka_compression: Option<String>,
-    /// Kafka acks (-1 = all). [default: -1]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_ACKS", allow_hyphen_values = true)]
-    pub kafka_acks: Option<String>,
-    /// Kafka batch linger, ms. [default: 100]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_LINGER_MS")]
-    pub kafka_linger_ms: Option<String>,
-    /// Kafka batch size cap, bytes. [default: 1048576]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_MAX_BATCH_BYTES")]
-    pub kafka_max_batch_bytes: Option<String>,
-    /// Kafka in-flight budget, bytes. [default: 67108864]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_QUEUE")]
-    pub kafka_queue: Option<String>,
-    /// Drop (counted) instead of back-pressure when Kafka is slow (true|false). [default: false]
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_DROP_WHEN_FULL")]
-    pub kafka_drop_when_full: Option<String>,
-    /// Kafka SASL/PLAIN user (enables SASL).
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_SASL_USERNAME")]
-    pub kafka_sasl_username: Option<String>,
-    /// Kafka SASL/PLAIN password.
-    #[arg(long, env = "ELKEID_CENTER_KAFKA_SASL_PASSWORD")]
-    pub kafka_sasl_password: Option<String>,
+    /// Sink flags: `--sink` and each sink's own (`sinks/*/config.rs`).
+    #[command(flatten)]
+    pub sink_args: SinkArgs,
     /// Manager backend: local | elkeid. [default: local]
-    #[arg(long, env = "ELKEID_CENTER_MANAGER")]
-    pub manager: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_MANAGER", value_parser = ManagerKind::parse)]
+    pub manager: Option<ManagerKind>,
     /// Elkeid manager address(es), host:port (comma list).
     #[arg(long, env = "ELKEID_CENTER_MANAGER_ADDR", value_delimiter = ',')]
     pub manager_addr: Vec<String>,
@@ -208,20 +176,23 @@ pub struct Cli {
     #[arg(long, env = "ELKEID_CENTER_COMPONENTS_FILE")]
     pub components_file: Option<PathBuf>,
     /// Timeout of one manager HTTP call, ms. [default: 5000]
-    #[arg(long, env = "ELKEID_CENTER_MANAGER_TIMEOUT_MS")]
-    pub manager_timeout_ms: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_MANAGER_TIMEOUT_MS", value_parser = parse::number::<u64>)]
+    pub manager_timeout_ms: Option<u64>,
     /// Retries of a failed manager HTTP call. [default: 2]
-    #[arg(long, env = "ELKEID_CENTER_MANAGER_RETRIES")]
-    pub manager_retries: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_MANAGER_RETRIES", value_parser = parse::number::<u32>)]
+    pub manager_retries: Option<u32>,
     /// Per-connection command queue length. [default: 1024]
-    #[arg(long, env = "ELKEID_CENTER_COMMAND_QUEUE")]
-    pub command_queue: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_COMMAND_QUEUE", value_parser = parse::number::<u64>)]
+    pub command_queue: Option<u64>,
     /// Command enqueue timeout, ms. [default: 2000]
-    #[arg(long, env = "ELKEID_CENTER_COMMAND_SEND_TIMEOUT_MS")]
-    pub command_send_timeout_ms: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_COMMAND_SEND_TIMEOUT_MS", value_parser = parse::number::<u64>)]
+    pub command_send_timeout_ms: Option<u64>,
     /// Command send-result timeout, ms. [default: 2000]
-    #[arg(long, env = "ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS")]
-    pub command_result_timeout_ms: Option<String>,
+    #[arg(long, env = "ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS", value_parser = parse::number::<u64>)]
+    pub command_result_timeout_ms: Option<u64>,
+    /// Cluster flags (`--etcd`, `--cluster-*`; see `cluster/config.rs`).
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
     /// Where each value given on the command line came from (see
     /// [`Cli::parse_args`]); empty when built with clap's `parse`.
     #[arg(skip)]
@@ -247,17 +218,6 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("http.tls", "http_tls"),
     ("http.auth", "auth"),
     ("http.api_keys_file", "api_keys"),
-    ("sinks.enabled", "sinks"),
-    ("sinks.ndjson.rotate_bytes", "ndjson_rotate_bytes"),
-    ("sinks.kafka.brokers", "kafka_brokers"),
-    ("sinks.kafka.topic", "kafka_topic"),
-    ("sinks.kafka.compression", "kafka_compression"),
-    ("sinks.kafka.acks", "kafka_acks"),
-    ("sinks.kafka.linger_ms", "kafka_linger_ms"),
-    ("sinks.kafka.max_batch_bytes", "kafka_max_batch_bytes"),
-    ("sinks.kafka.queue", "kafka_queue"),
-    ("sinks.kafka.drop_when_full", "kafka_drop_when_full"),
-    ("sinks.kafka.sasl_username", "kafka_sasl_username"),
     ("manager.backend", "manager"),
     ("manager.addrs", "manager_addr"),
     ("manager.timeout_ms", "manager_timeout_ms"),
@@ -265,6 +225,8 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("commands.queue_len", "command_queue"),
     ("commands.send_timeout_ms", "command_send_timeout_ms"),
     ("commands.result_timeout_ms", "command_result_timeout_ms"),
+    ("cluster.lease_ttl_secs", "cluster_lease_ttl_secs"),
+    ("cluster.id", "cluster_id"),
 ];
 
 /// For each file key whose value came from a flag or an environment
@@ -300,17 +262,24 @@ impl Cli {
         Self::parse_args_from(std::env::args_os())
     }
 
-    /// [`Cli::parse_args`] over the given arguments.
+    /// [`Cli::parse_args`] over the given arguments. A value that fails its
+    /// typed parser becomes the same error as any other bad value
+    /// ([`ConfigError::InvalidArg`], naming the flag or variable and the key),
+    /// carried in a `clap::Error` so callers handle one error type.
     pub fn parse_args_from<I, T>(args: I) -> Result<Cli, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
         use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
         let cmd = Self::command();
-        let matches = cmd.clone().try_get_matches_from(args)?;
+        let matches = match cmd.clone().try_get_matches_from(&args) {
+            Ok(m) => m,
+            Err(e) => return Err(bad_value(&cmd, &args, e)),
+        };
         let mut cli = Self::from_arg_matches(&matches)?;
-        for &(key, id) in KEY_ARGS {
+        for &(key, id) in key_args() {
             let Some(arg) = cmd.get_arguments().find(|a| a.get_id().as_str() == id) else {
                 continue;
             };
@@ -329,6 +298,79 @@ impl Cli {
     }
 }
 
+/// Every file key -> argument id pair: the center's own and each sink's.
+fn key_args() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    KEY_ARGS
+        .iter()
+        .chain(crate::sinks::KEY_ARGS.iter().flat_map(|t| t.iter()))
+}
+
+/// Turns clap's error for a value its typed parser refused into our
+/// [`ConfigError::InvalidArg`] text (flag or variable, key, reason); other
+/// clap errors (unknown flag, `--help`) pass through.
+fn bad_value(cmd: &clap::Command, args: &[std::ffi::OsString], e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ValueValidation {
+        return e;
+    }
+    // "--conn-limit <CONN_LIMIT>"
+    let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let Some(long) = shown
+        .strip_prefix("--")
+        .and_then(|s| s.split([' ', '=']).next())
+    else {
+        return e;
+    };
+    let Some(arg) = cmd.get_arguments().find(|a| a.get_long() == Some(long)) else {
+        return e;
+    };
+    let id = arg.get_id().as_str();
+    let key = key_args().find(|(_, a)| *a == id).map_or("", |&(k, _)| k);
+    let flag = format!("--{long}");
+    let on_command_line = args.iter().skip(1).any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == flag || a.strip_prefix(&flag).is_some_and(|r| r.starts_with('=')))
+    });
+    let subject = match (on_command_line, arg.get_env()) {
+        (false, Some(env)) => format!("environment variable {}", env.to_string_lossy()),
+        _ => format!("flag {flag}"),
+    };
+    let msg = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+    let err = ConfigError::InvalidArg { subject, key, msg };
+    clap::Error::raw(ErrorKind::ValueValidation, format!("{err}\n"))
+}
+
+/// Typed clap value parsers; their messages become the `msg` of
+/// [`ConfigError::InvalidArg`].
+pub(crate) mod parse {
+    use std::net::SocketAddr;
+
+    /// A number of type `T` (`"`x` is not a valid number"` otherwise).
+    pub(crate) fn number<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+        s.trim()
+            .parse::<T>()
+            .map_err(|_| format!("`{s}` is not a valid number"))
+    }
+
+    /// `true|1|yes|on` or `false|0|no|off`, any case.
+    pub(crate) fn boolean(s: &str) -> Result<bool, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("`{s}` is not true or false")),
+        }
+    }
+
+    /// `ip:port`.
+    pub(crate) fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+        s.trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an ip:port socket address"))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -339,9 +381,11 @@ struct FileConfig {
     #[serde(default)]
     http: FileHttp,
     #[serde(default)]
-    sinks: FileSinks,
+    sinks: SinksFile,
     #[serde(default)]
     manager: FileManager,
+    #[serde(default)]
+    cluster: crate::cluster::config::FileCluster,
     #[serde(default)]
     commands: FileCommands,
 }
@@ -371,38 +415,6 @@ struct FileHttp {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileSinks {
-    enabled: Option<Vec<String>>,
-    #[serde(default)]
-    ndjson: FileNdjson,
-    #[serde(default)]
-    kafka: FileKafka,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileNdjson {
-    dir: Option<PathBuf>,
-    rotate_bytes: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileKafka {
-    brokers: Option<Vec<String>>,
-    topic: Option<String>,
-    compression: Option<String>,
-    acks: Option<i16>,
-    linger_ms: Option<u64>,
-    max_batch_bytes: Option<u64>,
-    queue: Option<u64>,
-    drop_when_full: Option<bool>,
-    sasl_username: Option<String>,
-    sasl_password: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileManager {
     backend: Option<String>,
     addrs: Option<Vec<String>>,
@@ -419,17 +431,6 @@ struct FileCommands {
     result_timeout_ms: Option<u64>,
 }
 
-/// Which sinks receive records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SinkKind {
-    /// Embedded NDJSON files.
-    Ndjson,
-    /// Discard (benchmarks).
-    Null,
-    /// Kafka `MQData` messages.
-    Kafka,
-}
-
 /// Manager backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManagerKind {
@@ -437,6 +438,19 @@ pub enum ManagerKind {
     Local,
     /// HTTP calls to an Elkeid manager.
     Elkeid,
+}
+
+impl ManagerKind {
+    /// `local` or `elkeid` (clap value parser, file values too).
+    pub(crate) fn parse(s: &str) -> Result<ManagerKind, String> {
+        match s.trim() {
+            "local" => Ok(ManagerKind::Local),
+            "elkeid" => Ok(ManagerKind::Elkeid),
+            other => Err(format!(
+                "unknown backend `{other}` (expected local or elkeid)"
+            )),
+        }
+    }
 }
 
 /// gRPC listener settings.
@@ -473,40 +487,6 @@ pub struct HttpConfig {
     pub auth: bool,
     /// `[aksk]` file.
     pub api_keys_file: PathBuf,
-}
-
-/// NDJSON sink settings.
-#[derive(Debug, Clone)]
-pub struct NdjsonConfig {
-    /// Output directory.
-    pub dir: PathBuf,
-    /// Rotation size.
-    pub rotate_bytes: u64,
-}
-
-/// Kafka sink settings (interpreted by `sinks::kafka`).
-#[derive(Debug, Clone, Default)]
-pub struct KafkaConfig {
-    /// Bootstrap brokers.
-    pub brokers: Vec<String>,
-    /// Topic.
-    pub topic: String,
-    /// Compression name as given (`none`, `snappy`, ...).
-    pub compression: Option<String>,
-    /// Required acks.
-    pub acks: Option<i16>,
-    /// Batch linger.
-    pub linger_ms: Option<u64>,
-    /// Batch size cap.
-    pub max_batch_bytes: Option<u64>,
-    /// In-flight queue length.
-    pub queue: Option<u64>,
-    /// Drop (counted) instead of back-pressure when the queue is full.
-    pub drop_when_full: Option<bool>,
-    /// SASL/PLAIN user.
-    pub sasl_username: Option<String>,
-    /// SASL/PLAIN password.
-    pub sasl_password: Option<String>,
 }
 
 /// Manager backend settings.
@@ -556,6 +536,8 @@ pub struct Config {
     pub manager: ManagerConfig,
     /// Command delivery.
     pub commands: CommandConfig,
+    /// Clustering through etcd; `None` = a single center.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Which keys were set by a flag or an environment variable (for
     /// errors found after loading, such as the sinks' own checks).
     pub origins: Origins,
@@ -586,20 +568,18 @@ fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn num<T>(
+/// Flag/env value, else file value (range-checked into `T`), else default.
+pub(crate) fn pick_num<T>(
     key: &'static str,
-    flag: Option<String>,
+    flag: Option<T>,
     file: Option<u64>,
     default: T,
 ) -> Result<T, ConfigError>
 where
-    T: std::str::FromStr + TryFrom<u64>,
+    T: TryFrom<u64>,
 {
-    if let Some(s) = flag {
-        return s.trim().parse::<T>().map_err(|_| ConfigError::Invalid {
-            key,
-            msg: format!("`{s}` is not a valid number"),
-        });
+    if let Some(v) = flag {
+        return Ok(v);
     }
     match file {
         Some(v) => T::try_from(v).map_err(|_| ConfigError::Invalid {
@@ -610,57 +590,21 @@ where
     }
 }
 
-fn addr(
+/// Flag/env address, else the file's (parsed), else the default.
+fn pick_addr(
     key: &'static str,
-    flag: Option<String>,
+    flag: Option<SocketAddr>,
     file: Option<String>,
     default: &str,
 ) -> Result<SocketAddr, ConfigError> {
-    let s = flag.or(file).unwrap_or_else(|| default.to_string());
-    s.trim().parse().map_err(|_| ConfigError::Invalid {
-        key,
-        msg: format!("`{s}` is not an ip:port socket address"),
-    })
-}
-
-fn opt_num(
-    key: &'static str,
-    flag: Option<String>,
-    file: Option<u64>,
-) -> Result<Option<u64>, ConfigError> {
-    match flag {
-        Some(s) => s
-            .trim()
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| ConfigError::Invalid {
-                key,
-                msg: format!("`{s}` is not a valid number"),
-            }),
-        None => Ok(file),
+    if let Some(a) = flag {
+        return Ok(a);
     }
+    parse::socket_addr(file.as_deref().unwrap_or(default))
+        .map_err(|msg| ConfigError::Invalid { key, msg })
 }
 
-fn boolean(
-    key: &'static str,
-    flag: Option<String>,
-    file: Option<bool>,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match flag {
-        Some(s) => match s.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => Ok(true),
-            "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err(ConfigError::Invalid {
-                key,
-                msg: format!("`{s}` is not true or false"),
-            }),
-        },
-        None => Ok(file.unwrap_or(default)),
-    }
-}
-
-fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
+pub(crate) fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
     if v == 0 {
         return Err(ConfigError::Invalid {
             key,
@@ -691,20 +635,20 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         .unwrap_or_else(|| "info".into());
 
     let g = file.grpc;
-    let conn_limit: u64 = num("grpc.conn_limit", cli.conn_limit, g.conn_limit, 10_000)?;
-    let first_packet: u64 = num(
+    let conn_limit: u64 = pick_num("grpc.conn_limit", cli.conn_limit, g.conn_limit, 10_000)?;
+    let first_packet: u64 = pick_num(
         "grpc.first_packet_timeout_secs",
         cli.first_packet_timeout_secs,
         g.first_packet_timeout_secs,
         30,
     )?;
-    let max_msg: u64 = num(
+    let max_msg: u64 = pick_num(
         "grpc.max_message_bytes",
         cli.max_message_bytes,
         g.max_message_bytes,
         10 * 1024 * 1024,
     )?;
-    let upload_max: u64 = num(
+    let upload_max: u64 = pick_num(
         "grpc.upload_max_bytes",
         cli.upload_max_bytes,
         g.upload_max_bytes,
@@ -716,7 +660,7 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         g.tls.unwrap_or(true)
     };
     let grpc = GrpcConfig {
-        addr: addr("grpc.addr", cli.grpc_addr, g.addr, "0.0.0.0:6751")?,
+        addr: pick_addr("grpc.addr", cli.grpc_addr, g.addr, "0.0.0.0:6751")?,
         conn_limit: usize::try_from(positive("grpc.conn_limit", conn_limit)?).map_err(|_| {
             ConfigError::Invalid {
                 key: "grpc.conn_limit",
@@ -742,101 +686,27 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
 
     let h = file.http;
     let http = HttpConfig {
-        addr: addr("http.addr", cli.http_addr, h.addr, "0.0.0.0:6752")?,
-        tls: boolean("http.tls", cli.http_tls, h.tls, false)?,
-        auth: boolean("http.auth", cli.auth, h.auth, true)?,
+        addr: pick_addr("http.addr", cli.http_addr, h.addr, "0.0.0.0:6752")?,
+        tls: cli.http_tls.or(h.tls).unwrap_or(false),
+        auth: cli.auth.or(h.auth).unwrap_or(true),
         api_keys_file: cli
             .api_keys
             .or(h.api_keys_file)
             .unwrap_or_else(|| data_dir.join("api-keys.toml")),
     };
 
-    let s = file.sinks;
-    let names = if cli.sinks.is_empty() {
-        s.enabled.unwrap_or_else(|| vec!["ndjson".into()])
-    } else {
-        cli.sinks
-    };
-    let mut sinks = Vec::new();
-    for n in names {
-        let kind = match n.trim() {
-            "ndjson" => SinkKind::Ndjson,
-            "null" => SinkKind::Null,
-            "kafka" => SinkKind::Kafka,
-            other => {
-                return Err(ConfigError::Invalid {
-                    key: "sinks.enabled",
-                    msg: format!("unknown sink `{other}` (expected ndjson, null or kafka)"),
-                });
-            }
-        };
-        if !sinks.contains(&kind) {
-            sinks.push(kind);
-        }
-    }
-    if sinks.is_empty() {
-        return Err(ConfigError::Invalid {
-            key: "sinks.enabled",
-            msg: "at least one sink is required".into(),
-        });
-    }
-    let rotate: u64 = num(
-        "sinks.ndjson.rotate_bytes",
-        cli.ndjson_rotate_bytes,
-        s.ndjson.rotate_bytes,
-        256 * 1024 * 1024,
-    )?;
-    let ndjson = NdjsonConfig {
-        dir: cli
-            .ndjson_dir
-            .or(s.ndjson.dir)
-            .unwrap_or_else(|| data_dir.join("records")),
-        rotate_bytes: positive("sinks.ndjson.rotate_bytes", rotate)?,
-    };
-    let k = s.kafka;
-    let kafka = KafkaConfig {
-        brokers: if cli.kafka_brokers.is_empty() {
-            k.brokers.unwrap_or_else(|| vec!["127.0.0.1:9092".into()])
-        } else {
-            cli.kafka_brokers
-        },
-        topic: cli
-            .kafka_topic
-            .or(k.topic)
-            .unwrap_or_else(|| "hids_svr".into()),
-        compression: cli.kafka_compression.or(k.compression),
-        acks: match cli.kafka_acks {
-            Some(s) => Some(s.trim().parse::<i16>().map_err(|_| ConfigError::Invalid {
-                key: "sinks.kafka.acks",
-                msg: format!("`{s}` is not a valid number"),
-            })?),
-            None => k.acks,
-        },
-        linger_ms: opt_num("sinks.kafka.linger_ms", cli.kafka_linger_ms, k.linger_ms)?,
-        max_batch_bytes: opt_num(
-            "sinks.kafka.max_batch_bytes",
-            cli.kafka_max_batch_bytes,
-            k.max_batch_bytes,
-        )?,
-        queue: opt_num("sinks.kafka.queue", cli.kafka_queue, k.queue)?,
-        drop_when_full: match cli.kafka_drop_when_full {
-            Some(s) => Some(boolean("sinks.kafka.drop_when_full", Some(s), None, false)?),
-            None => k.drop_when_full,
-        },
-        sasl_username: cli.kafka_sasl_username.or(k.sasl_username),
-        sasl_password: cli.kafka_sasl_password.or(k.sasl_password),
-    };
+    let sinks = crate::sinks::resolve(cli.sink_args, file.sinks, &data_dir)?;
 
     let m = file.manager;
-    let backend = match cli.manager.or(m.backend).as_deref().map(str::trim) {
-        None | Some("local") => ManagerKind::Local,
-        Some("elkeid") => ManagerKind::Elkeid,
-        Some(other) => {
-            return Err(ConfigError::Invalid {
+    let backend = match cli.manager {
+        Some(kind) => kind,
+        None => match m.backend.as_deref() {
+            None => ManagerKind::Local,
+            Some(name) => ManagerKind::parse(name).map_err(|msg| ConfigError::Invalid {
                 key: "manager.backend",
-                msg: format!("unknown backend `{other}` (expected local or elkeid)"),
-            });
-        }
+                msg,
+            })?,
+        },
     };
     let addrs = if cli.manager_addr.is_empty() {
         m.addrs.unwrap_or_default()
@@ -849,13 +719,13 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
             msg: "required for the elkeid backend".into(),
         });
     }
-    let timeout_ms: u64 = num(
+    let timeout_ms: u64 = pick_num(
         "manager.timeout_ms",
         cli.manager_timeout_ms,
         m.timeout_ms,
         5000,
     )?;
-    let retries: u32 = num("manager.retries", cli.manager_retries, m.retries, 2)?;
+    let retries: u32 = pick_num("manager.retries", cli.manager_retries, m.retries, 2)?;
     let manager = ManagerConfig {
         backend,
         addrs,
@@ -868,14 +738,14 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
     };
 
     let c = file.commands;
-    let queue_len: u64 = num("commands.queue_len", cli.command_queue, c.queue_len, 1024)?;
-    let send_ms: u64 = num(
+    let queue_len: u64 = pick_num("commands.queue_len", cli.command_queue, c.queue_len, 1024)?;
+    let send_ms: u64 = pick_num(
         "commands.send_timeout_ms",
         cli.command_send_timeout_ms,
         c.send_timeout_ms,
         2000,
     )?;
-    let result_ms: u64 = num(
+    let result_ms: u64 = pick_num(
         "commands.result_timeout_ms",
         cli.command_result_timeout_ms,
         c.result_timeout_ms,
@@ -899,11 +769,12 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         log_level,
         grpc,
         http,
-        sinks,
-        ndjson,
-        kafka,
+        sinks: sinks.enabled,
+        ndjson: sinks.ndjson,
+        kafka: sinks.kafka,
         manager,
         commands,
+        cluster: crate::cluster::config::resolve(cli.cluster, file.cluster)?,
         origins: Origins::default(),
     })
 }
@@ -923,7 +794,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_flag_the_file_key_or_nothing_else() {
-        let c = Cli::parse_args_from(["elkeid-center", "--conn-limit", "x"]).unwrap();
+        let c = Cli::parse_args_from(["elkeid-center", "--conn-limit", "0"]).unwrap();
         assert_eq!(
             c.origins.subject("grpc.conn_limit"),
             Some("flag --conn-limit")
@@ -931,9 +802,20 @@ mod tests {
         assert_eq!(c.origins.subject("grpc.addr"), None);
         let e = resolve(c, FileConfig::default()).unwrap_err().to_string();
         assert!(
-            e.contains("flag --conn-limit (key `grpc.conn_limit`)"),
+            e.contains("flag --conn-limit (key `grpc.conn_limit`): must be greater than 0"),
             "{e}"
         );
+        // A value the typed parser refuses: the same words, from clap.
+        for args in [
+            &["elkeid-center", "--conn-limit", "x"][..],
+            &["elkeid-center", "--conn-limit=x"][..],
+        ] {
+            let e = Cli::parse_args_from(args).unwrap_err().to_string();
+            assert!(
+                e.contains("flag --conn-limit (key `grpc.conn_limit`): `x` is not a valid number"),
+                "{e}"
+            );
+        }
         // A file value: the key alone.
         let file = parse_file(Path::new("c.toml"), "[grpc]\nconn_limit = 0\n").unwrap();
         let c = Cli::parse_args_from(["elkeid-center"]).unwrap();
@@ -942,9 +824,9 @@ mod tests {
             e,
             "config: bad value for key `grpc.conn_limit`: must be greater than 0"
         );
-        // Every table entry names a real argument.
+        // Every table entry (the center's and each sink's) names a real argument.
         let cmd = <Cli as clap::CommandFactory>::command();
-        for (key, id) in KEY_ARGS {
+        for (key, id) in key_args() {
             assert!(
                 cmd.get_arguments().any(|a| a.get_id().as_str() == *id),
                 "{key} -> {id}"
@@ -1030,14 +912,34 @@ mod tests {
         assert!(e.to_string().contains("conn_limt"), "{e}");
         let e = parse_file(Path::new("x.toml"), "[grpc]\nconn_limit = \"many\"\n").unwrap_err();
         assert!(e.to_string().contains("conn_limit"), "{e}");
-        let e = resolve(cli(&["--conn-limit", "x"]), FileConfig::default()).unwrap_err();
-        assert!(e.to_string().contains("grpc.conn_limit"), "{e}");
-        let e = resolve(cli(&["--sink", "s3"]), FileConfig::default()).unwrap_err();
-        assert!(e.to_string().contains("sinks.enabled"), "{e}");
+        let e = parse_file(Path::new("x.toml"), "[sinks.kafka]\nqueue_bytes = 1\n").unwrap_err();
+        assert!(e.to_string().contains("queue_bytes"), "{e}");
+        for (args, want) in [
+            (&["--conn-limit", "x"][..], "grpc.conn_limit"),
+            (&["--sink", "s3"][..], "sinks.enabled"),
+            (&["--auth", "maybe"][..], "http.auth"),
+            (&["--grpc-addr", "nowhere"][..], "grpc.addr"),
+            (&["--manager", "etcd"][..], "manager.backend"),
+            (
+                &["--ndjson-rotate-bytes", "1e3"][..],
+                "sinks.ndjson.rotate_bytes",
+            ),
+            (&["--kafka-queue", "lots"][..], "sinks.kafka.queue"),
+        ] {
+            let e =
+                Cli::parse_args_from(std::iter::once("elkeid-center").chain(args.iter().copied()))
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.contains(&format!("(key `{want}`)")), "{args:?}: {e}");
+        }
+        let file = parse_file(Path::new("x.toml"), "[sinks]\nenabled = [\"s3\"]\n").unwrap();
+        let e = resolve(cli(&[]), file).unwrap_err().to_string();
+        assert!(e.contains("key `sinks.enabled`") && e.contains("s3"), "{e}");
         let e = resolve(cli(&["--manager", "elkeid"]), FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("manager.addrs"), "{e}");
-        let e = resolve(cli(&["--auth", "maybe"]), FileConfig::default()).unwrap_err();
-        assert!(e.to_string().contains("http.auth"), "{e}");
+        // Unknown flags stay clap's own error.
+        let e = Cli::parse_args_from(["elkeid-center", "--no-such-flag"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 
     #[test]
@@ -1057,6 +959,8 @@ mod tests {
         assert!(!c.grpc.tls);
         let c = resolve(
             cli(&[
+                "--sink",
+                "kafka",
                 "--kafka-acks",
                 "-1",
                 "--kafka-queue",
@@ -1071,9 +975,9 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        assert_eq!(c.kafka.acks, Some(-1));
-        assert_eq!(c.kafka.queue, Some(1000));
-        assert_eq!(c.kafka.linger_ms, Some(7));
-        assert_eq!(c.kafka.drop_when_full, Some(true));
+        assert_eq!(c.kafka.acks, crate::sinks::kafka::KafkaAcks::All);
+        assert_eq!(c.kafka.queue_bytes, 1000);
+        assert_eq!(c.kafka.linger_ms, 7);
+        assert_eq!(c.kafka.overflow, crate::sinks::kafka::OverflowPolicy::Drop);
     }
 }

@@ -15,6 +15,9 @@
 //! - `sinks/`: the `Sink` trait and the `ndjson`, `null` (and `kafka`) sinks.
 //! - `ack.rs`: acknowledged delivery (durability tickets, de-duplication
 //!   state and its journal in `DIR/acks/`, counters).
+//! - `cluster/`: optional: several centers as one service through etcd
+//!   (`--etcd`): registration, agent locations, `/registry/detail`,
+//!   center-to-center forwarding.
 //!
 //! [`run`] wires them: prepare the data dir, bind both listeners, write
 //! `DIR/listen.json` (`{"grpc":"ip:port","http":"ip:port"}`, written to a
@@ -24,6 +27,7 @@
 #![deny(unsafe_code)]
 
 mod ack;
+mod cluster;
 pub mod config;
 pub mod ctl;
 mod grpc;
@@ -43,6 +47,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+pub use cluster::{ClusterArgs, ClusterConfig};
 pub use config::{Cli, Config, ConfigError};
 pub use pki::PkiError;
 pub use tls::TlsError;
@@ -225,7 +230,7 @@ pub async fn run(
         println!("elkeid-center: acknowledged delivery disabled (test mode)");
         None
     } else {
-        let recovered = if config.sinks.contains(&config::SinkKind::Ndjson) {
+        let recovered = if config.sinks.contains(&sinks::SinkKind::Ndjson) {
             sinks::ndjson::recover_ids(&config.ndjson.dir)
         } else {
             Vec::new()
@@ -236,14 +241,11 @@ pub async fn run(
                 .map_err(io_err(&acks_dir))?,
         ))
     };
-    let sinks = match sinks::build(&config, &metrics, &ack_metrics).await {
-        Ok(s) => s,
-        Err(sinks::BuildError::Config { key, msg }) => {
-            return Err(config.origins.invalid(key, msg).into());
-        }
-        Err(e) => return Err(RunError::Sink(e.to_string())),
-    };
-    if config.sinks.contains(&config::SinkKind::Ndjson) {
+    // Sink settings were checked when the config was loaded.
+    let sinks = sinks::build(&config, &metrics, &ack_metrics)
+        .await
+        .map_err(|e| RunError::Sink(e.to_string()))?;
+    if config.sinks.contains(&sinks::SinkKind::Ndjson) {
         println!(
             "elkeid-center: records go to {}",
             config.ndjson.dir.display()
@@ -298,6 +300,42 @@ pub async fn run(
             source,
         })?;
 
+    // Cluster membership (only with --etcd): signed with this center's first
+    // API key, TLS to peers with this center's own certificate and CA.
+    let cluster = match &config.cluster {
+        None => None,
+        Some(cc) => {
+            let key = aksk.iter().next().map(|(a, s)| (a.clone(), s.clone()));
+            let peer_tls = match &material {
+                Some((ca, cert, key)) => Some(
+                    cluster::peer::tls_config(ca, cert, key)
+                        .map_err(|msg| config.origins.invalid("grpc.cert_file", msg))?,
+                ),
+                None => None,
+            };
+            let c = cluster::Cluster::new(
+                cc.clone(),
+                cluster::Local {
+                    grpc: grpc_addr,
+                    http: http_addr,
+                    https: http_tls.is_some(),
+                    conn_limit: config.grpc.conn_limit,
+                },
+                pool.clone(),
+                key,
+                peer_tls,
+            )
+            .map_err(|msg| config.origins.invalid("cluster.advertise", msg))?;
+            println!(
+                "elkeid-center: cluster member {} via etcd {}",
+                c.id(),
+                cc.etcd.join(",")
+            );
+            tokio::spawn(c.clone().run());
+            Some(c)
+        }
+    };
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -325,6 +363,7 @@ pub async fn run(
         aksk: Arc::new(aksk),
         auth: config.http.auth,
         acks: ack_metrics,
+        cluster: cluster.clone(),
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {
@@ -352,6 +391,11 @@ pub async fn run(
     tracing::info!(
         "elkeid-center stopping: no new connections, closing agent streams, draining sinks"
     );
+    // Leave the cluster first: SD stops naming this center and its agent
+    // keys vanish, so agents told to reconnect land on the others.
+    if let Some(c) = &cluster {
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.leave()).await;
+    }
     let _ = stop_tx.send(true);
     pool.close_all();
     let mut result = Ok(());

@@ -17,6 +17,14 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::parse_args() {
         Ok(c) => c,
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            // A value refused by its typed parser: the same words as every
+            // other configuration error (see `Cli::parse_args_from`).
+            let text = e.to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprintln!("elkeid-center: {}", text.trim_end());
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             let _ = e.print();
             return match e.kind() {

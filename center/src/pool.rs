@@ -136,6 +136,8 @@ pub(crate) struct Pool {
     next_generation: AtomicU64,
     commands: CommandConfig,
     metrics: Arc<Metrics>,
+    /// Notified on every register/unregister (the cluster's etcd sync).
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 impl Pool {
@@ -151,6 +153,7 @@ impl Pool {
             next_generation: AtomicU64::new(1),
             commands,
             metrics,
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -193,6 +196,7 @@ impl Pool {
         });
         let old = self.map().insert(agent_id.to_string(), conn.clone());
         inc(&self.metrics.streams_total);
+        self.changed.notify_one();
         if let Some(old) = old {
             inc(&self.metrics.conflicts);
             tracing::warn!(
@@ -219,6 +223,7 @@ impl Pool {
             .is_some_and(|c| c.generation == conn.generation)
         {
             map.remove(&conn.agent_id);
+            self.changed.notify_one();
         }
     }
 
@@ -336,7 +341,7 @@ mod tests {
         let (new, _rx2) = p.register("a", "1.1.1.1:2".into(), p.try_slot().unwrap());
         assert!(old.conn.closed.is_cancelled());
         assert!(!new.conn.closed.is_cancelled());
-        assert_eq!(p.metrics.conflicts.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.conflicts.get(), 1);
         drop(old);
         assert_eq!(p.list(), vec!["a".to_string()]);
         assert_eq!(p.get("a").unwrap().addr, "1.1.1.1:2");

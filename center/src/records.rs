@@ -184,10 +184,7 @@ pub(crate) async fn handle_packet(
         return id.map(Pending::Refused);
     }
     inc(&m.recv_packets);
-    m.recv_records.fetch_add(
-        pkt.records.len() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    m.recv_records.inc_by(pkt.records.len() as u64);
     // A map, not a linear scan: a packet may hold ~10^6 distinct data_types.
     let mut counts: std::collections::BTreeMap<i32, u64> = std::collections::BTreeMap::new();
     for rec in &pkt.records {
@@ -347,7 +344,6 @@ mod tests {
 
     #[tokio::test]
     async fn packet_with_huge_metadata_times_records_is_refused() {
-        use std::sync::atomic::Ordering::Relaxed;
         let metrics = Arc::new(Metrics::default());
         let dir = tempfile::tempdir().unwrap();
         let manager = crate::manager::local::LocalManager::start(
@@ -384,8 +380,8 @@ mod tests {
             ..Default::default()
         };
         handle_packet(&ctx, &reg.conn, hostile).await;
-        assert_eq!(metrics.oversized_packets.load(Relaxed), 1);
-        assert_eq!(metrics.recv_packets.load(Relaxed), 0);
+        assert_eq!(metrics.oversized_packets.get(), 1);
+        assert_eq!(metrics.recv_packets.get(), 0);
         let normal = PackagedData {
             agent_id: "a".into(),
             hostname: "host-1".into(),
@@ -394,8 +390,8 @@ mod tests {
             ..Default::default()
         };
         handle_packet(&ctx, &reg.conn, normal).await;
-        assert_eq!(metrics.oversized_packets.load(Relaxed), 1);
-        assert_eq!(metrics.recv_packets.load(Relaxed), 1);
+        assert_eq!(metrics.oversized_packets.get(), 1);
+        assert_eq!(metrics.recv_packets.get(), 1);
 
         // A plugin heartbeat too large to keep per connection.
         let big = elkeid_proto::grpc::EncodedRecord {
@@ -417,7 +413,7 @@ mod tests {
         let plugins = reg.conn.plugins.lock().unwrap();
         assert!(!plugins.contains_key("p"));
         assert!(plugins.contains_key("q"));
-        assert_eq!(metrics.payload_errors.load(Relaxed), 1);
+        assert_eq!(metrics.payload_errors.get(), 1);
     }
 
     #[test]

@@ -172,9 +172,11 @@ fn remove_leftovers(dir: &Path) -> io::Result<()> {
 
 /// A per-process counter for unique temp names.
 fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    // usize: 32-bit MIPS has no 64-bit atomics, and 2^32 temp names per
+    // process is plenty (the name also carries the pid).
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed) as u64
 }
 
 #[cfg(test)]

@@ -146,12 +146,7 @@ mod tests {
             .await
             .unwrap_or(0);
         assert_eq!(n, 0, "refused connection is closed");
-        assert_eq!(
-            metrics
-                .tcp_refused
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(metrics.tcp_refused.get(), 1);
         drop(first);
         let _c3 = TcpStream::connect(addr).await.unwrap();
         let (next, _inc) = accept_more.await.unwrap();

@@ -2,14 +2,15 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use elkeid_proto::grpc::{Command, Task};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{AppState, bad_request, envelope, ok};
+use crate::cluster::http::{self as cluster, ClusterQuery};
 use crate::manager::Component;
 
 /// `GET /ping`: raw `{"message":"pong"}`.
@@ -23,7 +24,10 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
         .metrics
         .render(s.pool.count(), &s.sinks.lag(), &s.sinks.counters());
     s.acks.render(&mut body);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    if let Some(c) = &s.cluster {
+        c.render_metrics(&mut body);
+    }
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// `POST /command` (no slash): gin's 307 to `/command/`.
@@ -35,18 +39,36 @@ pub(crate) async fn command_redirect() -> Response {
         .into_response()
 }
 
-/// `GET /conn/list`.
-pub(crate) async fn conn_list(State(s): State<AppState>) -> impl IntoResponse {
-    ok(json!(s.pool.list()))
+/// `GET /conn/list` (`?cluster=true`: every center's, from etcd).
+pub(crate) async fn conn_list(
+    State(s): State<AppState>,
+    Query(q): Query<ClusterQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = cluster::list(&s, &q, &headers).await {
+        return r;
+    }
+    ok(json!(s.pool.list())).into_response()
 }
 
-/// `GET /conn/count`.
-pub(crate) async fn conn_count(State(s): State<AppState>) -> impl IntoResponse {
-    ok(json!(s.pool.count()))
+/// `GET /conn/count` (`?cluster=true`: every center's, from etcd).
+pub(crate) async fn conn_count(
+    State(s): State<AppState>,
+    Query(q): Query<ClusterQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = cluster::count(&s, &q, &headers).await {
+        return r;
+    }
+    ok(json!(s.pool.count())).into_response()
 }
 
-/// `GET /conn/stat`.
-pub(crate) async fn conn_stat(State(s): State<AppState>) -> impl IntoResponse {
+/// `GET /conn/stat` (`?cluster=true`: every center's).
+pub(crate) async fn conn_stat(
+    State(s): State<AppState>,
+    Query(q): Query<ClusterQuery>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
     let list: Vec<Value> = s
         .pool
         .conns()
@@ -68,7 +90,7 @@ pub(crate) async fn conn_stat(State(s): State<AppState>) -> impl IntoResponse {
             json!({ "agent_info": Value::Object(agent), "plugins_info": plugins })
         })
         .collect();
-    ok(Value::Array(list))
+    ok(Value::Array(cluster::stat(&s, &q, &headers, list).await))
 }
 
 #[derive(Deserialize)]
@@ -81,8 +103,12 @@ struct ResetReq {
     id_list: Vec<String>,
 }
 
-/// `POST /conn/reset`.
-pub(crate) async fn conn_reset(State(s): State<AppState>, body: Bytes) -> impl IntoResponse {
+/// `POST /conn/reset` (strict ids held by another center are reset there).
+pub(crate) async fn conn_reset(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
     let req: ResetReq = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(e.to_string()),
@@ -103,13 +129,20 @@ pub(crate) async fn conn_reset(State(s): State<AppState>, body: Bytes) -> impl I
             }
         }
         "strict" => {
+            let mut elsewhere = Vec::new();
             for id in req.id_list {
-                let r = if s.pool.close(&id) {
-                    "ok".to_string()
+                if s.pool.close(&id) {
+                    detail.insert(id, Value::String("ok".into()));
                 } else {
-                    "agentID not found".to_string()
-                };
-                detail.insert(id, Value::String(r));
+                    elsewhere.push(id);
+                }
+            }
+            let mut remote = cluster::reset_remote(&s, &headers, &elsewhere).await;
+            for id in elsewhere {
+                let r = remote
+                    .remove(&id)
+                    .unwrap_or_else(|| Value::String("agentID not found".into()));
+                detail.insert(id, r);
             }
         }
         _ => {
@@ -152,13 +185,21 @@ struct TaskBody {
 /// (configs first); a command with neither is refused, because an empty
 /// Command makes a Go agent remove every plugin. `agent_ctrl` is not sent
 /// (agents ignore it).
-pub(crate) async fn command(State(s): State<AppState>, body: Bytes) -> impl IntoResponse {
+pub(crate) async fn command(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let req: CommandReq = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return bad_request(e.to_string()),
+        Err(e) => return bad_request(e.to_string()).into_response(),
     };
     if req.agent_id.is_empty() {
-        return bad_request("agent_id is required".into());
+        return bad_request("agent_id is required".into()).into_response();
+    }
+    // An agent held by another center of the cluster: that center answers.
+    if let Some(r) = cluster::forward_command(&s, &headers, &req.agent_id, &body).await {
+        return r;
     }
     let mut cmds = Vec::new();
     if !req.command.config.is_empty() {
@@ -187,13 +228,14 @@ pub(crate) async fn command(State(s): State<AppState>, body: Bytes) -> impl Into
             2,
             "param invalid",
             Value::String("command has neither task nor config (an empty command makes the agent remove every plugin)".into()),
-        );
+        ).into_response();
     }
     for cmd in cmds {
         if let Err(e) = s.pool.post_command(&req.agent_id, cmd).await {
             tracing::info!(agent_id = %req.agent_id, error = %e, "command not delivered");
-            return envelope(3, "some errors occurred", Value::String(e.to_string()));
+            return envelope(3, "some errors occurred", Value::String(e.to_string()))
+                .into_response();
         }
     }
-    ok(Value::String(String::new()))
+    ok(Value::String(String::new())).into_response()
 }

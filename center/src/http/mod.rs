@@ -5,6 +5,8 @@
 //! - this file: router, shared state, the `{"code","msg","data"}` envelope.
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
+//! - `cluster/http.rs` (in the cluster module): `/registry/detail` and the
+//!   cluster side of `/command/` and `/conn/*` (only with `--etcd`).
 //! - `tls.rs`: optional HTTPS (`http.tls = true`; off by default), with the
 //!   server certificate of the gRPC side.
 //!
@@ -37,6 +39,8 @@ pub(crate) struct AppState {
     pub(crate) auth: bool,
     /// Acknowledgement counters (appended to `/metrics`).
     pub(crate) acks: Arc<crate::ack::AckMetrics>,
+    /// Cluster membership (`--etcd`); `None` for a single center.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -97,8 +101,15 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             auth::middleware,
         ));
-    Router::new()
-        .route("/ping", get(handlers::ping))
+    let mut root = Router::new();
+    if state.cluster.is_some() {
+        // Elkeid's service-discovery read, unauthenticated as Elkeid's SD.
+        root = root.route(
+            "/registry/detail",
+            get(crate::cluster::http::registry_detail),
+        );
+    }
+    root.route("/ping", get(handlers::ping))
         .route("/metrics", get(handlers::metrics))
         .route("/command", post(handlers::command_redirect))
         .merge(api)
@@ -137,6 +148,7 @@ mod tests {
             aksk: Arc::new(aksk),
             auth,
             acks: Default::default(),
+            cluster: None,
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();

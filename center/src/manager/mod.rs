@@ -139,8 +139,7 @@ impl TaskQueue {
                 let due = closed || ticked || pending.len() >= TASK_BATCH;
                 if due && !pending.is_empty() {
                     if let Err(error) = manager.push_task_results(&pending).await {
-                        m.task_results_failed
-                            .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        m.task_results_failed.inc_by(pending.len() as u64);
                         tracing::error!(%error, items = pending.len(), "task results not taken by the manager backend");
                     }
                     pending.clear();

@@ -2,10 +2,23 @@
 //!
 //! # Layout
 //! - this file: [`Sink`], [`PacketBatch`] (one received `PackagedData` with
-//!   its server time and tag), [`SinkError`], and the fan-out helper.
+//!   its server time and tag), [`SinkError`], the fan-out helper, and the
+//!   one list of sinks: [`SinkKind`] with the CLI/file/build wiring of each.
 //! - `ndjson/`: the embedded default, one JSON object per record per line.
 //! - `kafka/`: one `MQData` message per record.
 //! - `null/`: discards (benchmarks).
+//!
+//! Each sink folder owns its configuration: a `clap::Args` struct (its flags,
+//! flattened into [`crate::Cli`] through [`SinkArgs`]), a serde table
+//! (`[sinks.<name>]`, a field of [`SinksFile`]), the resolved config type and
+//! its `KEY_ARGS` (file key -> flag id, for error messages).
+//!
+//! # Adding a sink
+//! Add a folder `sinks/<name>/` with the `Sink` impl (and, if it has
+//! settings, a `config.rs` as in `ndjson/`), then register it in this file
+//! only: a [`SinkKind`] variant and its name, its args in [`SinkArgs`], its
+//! table in [`SinksFile`], its `KEY_ARGS` in [`KEY_ARGS`], and one arm in
+//! [`resolve`] and [`build`]. `config.rs` does not change.
 //!
 //! [`Sinks`] is the fan-out the stream handlers call; [`build`] picks the
 //! sinks named in the configuration.
@@ -16,13 +29,136 @@ use std::sync::Arc;
 
 use elkeid_proto::grpc::EncodedRecord;
 
+use std::path::Path;
+
+use serde::Deserialize;
+
 use crate::ack::{PacketId, Ticket};
-use crate::config::{Config, SinkKind};
+use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 
 pub(crate) mod kafka;
 pub(crate) mod ndjson;
 pub(crate) mod null;
+
+pub use kafka::{KafkaArgs, KafkaConfig};
+pub use ndjson::{NdjsonArgs, NdjsonConfig};
+
+/// Which sinks receive records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// Embedded NDJSON files.
+    Ndjson,
+    /// Discard (benchmarks).
+    Null,
+    /// Kafka `MQData` messages.
+    Kafka,
+}
+
+impl SinkKind {
+    /// Every sink with its name in `--sink` / `sinks.enabled`.
+    const ALL: &[(&str, SinkKind)] = &[
+        ("ndjson", SinkKind::Ndjson),
+        ("null", SinkKind::Null),
+        ("kafka", SinkKind::Kafka),
+    ];
+
+    /// Parses one sink name (clap value parser, file values too).
+    pub(crate) fn parse(s: &str) -> Result<SinkKind, String> {
+        let s = s.trim();
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|&(_, kind)| kind)
+            .ok_or_else(|| format!("unknown sink `{s}` (expected ndjson, null or kafka)"))
+    }
+}
+
+/// The sink flags, flattened into [`crate::Cli`]: `--sink` and each sink's
+/// own.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct SinkArgs {
+    /// Sinks to enable: ndjson, null, kafka (repeatable). [default: ndjson]
+    #[arg(long = "sink", env = "ELKEID_CENTER_SINK", value_delimiter = ',', value_parser = SinkKind::parse)]
+    pub sinks: Vec<SinkKind>,
+    /// NDJSON sink flags.
+    #[command(flatten)]
+    pub ndjson: NdjsonArgs,
+    /// Kafka sink flags.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// File key -> flag id of every sink setting.
+pub(crate) const KEY_ARGS: &[&[(&str, &str)]] = &[
+    &[("sinks.enabled", "sinks")],
+    ndjson::KEY_ARGS,
+    kafka::KEY_ARGS,
+];
+
+/// The `[sinks]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SinksFile {
+    enabled: Option<Vec<String>>,
+    #[serde(default)]
+    ndjson: ndjson::NdjsonFile,
+    #[serde(default)]
+    kafka: kafka::KafkaFile,
+}
+
+/// The resolved sink settings (spread into [`Config`]'s `sinks`, `ndjson`
+/// and `kafka` fields).
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    pub(crate) enabled: Vec<SinkKind>,
+    pub(crate) ndjson: NdjsonConfig,
+    pub(crate) kafka: KafkaConfig,
+}
+
+/// Flag > env > file > default for every sink; each enabled sink checks its
+/// own settings. Errors name the file key (the caller turns it into the
+/// flag or variable the value came from).
+pub(crate) fn resolve(
+    args: SinkArgs,
+    file: SinksFile,
+    data_dir: &Path,
+) -> Result<Resolved, ConfigError> {
+    let kinds = if args.sinks.is_empty() {
+        match file.enabled {
+            Some(names) => names
+                .iter()
+                .map(|n| SinkKind::parse(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|msg| ConfigError::Invalid {
+                    key: "sinks.enabled",
+                    msg,
+                })?,
+            None => vec![SinkKind::Ndjson],
+        }
+    } else {
+        args.sinks
+    };
+    let mut enabled = Vec::new();
+    for kind in kinds {
+        if !enabled.contains(&kind) {
+            enabled.push(kind);
+        }
+    }
+    if enabled.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "sinks.enabled",
+            msg: "at least one sink is required".into(),
+        });
+    }
+    let ndjson = NdjsonConfig::resolve(args.ndjson, file.ndjson, data_dir)?;
+    let kafka = KafkaConfig::resolve(args.kafka, file.kafka, enabled.contains(&SinkKind::Kafka))?;
+    Ok(Resolved {
+        enabled,
+        ndjson,
+        kafka,
+    })
+}
 
 /// A boxed future returned by [`Sink`] methods (the trait stays dyn-compatible).
 pub(crate) type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
@@ -109,22 +245,6 @@ pub(crate) trait Sink: Send + Sync + 'static {
     }
 }
 
-/// Why the sinks could not be built.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum BuildError {
-    /// A sink setting is invalid (names the key).
-    #[error("config: bad value for key `{key}`: {msg}")]
-    Config {
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        msg: String,
-    },
-    /// A sink failed to start.
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-}
-
 /// The configured sinks, called in order for every packet.
 #[derive(Clone)]
 pub(crate) struct Sinks {
@@ -189,7 +309,7 @@ pub(crate) async fn build(
     config: &Config,
     metrics: &Arc<Metrics>,
     acks: &Arc<crate::ack::AckMetrics>,
-) -> Result<Sinks, BuildError> {
+) -> Result<Sinks, SinkError> {
     let mut list: Vec<Arc<dyn Sink>> = Vec::new();
     for kind in &config.sinks {
         match kind {
@@ -198,15 +318,9 @@ pub(crate) async fn build(
                 acks.clone(),
             )?)),
             SinkKind::Null => list.push(Arc::new(null::NullSink::default())),
-            SinkKind::Kafka => {
-                let cfg = kafka::KafkaConfig::from_center(&config.kafka).map_err(|e| {
-                    BuildError::Config {
-                        key: e.key,
-                        msg: e.why.to_string(),
-                    }
-                })?;
-                list.push(Arc::new(kafka::KafkaSink::connect(cfg).await?));
-            }
+            SinkKind::Kafka => list.push(Arc::new(
+                kafka::KafkaSink::connect(config.kafka.clone()).await?,
+            )),
         }
     }
     Ok(Sinks::new(list, metrics.clone()))

@@ -1,6 +1,11 @@
 //! Process-wide counters of the snappy layers, for heartbeats and metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+// 32-bit MIPS has no native 64-bit atomics: portable-atomic (lock-based there).
+#[cfg(not(target_has_atomic = "64"))]
+use portable_atomic::AtomicU64;
+#[cfg(target_has_atomic = "64")]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 
 static COMPRESSED: AtomicU64 = AtomicU64::new(0);
 static DECOMPRESSED: AtomicU64 = AtomicU64::new(0);

@@ -3,8 +3,9 @@
 //! `hids_svr` topic reads our output unchanged.
 //!
 //! # Layout
-//! - `config.rs`: [`KafkaConfig`] (serde, the `[kafka]` table) and its
-//!   validation; `from_center` maps the center's `[sinks.kafka]` settings.
+//! - `config.rs`: all the sink's settings in one place: [`KafkaArgs`] (its
+//!   `--kafka-*` flags), the `[sinks.kafka]` file table, and the resolved
+//!   [`KafkaConfig`] with its checks.
 //! - `encode.rs`: `MQData` building and Sarama's FNV-1a key partitioner.
 //! - `sink.rs`: [`KafkaSink`]: the bounded in-flight queue (a byte budget),
 //!   the per-partition batching producer task, counters.
@@ -40,8 +41,8 @@
 //!
 //! # Wiring (center side)
 //! ```ignore
-//! let cfg = sinks::kafka::KafkaConfig::from_center(&config.kafka)?; // exit 64 on Err, names the key
-//! let sink: Arc<dyn Sink> = Arc::new(sinks::kafka::KafkaSink::connect(cfg).await?);
+//! // config.kafka was resolved and checked at load time (exit 64, names the key)
+//! let sink: Arc<dyn Sink> = Arc::new(sinks::kafka::KafkaSink::connect(config.kafka.clone()).await?);
 //! ```
 //! Export `KafkaSink::stats()` and `KafkaSink::in_flight_bytes()` as metrics.
 
@@ -51,5 +52,8 @@ mod sink;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use config::KafkaConfig;
+pub(crate) use config::{KEY_ARGS, KafkaFile};
+#[cfg(test)]
+pub(crate) use config::{KafkaAcks, OverflowPolicy};
+pub use config::{KafkaArgs, KafkaConfig};
 pub(crate) use sink::KafkaSink;

@@ -45,7 +45,10 @@ use elkeid_proto::grpc::EncodedRecord;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{PacketBatch, Sink, SinkError, SinkFuture};
-use crate::config::NdjsonConfig;
+mod config;
+
+pub(crate) use config::{KEY_ARGS, NdjsonFile};
+pub use config::{NdjsonArgs, NdjsonConfig};
 
 /// Batches queued to the writer thread before `send` waits.
 const QUEUE: usize = 256;
