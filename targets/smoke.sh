@@ -202,7 +202,7 @@ log "agent footprint with $(plugin_pids | wc -l) plugin processes (${runner:-nat
 # A task through the center's signed HTTP API (POST /command/) to the plugin
 # (fd 3 under emulation), echoed back as a 6000 record.
 python3 - "$TMP/center" "$arch" "$timeout_s" <<'PY'
-import glob, hashlib, hmac, json, os, sys, time, tomllib, urllib.request
+import glob, hashlib, hmac, json, os, ssl, sys, time, tomllib, urllib.request
 data_dir, arch, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
 listen = json.load(open(os.path.join(data_dir, "listen.json")))
 ak, sk = next(iter(tomllib.load(open(os.path.join(data_dir, "api-keys.toml"), "rb"))["aksk"].items()))
@@ -223,9 +223,11 @@ body = json.dumps({"agent_id": agent_id, "command": {"task": {
 ts = str(int(time.time()))
 to_sign = "\\n".join(["POST", "/command", "", ak, ts, hashlib.sha256(body).hexdigest()])
 sig = hmac.new(sk.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
-req = urllib.request.Request("http://%s/command/" % listen["http"], data=body, method="POST", headers={
+# The API is HTTPS by default, with the center's server certificate (SAN 127.0.0.1).
+tls = ssl.create_default_context(cafile=os.path.join(data_dir, "pki", "ca.crt"))
+req = urllib.request.Request("https://%s/command/" % listen["http"], data=body, method="POST", headers={
     "Content-Type": "application/json", "AccessKey": ak, "Signature": sig, "TimeStamp": ts})
-reply = json.load(urllib.request.urlopen(req, timeout=30))
+reply = json.load(urllib.request.urlopen(req, timeout=30, context=tls))
 if reply.get("code") != 0:
     sys.exit("smoke: POST /command/ refused: %s" % reply)
 deadline = time.monotonic() + timeout

@@ -130,6 +130,7 @@ impl Agent {
                 tokio::task::spawn_local(async move {
                     let ctx = crate::update::UpdateContext {
                         work_dir: a.cfg.work_dir.clone(),
+                        probe_args: Some(std::env::args_os().skip(1).collect()),
                     };
                     match crate::update::self_update(&ctx, &cfg).await {
                         Ok(crate::update::UpdateOutcome::Replaced(path)) => {

@@ -60,6 +60,21 @@ impl Buffer {
         })
     }
 
+    /// The largest plugin frame body this ring can ever hold: the frame cap
+    /// (at most `DEFAULT_MAX_FRAME_LEN`), so that a record which passed the
+    /// frame decoder always fits an emptied ring. Without this, a `ring_bytes`
+    /// below the 4 MiB frame cap let a large record pass the decoder, never
+    /// fit the ring, and restart its plugin at every re-send.
+    pub(crate) fn max_plugin_frame(&self) -> u32 {
+        let ring = self.ring.borrow().max_record_len(Class::Plugin);
+        // The stored EncodedRecord re-encodes the frame's Record header
+        // (tag, varint data_type, varint timestamp, length): at most 32 bytes more.
+        let fits = ring.saturating_sub(32);
+        u32::try_from(fits)
+            .unwrap_or(u32::MAX)
+            .min(elkeid_core::frame::DEFAULT_MAX_FRAME_LEN)
+    }
+
     /// Plugin record (`Class::Plugin`). `Err` means the ring is full for the
     /// plugin class: the caller waits on [`Buffer::space`] and retries
     /// (back-pressure: it stops reading the pipe meanwhile). Never drops.
@@ -170,6 +185,35 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_cap_follows_a_small_ring() {
+        let small = Buffer::new(RingConfig {
+            byte_budget: 2 * 1024 * 1024,
+            ..Default::default()
+        });
+        let cap = small.max_plugin_frame();
+        assert!(cap < elkeid_core::frame::DEFAULT_MAX_FRAME_LEN, "{cap}");
+        // A record of exactly the cap fits the empty ring; the default ring keeps 4 MiB.
+        let body = vec![b'x'; cap as usize - 16];
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&[0x08, 0x01, 0x10, 0x01, 0x1a]);
+        let mut n = body.len();
+        while n >= 0x80 {
+            rec.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        rec.push(n as u8);
+        rec.extend_from_slice(&body);
+        assert!(rec.len() <= cap as usize);
+        let r = elkeid_core::frame::decode_record(&rec).unwrap();
+        assert!(small.push_frame(&r).is_ok(), "a record under the cap fits");
+        let big = Buffer::new(RingConfig::default());
+        assert_eq!(
+            big.max_plugin_frame(),
+            elkeid_core::frame::DEFAULT_MAX_FRAME_LEN
+        );
+    }
     use elkeid_proto::grpc::PackagedData;
     use prost::Message;
 

@@ -53,6 +53,7 @@ Usage: elkeid-agent [OPTIONS]
   --empty-config-removes-all[=true|false]
                          an empty plugin config list removes every plugin
                          (Elkeid's behaviour; default off: keep them)
+  --probe-connect        dial the centers once (TLS + HTTP/2), exit 0 on success
   --version              print the version and exit
   --help                 print this help and exit
 
@@ -103,6 +104,10 @@ impl ConfigError {
 pub enum Command {
     /// Run the agent.
     Run(Box<Config>),
+    /// Dial the configured centers once (TLS + HTTP/2) and exit 0 on the
+    /// first success (`--probe-connect`; self-update runs a new binary so
+    /// before it replaces the running one).
+    Probe(Box<Config>),
     /// Print the version.
     Version,
     /// Print usage.
@@ -475,7 +480,7 @@ where
         match name.as_str() {
             "--version" | "-V" => return Ok(Command::Version),
             "--help" | "-h" => return Ok(Command::Help),
-            "--foreground" => flags.push((name, None)),
+            "--foreground" | "--probe-connect" => flags.push((name, None)),
             // A switch that also takes `=true|false` (to override the file).
             "--empty-config-removes-all" => flags.push((name, inline)),
             "--config" | "--work-dir" | "--server" | "--public" | "--sd" | "--region" | "--idc"
@@ -535,6 +540,7 @@ where
     let mut private_flags = Vec::new();
     let mut public_flags = Vec::new();
     let mut sd_flags = Vec::new();
+    let probe = flags.iter().any(|(n, _)| n == "--probe-connect");
     for (name, v) in flags {
         let v = v.unwrap_or_default();
         let key = name.trim_start_matches('-');
@@ -552,6 +558,7 @@ where
                     }
                 }
             }
+            "--probe-connect" => {}
             "--server" => private_flags.push(check_addr(key, &v)?),
             "--public" => public_flags.push(check_addr(key, &v)?),
             "--sd" => sd_flags.push(check_addr(key, &v)?),
@@ -593,6 +600,9 @@ where
     }
     if cfg.work_dir.as_os_str().is_empty() {
         return Err(ConfigError::invalid("work_dir", "empty path"));
+    }
+    if probe {
+        return Ok(Command::Probe(Box::new(cfg)));
     }
     Ok(Command::Run(Box::new(cfg)))
 }

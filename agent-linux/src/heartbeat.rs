@@ -1,5 +1,6 @@
 //! Heartbeats: 1000 (agent, every field of §3.8 plus our own counters
-//! `drop_cnt`, `ring_len`, `ring_bytes`, `reconnects`, and `hb_seq`, a sequence
+//! `drop_cnt`, `log_drop_cnt` (1010 error-log records dropped because their
+//! pending queue was full), `ring_len`, `ring_bytes`, `reconnects`, and `hb_seq`, a sequence
 //! number of 1000 records per process) and 1001 (one per
 //! running plugin, §3.9), at start, after every (re)connect (1000 only) and
 //! every `heartbeat_interval`.
@@ -239,6 +240,7 @@ pub(crate) async fn agent_payload(agent: &Heartbeat) -> PayloadBuf {
         .field_f64("cpu_usage", cpu_usage)
         .field_f64("mem_usage", mem_usage)
         .field_u64("drop_cnt", agent.buffer.drops())
+        .field_u64("log_drop_cnt", crate::log::pending_drops())
         .field_u64("ring_len", agent.buffer.len() as u64)
         .field_u64("ring_bytes", agent.buffer.bytes() as u64)
         .field_u64("reconnects", agent.counters.reconnects.get())

@@ -49,6 +49,33 @@ mod tasks;
 mod transport;
 mod update;
 
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// Runs the plugin archive extractor on `archive` bytes (a `tar.gz`, or
+    /// a bare tar when `gzip` is false) into the empty directory `dest`,
+    /// with caps of 1 MiB and 64 entries; `Ok` = files written.
+    pub fn extract_plugin_archive(
+        archive: &[u8],
+        gzip: bool,
+        dest: &Path,
+    ) -> Result<usize, String> {
+        use crate::plugin::extract::{Limits, extract_tar};
+        let limits = Limits {
+            max_total: 1024 * 1024,
+            max_entries: 64,
+        };
+        let r = if gzip {
+            extract_tar(flate2::read::GzDecoder::new(archive), dest, limits)
+        } else {
+            extract_tar(archive, dest, limits)
+        };
+        r.map_err(|e| e.to_string())
+    }
+}
+
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -103,6 +130,31 @@ pub fn preflight(cfg: &config::Config) -> Result<Preflight, RunError> {
     Ok(Preflight { tls })
 }
 
+/// `--probe-connect`: dials the configured private then public centers,
+/// each once within `dial_timeout`; returns the address that answered.
+/// Must run inside a `LocalSet`.
+pub async fn probe(cfg: &config::Config, pre: &Preflight) -> Result<String, String> {
+    let name = transport::tls::server_name(&cfg.server_name).map_err(|e| e.to_string())?;
+    let servers = cfg.region_servers();
+    let mut last = String::from("no center address configured");
+    for addr in servers.private.iter().chain(servers.public.iter()) {
+        match transport::channel::Channel::connect(
+            addr,
+            pre.tls.clone(),
+            name.clone(),
+            std::sync::Arc::default(),
+            cfg.dial_timeout,
+            cfg.failover,
+        )
+        .await
+        {
+            Ok(_) => return Ok(addr.clone()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
 /// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
 /// plugins, flushes the ring to the center (bounded by `flush_deadline`)
 /// and returns why it stopped. Must run inside a `LocalSet`.
@@ -120,10 +172,21 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         ..Default::default()
     };
     let buffer = buffer::Buffer::new(ring);
-    let plugins = Rc::new(plugin::PluginManager::new(plugin::PluginContext {
+    let mut plugin_ctx = plugin::PluginContext {
         empty_config_removes_all: cfg.empty_config_removes_all,
         ..plugin::PluginContext::new(cfg.work_dir.clone(), buffer.clone())
-    }));
+    };
+    // A frame that passes the decoder must fit the ring (a small ring_bytes,
+    // e.g. OpenWrt's 2 MiB, would otherwise restart a plugin at every large record).
+    plugin_ctx.max_frame_len = buffer.max_plugin_frame();
+    if plugin_ctx.max_frame_len < elkeid_core::frame::DEFAULT_MAX_FRAME_LEN {
+        tracing::info!(
+            ring_bytes = cfg.ring_bytes,
+            max_frame_len = plugin_ctx.max_frame_len,
+            "plugin frame cap sized to the ring"
+        );
+    }
+    let plugins = Rc::new(plugin::PluginManager::new(plugin_ctx));
     let flush_deadline = cfg.flush_deadline;
     let agent = agent::Agent::new(cfg, id, buffer, plugins);
     let (tasks, mut transport) = agent.spawn(tls);

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Run(c) => *c,
+        Command::Probe(c) => return probe(&c),
     };
     // Validate everything before the first directory or log file exists.
     let pre = match elkeid_agent::preflight(&cfg) {
@@ -88,6 +89,38 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "cannot start");
             eprintln!("elkeid-agent: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `--probe-connect`: exit 0 when a center answers TLS + HTTP/2, 1 otherwise.
+fn probe(cfg: &config::Config) -> ExitCode {
+    let pre = match elkeid_agent::preflight(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("elkeid-agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("elkeid-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    match local.block_on(&rt, elkeid_agent::probe(cfg, &pre)) {
+        Ok(addr) => {
+            println!("elkeid-agent: connected to {addr}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("elkeid-agent: probe failed: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -8,12 +8,15 @@
 //!    installed with `dpkg -i` / `rpm -Uvh`; the caller then restarts.
 //! 3. Otherwise (default): the file is written next to the running
 //!    executable (or in `<work-dir>/tmp/` when that is on the same file
-//!    system), made 0755 and smoke-tested with `--version` (catches a wrong
-//!    architecture or a truncated file before anything is replaced); then
-//!    the current executable is renamed to `<exe>.old` and the new file
-//!    renamed over `<exe>`. If the second rename fails the old binary is
-//!    put back. The caller shuts down gracefully and re-execs `<exe>`; the
-//!    new process calls [`cleanup_old_binary`] once it has connected, or
+//!    system), fsynced, made 0755 and smoke-tested with `--version`
+//!    (catches a wrong architecture or a truncated file before anything is
+//!    replaced); then swapped in crash-safely ([`swap`]): the current
+//!    executable is hard-linked to `<exe>.old` (it stays at `<exe>` too),
+//!    the new file is renamed over `<exe>` (one atomic step) and the
+//!    directory is fsynced. At every instant — a kill or power loss at any
+//!    step — `<exe>` is a complete binary, old or new. The caller shuts
+//!    down gracefully and re-execs `<exe>`; the new process calls
+//!    [`cleanup_old_binary`] once it has connected, or
 //!    [`restore_old_binary`] if it cannot start.
 //!
 //! If the running executable already hashes to the config's `sha256` there
@@ -31,6 +34,8 @@ use crate::fetch::{DownloadConfig, DownloadError, Downloader, sha256_file};
 
 /// How long the `--version` smoke test of a new binary may take.
 const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the `--probe-connect` run of a new binary may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `dpkg -i` / `rpm -Uvh` may take.
 const PACKAGE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -39,6 +44,10 @@ const PACKAGE_TIMEOUT: Duration = Duration::from_secs(300);
 pub(crate) struct UpdateContext {
     /// `<work-dir>`.
     pub(crate) work_dir: PathBuf,
+    /// The running agent's arguments: the new binary must connect to a
+    /// center with them (`--probe-connect`) before it replaces this one.
+    /// `None`: no probe (unit tests).
+    pub(crate) probe_args: Option<Vec<std::ffi::OsString>>,
 }
 
 /// Result of a successful update.
@@ -70,6 +79,10 @@ pub(crate) enum UpdateError {
     /// The new binary failed its `--version` smoke test.
     #[error("new binary failed its smoke test: {0}")]
     Smoke(String),
+    /// The new binary did not connect to a center (`--probe-connect`): the
+    /// running version stays.
+    #[error("new binary did not connect to a center; kept the running version: {0}")]
+    Probe(String),
     /// `dpkg -i` / `rpm -Uvh` failed.
     #[error("{tool} failed: {detail}")]
     Package {
@@ -183,6 +196,9 @@ pub(crate) async fn self_update_at(
     let r = async {
         std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))?;
         smoke_test(&new).await?;
+        if let Some(args) = &ctx.probe_args {
+            probe_test(&new, args).await?;
+        }
         swap(exe, &new)
     }
     .await;
@@ -194,16 +210,48 @@ pub(crate) async fn self_update_at(
     Ok(UpdateOutcome::Replaced(exe.to_path_buf()))
 }
 
-/// `<exe>` -> `<exe>.old`, `new` -> `<exe>`; restores on failure.
-fn swap(exe: &Path, new: &Path) -> Result<(), UpdateError> {
+/// fsync of a directory (makes renames and links in it durable).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Crash-safe replacement of `exe` by `new` (same file system), keeping
+/// the current binary as `<exe>.old`:
+/// 1. fsync `new` (its bytes are on disk before any name points at it);
+/// 2. hard-link `exe` to `<exe>.old` (a stale `.old` is removed first);
+/// 3. rename `new` over `exe` — atomic: `exe` is the old or the new file;
+/// 4. fsync the directory.
+///
+/// A failure before step 3 leaves `exe` untouched (and removes the link).
+pub(crate) fn swap(exe: &Path, new: &Path) -> Result<(), UpdateError> {
+    swap_steps(exe, new, &mut |_| Ok(()))
+}
+
+/// [`swap`] with a hook called before each step (1..=4), for tests that
+/// stop the swap at every step.
+fn swap_steps(
+    exe: &Path,
+    new: &Path,
+    before: &mut dyn FnMut(u8) -> io::Result<()>,
+) -> Result<(), UpdateError> {
+    let dir = exe.parent().unwrap_or(Path::new("/"));
     let old = old_path(exe);
-    std::fs::rename(exe, &old)?;
-    if let Err(e) = std::fs::rename(new, exe) {
-        if let Err(e2) = std::fs::rename(&old, exe) {
-            tracing::error!(exe = %exe.display(), error = %e2, "cannot restore the old agent binary");
-        }
+    before(1)?;
+    std::fs::File::open(new)?.sync_all()?;
+    before(2)?;
+    match std::fs::remove_file(&old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::hard_link(exe, &old)?;
+    let r = before(3).and_then(|()| std::fs::rename(new, exe));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&old);
         return Err(e.into());
     }
+    before(4)?;
+    sync_dir(dir)?;
     Ok(())
 }
 
@@ -225,6 +273,36 @@ async fn smoke_test(new: &Path) -> Result<(), UpdateError> {
             "--version exited with {}",
             out.status
         ))),
+    }
+}
+
+/// Runs `<new> --probe-connect <the running agent's arguments>`: the new
+/// binary must reach a center (TLS + HTTP/2) in time. Exit code 64 (a
+/// binary without the flag, e.g. an older version) is accepted with a
+/// warning; any other failure refuses the update.
+async fn probe_test(new: &Path, args: &[std::ffi::OsString]) -> Result<(), UpdateError> {
+    let child = tokio::process::Command::new(new)
+        .arg("--probe-connect")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| UpdateError::Probe(e.to_string()))?;
+    match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
+        Err(_) => Err(UpdateError::Probe("--probe-connect timed out".into())),
+        Ok(Err(e)) => Err(UpdateError::Probe(e.to_string())),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) if out.status.code() == Some(64) => {
+            tracing::warn!("new binary does not support --probe-connect; installing unprobed");
+            Ok(())
+        }
+        Ok(Ok(out)) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String = err.trim().chars().take(200).collect();
+            Err(UpdateError::Probe(format!("exit {}: {tail}", out.status)))
+        }
     }
 }
 
@@ -280,6 +358,9 @@ pub(crate) fn restore_old_binary(exe: &Path) -> io::Result<bool> {
         return Ok(false);
     }
     std::fs::rename(&old, exe)?;
+    if let Some(dir) = exe.parent() {
+        sync_dir(dir)?;
+    }
     Ok(true)
 }
 
@@ -329,6 +410,7 @@ mod tests {
         let (d, exe, sha, addr) = setup(&body);
         let ctx = UpdateContext {
             work_dir: d.path().join("wd"),
+            probe_args: None,
         };
         let c = cfg("", &sha.to_uppercase(), format!("http://{addr}/ok"));
         let out = self_update_at(&ctx, &c, &exe, DownloadConfig::default())
@@ -355,12 +437,50 @@ mod tests {
         assert!(!restore_old_binary(&exe).unwrap());
     }
 
+    /// Stopping the swap before each of its steps (as a kill would) always
+    /// leaves a complete binary at `exe`: the old one before the rename,
+    /// the new one after it; never a missing or partial file.
+    #[test]
+    fn swap_leaves_a_whole_binary_at_every_step() {
+        for stop_at in 1..=5u8 {
+            let d = tempfile::tempdir().unwrap();
+            let exe = d.path().join("elkeid-agent");
+            let new = d.path().join(".elkeid-agent.new");
+            std::fs::write(&exe, b"OLD BINARY").unwrap();
+            std::fs::write(&new, b"NEW BINARY").unwrap();
+            let mut seen = Vec::new();
+            let r = swap_steps(&exe, &new, &mut |step| {
+                // At every step boundary exe is whole.
+                seen.push(std::fs::read(&exe).unwrap());
+                if step == stop_at {
+                    Err(io::Error::other("killed"))
+                } else {
+                    Ok(())
+                }
+            });
+            assert_eq!(r.is_ok(), stop_at == 5, "stop at {stop_at}");
+            for b in &seen {
+                assert!(b == b"OLD BINARY" || b == b"NEW BINARY", "{b:?}");
+            }
+            let now = std::fs::read(&exe).unwrap();
+            if stop_at <= 3 {
+                assert_eq!(now, b"OLD BINARY", "stop at {stop_at}");
+                assert_eq!(std::fs::read(&new).unwrap(), b"NEW BINARY");
+            } else {
+                assert_eq!(now, b"NEW BINARY", "stop at {stop_at}");
+                assert_eq!(std::fs::read(old_path(&exe)).unwrap(), b"OLD BINARY");
+                assert!(!new.exists());
+            }
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn refuses_bad_hash_broken_binary_and_tar_gz() {
         let body = b"#!/bin/sh\nexit 3\n".to_vec();
         let (d, exe, sha, addr) = setup(&body);
         let ctx = UpdateContext {
             work_dir: d.path().join("wd"),
+            probe_args: None,
         };
         let orig = std::fs::read(&exe).unwrap();
         let bad = cfg("", &"0".repeat(64), format!("http://{addr}/ok"));

@@ -16,9 +16,12 @@
 //! | `--tls-ca F` | `ELKEID_CENTER_TLS_CA` | `grpc.ca_file` | `DIR/pki/ca.crt` |
 //! | `--tls-cert F` | `ELKEID_CENTER_TLS_CERT` | `grpc.cert_file` | `DIR/pki/server.crt` |
 //! | `--tls-key F` | `ELKEID_CENTER_TLS_KEY` | `grpc.key_file` | `DIR/pki/server.key` |
+//! | `--upload-quota-bytes N` | `ELKEID_CENTER_UPLOAD_QUOTA_BYTES` | `grpc.upload_quota_bytes` | `4294967296` (all stored + in-flight uploads) |
+//! | `--upload-idle-secs N` | `ELKEID_CENTER_UPLOAD_IDLE_SECS` | `grpc.upload_idle_secs` | `60` (longest pause between chunks) |
+//! | `--agent-identity shared\|cert` | `ELKEID_CENTER_AGENT_IDENTITY` | `grpc.agent_identity` | `shared` (Elkeid's shared client certificate; `cert`: the client certificate's CN is the agent id) |
 //! | `--upload-max-bytes N` | `ELKEID_CENTER_UPLOAD_MAX_BYTES` | `grpc.upload_max_bytes` | `536870912` |
 //! | `--http-addr A` | `ELKEID_CENTER_HTTP_ADDR` | `http.addr` | `0.0.0.0:6752` |
-//! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `false` (HTTPS with the gRPC server certificate) |
+//! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `true` (HTTPS with the gRPC server certificate; `false` = plain HTTP, logged as a warning) |
 //! | `--auth true\|false` | `ELKEID_CENTER_AUTH` | `http.auth` | `true` |
 //! | `--api-keys F` | `ELKEID_CENTER_API_KEYS` | `http.api_keys_file` | `DIR/api-keys.toml` |
 //! | `--sink S` (repeatable) | `ELKEID_CENTER_SINK` (comma list) | `sinks.enabled` | `["ndjson"]` |
@@ -148,13 +151,22 @@ pub struct Cli {
     /// Server private key (PEM). [default: DATA_DIR/pki/server.key]
     #[arg(long, env = "ELKEID_CENTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Total bytes of stored plus in-flight uploads. [default: 4294967296]
+    #[arg(long, env = "ELKEID_CENTER_UPLOAD_QUOTA_BYTES", value_parser = parse::number::<u64>)]
+    pub upload_quota_bytes: Option<u64>,
+    /// Seconds an upload stream may stay silent between chunks. [default: 60]
+    #[arg(long, env = "ELKEID_CENTER_UPLOAD_IDLE_SECS", value_parser = parse::number::<u64>)]
+    pub upload_idle_secs: Option<u64>,
+    /// Agent identity: shared (trust the packet's agent_id) | cert (client certificate CN). [default: shared]
+    #[arg(long, env = "ELKEID_CENTER_AGENT_IDENTITY", value_parser = parse_identity)]
+    pub agent_identity: Option<crate::identity::AgentIdentity>,
     /// Maximum size of one uploaded file, bytes. [default: 536870912]
     #[arg(long, env = "ELKEID_CENTER_UPLOAD_MAX_BYTES", value_parser = parse::number::<u64>)]
     pub upload_max_bytes: Option<u64>,
     /// HTTP API listen address. [default: 0.0.0.0:6752]
     #[arg(long, env = "ELKEID_CENTER_HTTP_ADDR", value_parser = parse::socket_addr)]
     pub http_addr: Option<SocketAddr>,
-    /// Serve the HTTP API over TLS with the server certificate (true|false). [default: false]
+    /// Serve the HTTP API over TLS with the server certificate (true|false). [default: true]
     #[arg(long, env = "ELKEID_CENTER_HTTP_TLS", value_parser = parse::boolean)]
     pub http_tls: Option<bool>,
     /// AK/SK authentication of the HTTP API (true|false). [default: true]
@@ -211,6 +223,9 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ),
     ("grpc.max_message_bytes", "max_message_bytes"),
     ("grpc.upload_max_bytes", "upload_max_bytes"),
+    ("grpc.upload_quota_bytes", "upload_quota_bytes"),
+    ("grpc.upload_idle_secs", "upload_idle_secs"),
+    ("grpc.agent_identity", "agent_identity"),
     ("grpc.ca_file", "tls_ca"),
     ("grpc.cert_file", "tls_cert"),
     ("grpc.key_file", "tls_key"),
@@ -402,6 +417,9 @@ struct FileGrpc {
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     upload_max_bytes: Option<u64>,
+    upload_quota_bytes: Option<u64>,
+    upload_idle_secs: Option<u64>,
+    agent_identity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -474,6 +492,12 @@ pub struct GrpcConfig {
     pub key_file: Option<PathBuf>,
     /// Upload size cap.
     pub upload_max_bytes: u64,
+    /// Stored + in-flight upload bytes cap.
+    pub upload_quota_bytes: u64,
+    /// Longest silence within an upload stream.
+    pub upload_idle: Duration,
+    /// Who an agent is: its packets' `agent_id`, or its certificate's CN.
+    pub agent_identity: crate::identity::AgentIdentity,
 }
 
 /// HTTP API settings.
@@ -604,6 +628,11 @@ fn pick_addr(
         .map_err(|msg| ConfigError::Invalid { key, msg })
 }
 
+/// clap value parser of `--agent-identity`.
+fn parse_identity(s: &str) -> Result<crate::identity::AgentIdentity, String> {
+    s.parse()
+}
+
 pub(crate) fn positive(key: &'static str, v: u64) -> Result<u64, ConfigError> {
     if v == 0 {
         return Err(ConfigError::Invalid {
@@ -682,12 +711,39 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         cert_file: cli.tls_cert.or(g.cert_file),
         key_file: cli.tls_key.or(g.key_file),
         upload_max_bytes: positive("grpc.upload_max_bytes", upload_max)?,
+        upload_quota_bytes: positive(
+            "grpc.upload_quota_bytes",
+            pick_num(
+                "grpc.upload_quota_bytes",
+                cli.upload_quota_bytes,
+                g.upload_quota_bytes,
+                4 * 1024 * 1024 * 1024,
+            )?,
+        )?,
+        upload_idle: Duration::from_secs(positive(
+            "grpc.upload_idle_secs",
+            pick_num(
+                "grpc.upload_idle_secs",
+                cli.upload_idle_secs,
+                g.upload_idle_secs,
+                60,
+            )?,
+        )?),
+        agent_identity: match (cli.agent_identity, g.agent_identity) {
+            (Some(id), _) => id,
+            (None, Some(s)) => s.parse().map_err(|msg| ConfigError::Invalid {
+                key: "grpc.agent_identity",
+                msg,
+            })?,
+            (None, None) => Default::default(),
+        },
     };
 
     let h = file.http;
     let http = HttpConfig {
         addr: pick_addr("http.addr", cli.http_addr, h.addr, "0.0.0.0:6752")?,
-        tls: cli.http_tls.or(h.tls).unwrap_or(false),
+        // HTTPS by default, as Elkeid's manager expects (`https://…`).
+        tls: cli.http_tls.or(h.tls).unwrap_or(true),
         auth: cli.auth.or(h.auth).unwrap_or(true),
         api_keys_file: cli
             .api_keys
@@ -862,6 +918,7 @@ mod tests {
         assert_eq!(c.grpc.conn_limit, 10_000);
         assert_eq!(c.grpc.max_message_bytes, 10 * 1024 * 1024);
         assert!(c.grpc.tls);
+        assert!(c.http.tls, "HTTPS API by default");
         assert!(c.http.auth);
         assert_eq!(c.sinks, vec![SinkKind::Ndjson]);
         assert_eq!(c.manager.backend, ManagerKind::Local);

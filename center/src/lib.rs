@@ -6,6 +6,7 @@
 //! - [`ctl`]: `elkeid-center ctl …`, the operator commands (a signed API client).
 //! - `pki.rs`: dev PKI and API keys generated on first start.
 //! - `tls.rs`: server TLS material (mTLS, client certificate required).
+//! - `identity.rs`: agent identity mode (shared certificate or per-agent CN).
 //! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
 //! - `pool.rs`: live agent streams, conn limit, conflicts, command delivery.
 //! - `records.rs`: per-record processing (heartbeats, task results, logs).
@@ -32,6 +33,7 @@ pub mod config;
 pub mod ctl;
 mod grpc;
 mod http;
+mod identity;
 mod manager;
 mod metrics;
 mod pki;
@@ -49,7 +51,8 @@ use tokio::net::TcpListener;
 
 pub use cluster::{ClusterArgs, ClusterConfig};
 pub use config::{Cli, Config, ConfigError};
-pub use pki::PkiError;
+pub use identity::AgentIdentity;
+pub use pki::{PkiError, pki_command};
 pub use tls::TlsError;
 
 use crate::config::ManagerKind;
@@ -203,7 +206,13 @@ pub async fn run(
     };
     let http_tls = match (&material, config.http.tls) {
         (Some((_, cert, key)), true) => Some(http::tls::server_config(cert, key)?),
-        _ => None,
+        _ => {
+            println!(
+                "elkeid-center: WARNING: HTTP API in plain HTTP (http.tls = false): signed requests and responses travel in clear text"
+            );
+            tracing::warn!("HTTP API in plain HTTP (http.tls = false)");
+            None
+        }
     };
 
     let aksk = if config.http.auth {
@@ -281,6 +290,8 @@ pub async fn run(
     let uploads = grpc::upload::UploadConfig {
         dir: uploads_dir,
         max_bytes: config.grpc.upload_max_bytes,
+        quota_bytes: config.grpc.upload_quota_bytes,
+        idle: config.grpc.upload_idle,
     };
 
     let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;
@@ -363,18 +374,12 @@ pub async fn run(
         aksk: Arc::new(aksk),
         auth: config.http.auth,
         acks: ack_metrics,
+        replays: Default::default(),
         cluster: cluster.clone(),
     };
     let http_stop = stopped(stop_rx.clone());
     let mut http_task = tokio::spawn(async move {
-        match http_tls {
-            Some(cfg) => http::tls::serve(http_listener, http::router(state), cfg, http_stop).await,
-            None => {
-                axum::serve(http_listener, http::router(state))
-                    .with_graceful_shutdown(http_stop)
-                    .await
-            }
-        }
+        http::serve::serve(http_listener, http::router(state), http_tls, http_stop).await
     });
     drop(ctx);
 

@@ -11,6 +11,14 @@ use elkeid_center::{Cli, Config, RunError};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // `elkeid-center pki issue-agent …`: per-agent client certificates.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "pki") {
+        let args: Vec<String> = std::env::args_os()
+            .skip(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return ExitCode::from(elkeid_center::pki_command(&args));
+    }
     // `elkeid-center ctl …`: the operator commands (their own command line).
     if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
         return elkeid_center::ctl::main(std::env::args_os().skip(1));

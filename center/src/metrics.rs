@@ -61,6 +61,11 @@ pub(crate) struct Metrics {
     pub(crate) uploads_ok: Counter,
     pub(crate) uploads_failed: Counter,
     pub(crate) auth_failures: Counter,
+    pub(crate) http_replays_refused: Counter,
+    pub(crate) http_bodies_refused: Counter,
+    pub(crate) identity_mismatches: Counter,
+    pub(crate) refused_identity_fields: Counter,
+    pub(crate) refused_unidentified: Counter,
     sink_errors: Family<SinkLabel, Counter>,
     sink_dropped: Family<SinkLabel, Counter>,
     /// Per-`data_type` record counts and the scrape-time values.
@@ -126,7 +131,7 @@ impl Default for Metrics {
             Untyped(m.sent_commands.clone()),
         );
         r.register_collector(Box::new(DataTypes(live.clone())));
-        let counters: [(&str, &str, &Counter); 18] = [
+        let counters: [(&str, &str, &Counter); 23] = [
             (
                 "elkeid_center_tcp_refused",
                 "TCP connections closed: too many open",
@@ -213,6 +218,31 @@ impl Default for Metrics {
                 &m.auth_failures,
             ),
             (
+                "elkeid_center_http_replays_refused",
+                "HTTP API requests refused: signature already used within the window",
+                &m.http_replays_refused,
+            ),
+            (
+                "elkeid_center_http_bodies_refused",
+                "HTTP API requests refused: body too large or not received in time",
+                &m.http_bodies_refused,
+            ),
+            (
+                "elkeid_center_identity_mismatches",
+                "Streams or packets refused: agent_id not the one bound to the client certificate or stream",
+                &m.identity_mismatches,
+            ),
+            (
+                "elkeid_center_conn_refused_identity_fields",
+                "Streams refused: first packet identity fields over their caps",
+                &m.refused_identity_fields,
+            ),
+            (
+                "elkeid_center_conn_refused_unidentified",
+                "Streams refused: too many streams waiting for their first packet",
+                &m.refused_unidentified,
+            ),
+            (
                 "elkeid_center_packets_received",
                 "Packets received (all)",
                 &m.recv_packets,
@@ -254,6 +284,11 @@ impl Default for Metrics {
             uploads_ok,
             uploads_failed,
             auth_failures,
+            http_replays_refused,
+            http_bodies_refused,
+            identity_mismatches,
+            refused_identity_fields,
+            refused_unidentified,
         } = m;
         Metrics {
             recv_packets,
@@ -275,6 +310,11 @@ impl Default for Metrics {
             uploads_ok,
             uploads_failed,
             auth_failures,
+            http_replays_refused,
+            http_bodies_refused,
+            identity_mismatches,
+            refused_identity_fields,
+            refused_unidentified,
             sink_errors,
             sink_dropped,
             live,
@@ -306,6 +346,11 @@ struct MetricsCounters {
     uploads_ok: Counter,
     uploads_failed: Counter,
     auth_failures: Counter,
+    http_replays_refused: Counter,
+    http_bodies_refused: Counter,
+    identity_mismatches: Counter,
+    refused_identity_fields: Counter,
+    refused_unidentified: Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -479,6 +524,11 @@ mod tests {
             "elkeid_center_conn_refused_first_packet_timeout_total",
             "elkeid_center_conn_refused_limit_total",
             "elkeid_center_http_auth_failures_total",
+            "elkeid_center_http_bodies_refused_total",
+            "elkeid_center_http_replays_refused_total",
+            "elkeid_center_identity_mismatches_total",
+            "elkeid_center_conn_refused_identity_fields_total",
+            "elkeid_center_conn_refused_unidentified_total",
             "elkeid_center_packets_oversized_total",
             "elkeid_center_packets_received_total",
             "elkeid_center_payload_decode_errors_total",

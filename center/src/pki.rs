@@ -51,6 +51,126 @@ pub enum PkiError {
     },
 }
 
+/// Longest agent id accepted by `pki issue-agent` (as the stream check).
+const MAX_AGENT_ID: usize = 128;
+
+/// True for an agent id usable as a certificate CN and a file name.
+pub(crate) fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_AGENT_ID
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Issues a client certificate for one agent (`agent_identity = cert`):
+/// subject CN = `agent_id`, signed by the dev CA in `pki_dir` (`ca.key`
+/// required), written as `<out_dir>/<agent_id>.crt` and `.key` (0600). An
+/// existing pair is never overwritten (error). Returns (cert, key) paths.
+pub(crate) fn issue_agent(
+    pki_dir: &Path,
+    agent_id: &str,
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let what = "agent certificate";
+    let ca_key_path = pki_dir.join("ca.key");
+    let key_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::Generate {
+        what: "CA key",
+        source,
+    })?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let mut params = leaf_params(false)?;
+    params.distinguished_name = subject(agent_id);
+    let key = KeyPair::generate().map_err(|source| PkiError::Generate { what, source })?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|source| PkiError::Generate { what, source })?;
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let cert_path = out_dir.join(format!("{agent_id}.crt"));
+    let key_path = out_dir.join(format!("{agent_id}.key"));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(PkiError::Io {
+                path: p.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists; not overwritten (remove it to re-issue)",
+                ),
+            });
+        }
+    }
+    write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_new(&cert_path, cert.pem().as_bytes(), false)?;
+    Ok((cert_path, key_path))
+}
+
+/// `elkeid-center pki issue-agent --data-dir DIR --agent-id ID [--out DIR]`:
+/// exit code 0 on success, 64 on bad arguments, 1 on failure. `args` are
+/// the arguments after `pki`.
+pub fn pki_command(args: &[String]) -> u8 {
+    const USAGE: &str = "usage: elkeid-center pki issue-agent --agent-id ID [--data-dir DIR] [--out DIR]\n\
+        Issues DIR/pki/agents/ID.crt + ID.key (CN = ID), signed by DIR/pki/ca.key,\n\
+        for grpc.agent_identity = cert. DIR defaults to ./elkeid-data.";
+    let mut it = args.iter();
+    if it.next().map(String::as_str) != Some("issue-agent") {
+        eprintln!("{USAGE}");
+        return 64;
+    }
+    let (mut data_dir, mut agent_id, mut out) = (PathBuf::from("./elkeid-data"), None, None);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned();
+        match a.as_str() {
+            "--data-dir" => match value() {
+                Some(v) => data_dir = PathBuf::from(v),
+                None => {
+                    eprintln!("{USAGE}");
+                    return 64;
+                }
+            },
+            "--agent-id" => agent_id = value(),
+            "--out" => out = value().map(PathBuf::from),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return 0;
+            }
+            other => {
+                eprintln!("elkeid-center pki: unknown argument `{other}`\n{USAGE}");
+                return 64;
+            }
+        }
+    }
+    let Some(agent_id) = agent_id else {
+        eprintln!("elkeid-center pki: --agent-id is required\n{USAGE}");
+        return 64;
+    };
+    if !valid_agent_id(&agent_id) {
+        eprintln!(
+            "elkeid-center pki: agent id must match [A-Za-z0-9._-]{{1,{MAX_AGENT_ID}}}: {agent_id:?}"
+        );
+        return 64;
+    }
+    let pki_dir = data_dir.join("pki");
+    let out = out.unwrap_or_else(|| pki_dir.join("agents"));
+    match issue_agent(&pki_dir, &agent_id, &out) {
+        Ok((cert, key)) => {
+            println!(
+                "elkeid-center: issued agent certificate {} and key {} (CN {agent_id}); the agent also needs {}",
+                cert.display(),
+                key.display(),
+                pki_dir.join("ca.crt").display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("elkeid-center pki: {e}");
+            1
+        }
+    }
+}
+
 /// Paths of the dev PKI.
 #[derive(Debug, Clone)]
 pub(crate) struct DevPki {
@@ -307,6 +427,26 @@ mod tests {
         let third = ensure_dev_pki(&dir.path().join("pki")).unwrap();
         assert_eq!(third.created.len(), 1);
         assert_eq!(std::fs::read(&p.server_cert).unwrap(), before);
+    }
+
+    #[test]
+    fn agent_certificates_carry_the_id_and_are_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        ensure_dev_pki(&pki).unwrap();
+        let out = pki.join("agents");
+        let (cert, key) = issue_agent(&pki, "host-1", &out).unwrap();
+        let pem = std::fs::read(&cert).unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem)
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+            .unwrap();
+        assert_eq!(crate::identity::subject_cn(&der).as_deref(), Some("host-1"));
+        assert!(key.exists());
+        assert!(issue_agent(&pki, "host-1", &out).is_err(), "no overwrite");
+        assert!(valid_agent_id("9f0e6a4c-1111-4c2b-9d5e-0123456789ab"));
+        for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(!valid_agent_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

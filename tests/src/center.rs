@@ -92,7 +92,7 @@ impl Center {
     ) -> (u16, serde_json::Value) {
         let (ak, sk) = self.api_key();
         let headers = signed_headers(&ak, &sk, method, path_and_query, body, unix_now());
-        let r = http(self.http, method, path_and_query, &headers, body).await;
+        let r = http(self.api_target(), method, path_and_query, &headers, body).await;
         (r.status, r.json())
     }
 
@@ -429,17 +429,103 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.1 request (`Connection: close`) to `addr`.
+/// Where the HTTP API listens and how to reach it: HTTPS (the center's
+/// default) verifying the server as [`SERVER_NAME`] against a CA, or plain
+/// HTTP (`--http-tls false`; a bare `SocketAddr` converts to that).
+#[derive(Clone)]
+pub struct HttpTarget {
+    /// API address.
+    pub addr: SocketAddr,
+    /// TLS client configuration; `None` = plain HTTP.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for HttpTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTarget")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl From<SocketAddr> for HttpTarget {
+    fn from(addr: SocketAddr) -> Self {
+        HttpTarget { addr, tls: None }
+    }
+}
+
+impl HttpTarget {
+    /// HTTPS to `addr`, trusting the CA certificate(s) in `ca_pem`.
+    pub fn https(addr: SocketAddr, ca_pem: &[u8]) -> HttpTarget {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(c.expect("CA PEM")).expect("CA certificate");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        HttpTarget {
+            addr,
+            tls: Some(std::sync::Arc::new(cfg)),
+        }
+    }
+}
+
+impl Center {
+    /// How to reach this center's API: HTTPS with its CA unless it was
+    /// started with `--http-tls false`.
+    pub fn api_target(&self) -> HttpTarget {
+        match &self.http_ca {
+            Some(ca) => HttpTarget::https(
+                self.http,
+                &std::fs::read(ca).unwrap_or_else(|e| panic!("read {}: {e}", ca.display())),
+            ),
+            None => HttpTarget::from(self.http),
+        }
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) to `target` (HTTPS or HTTP).
 pub async fn http(
+    target: impl Into<HttpTarget>,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> HttpResponse {
+    let target = target.into();
+    let addr = target.addr;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect HTTP API");
+    match target.tls {
+        Some(cfg) => {
+            let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake with the HTTP API");
+            http_on(tls, addr, method, path_and_query, headers, body).await
+        }
+        None => http_on(tcp, addr, method, path_and_query, headers, body).await,
+    }
+}
+
+async fn http_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
     addr: SocketAddr,
     method: &str,
     path_and_query: &str,
     headers: &[(String, String)],
     body: &[u8],
 ) -> HttpResponse {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect HTTP API");
     let mut req = format!(
         "{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -453,11 +539,17 @@ pub async fn http(
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
+    s.flush().await.unwrap();
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+    match tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
         .expect("HTTP response in time")
-        .unwrap();
+    {
+        Ok(_) => {}
+        // A TLS peer closing without close_notify after a complete response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => panic!("read HTTP response: {e}"),
+    }
     parse_response(&raw)
 }
 

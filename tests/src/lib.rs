@@ -82,6 +82,9 @@ pub struct Center {
     pub grpc: std::net::SocketAddr,
     /// Bound HTTP address, read from `<data-dir>/listen.json`.
     pub http: std::net::SocketAddr,
+    /// CA that verifies the HTTPS API (`--tls-ca` or the generated
+    /// `pki/ca.crt`); `None` when started with `--http-tls false`.
+    pub http_ca: Option<PathBuf>,
 }
 
 impl Center {
@@ -121,11 +124,22 @@ impl Center {
                 .and_then(|s| s.parse().ok())
                 .expect("addr in listen.json")
         };
+        let arg = |name: &str| {
+            extra
+                .windows(2)
+                .rev()
+                .find(|w| w[0] == name)
+                .map(|w| w[1].to_string())
+        };
+        let plain = arg("--http-tls").is_some_and(|v| v == "false");
+        let http_ca = (!plain)
+            .then(|| arg("--tls-ca").map_or_else(|| dir.join("pki").join("ca.crt"), PathBuf::from));
         Center {
             grpc: addr("grpc"),
             http: addr("http"),
             child,
             data_dir: dir.to_path_buf(),
+            http_ca,
         }
     }
 

@@ -277,7 +277,7 @@ pub fn field<'a>(r: &'a Value, key: &str) -> &'a str {
 
 /// `elkeid_center_records_received_total` from `GET /metrics`.
 pub async fn center_records_received(center: &Center) -> u64 {
-    let r = crate::center::http(center.http, "GET", "/metrics", &[], b"").await;
+    let r = crate::center::http(center.api_target(), "GET", "/metrics", &[], b"").await;
     let text = String::from_utf8_lossy(&r.body);
     text.lines()
         .find_map(|l| l.strip_prefix("elkeid_center_records_received_total "))

@@ -267,6 +267,7 @@ async fn against_a_center_without_the_extension_the_agent_behaves_as_before() {
         data_dir: cdir.clone(),
         grpc,
         http,
+        http_ca: Some(cdir.join("pki").join("ca.crt")),
     };
     let files = FileServer::start();
     let agent = Agent::start(&center, &tmp.path().join("agent"), "ack-legacy", None, &[]);

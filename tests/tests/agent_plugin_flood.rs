@@ -64,4 +64,6 @@ async fn flood_is_delivered_without_loss() {
     })
     .unwrap();
     assert_eq!(field(&hb, "drop_cnt"), "0", "{hb}");
+    // 1010 log-record drops are reported too (none here).
+    assert_eq!(field(&hb, "log_drop_cnt"), "0", "{hb}");
 }

@@ -60,7 +60,7 @@ fn lines_of(center: &Center, id: &str) -> Vec<Value> {
 }
 
 async fn metric(center: &Center, name: &str) -> f64 {
-    let r = elkeid_tests::center::http(center.http, "GET", "/metrics", &[], b"").await;
+    let r = elkeid_tests::center::http(center.api_target(), "GET", "/metrics", &[], b"").await;
     let text = String::from_utf8_lossy(&r.body).to_string();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())

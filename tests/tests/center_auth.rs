@@ -30,7 +30,7 @@ async fn signatures_are_checked_bit_for_bit() {
 
     // A correct signature, with and without a query string.
     let ok = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/count",
         &signed_headers(&ak, &sk, "GET", "/conn/count", b"", now),
@@ -44,7 +44,7 @@ async fn signatures_are_checked_bit_for_bit() {
         ok.json()
     );
     let ok = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list?x=1&y=2",
         &signed_headers(&ak, &sk, "GET", "/conn/list?x=1&y=2", b"", now),
@@ -62,7 +62,7 @@ async fn signatures_are_checked_bit_for_bit() {
     let ts = now.to_string();
     let sig = sign(&sk, "POST", "/command", "", &ak, &ts, body);
     let hdr = h(&[("AccessKey", &ak), ("Signature", &sig), ("TimeStamp", &ts)]);
-    let r = http(center.http, "POST", "/command/", &hdr, body).await;
+    let r = http(center.api_target(), "POST", "/command/", &hdr, body).await;
     assert_eq!(
         r.json()["code"],
         3,
@@ -74,18 +74,18 @@ async fn signatures_are_checked_bit_for_bit() {
     let full = signed_headers(&ak, &sk, "GET", "/conn/list", b"", now);
     for skip in ["AccessKey", "Signature", "TimeStamp"] {
         let partial: Vec<_> = full.iter().filter(|(k, _)| k != skip).cloned().collect();
-        let r = http(center.http, "GET", "/conn/list", &partial, b"").await;
+        let r = http(center.api_target(), "GET", "/conn/list", &partial, b"").await;
         assert_auth_failed(&r, "header missed: AccessKey|Signature|TimeStamp");
     }
     assert_auth_failed(
-        &http(center.http, "GET", "/conn/stat", &[], b"").await,
+        &http(center.api_target(), "GET", "/conn/stat", &[], b"").await,
         "header missed: AccessKey|Signature|TimeStamp",
     );
 
     // Stale and future timestamps (window ±60 s), correctly signed.
     for ts in [now - 120, now + 120] {
         let r = http(
-            center.http,
+            center.api_target(),
             "GET",
             "/conn/list",
             &signed_headers(&ak, &sk, "GET", "/conn/list", b"", ts),
@@ -97,7 +97,7 @@ async fn signatures_are_checked_bit_for_bit() {
     // A timestamp that is not a number.
     let sig = sign(&sk, "GET", "/conn/list", "", &ak, "soon", b"");
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list",
         &h(&[
@@ -119,7 +119,7 @@ async fn signatures_are_checked_bit_for_bit() {
 
     // Unknown access key.
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list",
         &signed_headers("no-such-ak", &sk, "GET", "/conn/list", b"", now),
@@ -130,7 +130,7 @@ async fn signatures_are_checked_bit_for_bit() {
 
     // Wrong secret, wrong query, tampered body, wrong method, newline separators.
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list",
         &signed_headers(&ak, "wrong-secret", "GET", "/conn/list", b"", now),
@@ -139,7 +139,7 @@ async fn signatures_are_checked_bit_for_bit() {
     .await;
     assert_auth_failed(&r, "signature error");
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list?x=2",
         &signed_headers(&ak, &sk, "GET", "/conn/list?x=1", b"", now),
@@ -150,11 +150,11 @@ async fn signatures_are_checked_bit_for_bit() {
     let signed = signed_headers(&ak, &sk, "POST", "/command/", body, now);
     let tampered = br#"{"agent_id":"other!","command":{"task":{"data_type":1}}}"#;
     assert_auth_failed(
-        &http(center.http, "POST", "/command/", &signed, tampered).await,
+        &http(center.api_target(), "POST", "/command/", &signed, tampered).await,
         "signature error",
     );
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list",
         &signed_headers(&ak, &sk, "POST", "/conn/list", b"", now),
@@ -171,7 +171,7 @@ async fn signatures_are_checked_bit_for_bit() {
         .map(|b| format!("{b:02x}"))
         .collect();
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list",
         &h(&[("AccessKey", &ak), ("Signature", &sig), ("TimeStamp", &ts)]),
@@ -189,7 +189,7 @@ async fn signatures_are_checked_bit_for_bit() {
         .map(|b| format!("{b:02x}"))
         .collect();
     let r = http(
-        center.http,
+        center.api_target(),
         "GET",
         "/conn/list",
         &h(&[("AccessKey", &ak), ("Signature", &sig), ("TimeStamp", &ts)]),
@@ -200,11 +200,15 @@ async fn signatures_are_checked_bit_for_bit() {
 
     // Open endpoints need no signature.
     assert_eq!(
-        http(center.http, "GET", "/ping", &[], b"").await.status,
+        http(center.api_target(), "GET", "/ping", &[], b"")
+            .await
+            .status,
         200
     );
     assert_eq!(
-        http(center.http, "GET", "/metrics", &[], b"").await.status,
+        http(center.api_target(), "GET", "/metrics", &[], b"")
+            .await
+            .status,
         200
     );
 }
@@ -213,7 +217,7 @@ async fn signatures_are_checked_bit_for_bit() {
 async fn auth_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
     let center = Center::start(dir.path(), &["--auth", "false"]);
-    let r = http(center.http, "GET", "/conn/list", &[], b"").await;
+    let r = http(center.api_target(), "GET", "/conn/list", &[], b"").await;
     assert_eq!(
         (r.status, r.json()),
         (200, json!({"code": 0, "msg": "success", "data": []}))

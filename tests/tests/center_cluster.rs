@@ -236,6 +236,10 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
         "3".into(),
         "--sink".into(),
         "ndjson".into(),
+        // Agents discover centers over plain HTTP (`/registry/detail`, as
+        // Elkeid's SD): this cluster serves its API without TLS.
+        "--http-tls".into(),
+        "false".into(),
     ];
     if let Some(b) = &kafka {
         common.extend(

@@ -154,7 +154,7 @@ async fn sigterm_flushes_records_still_lingering() {
     // the sink's 60 s linger), then ask it to stop.
     let c = &center;
     eventually(T, || async move {
-        let r = elkeid_tests::center::http(c.http, "GET", "/metrics", &[], b"").await;
+        let r = elkeid_tests::center::http(c.api_target(), "GET", "/metrics", &[], b"").await;
         let text = String::from_utf8(r.body).unwrap();
         let n = text
             .lines()

@@ -115,10 +115,10 @@ async fn heartbeat_lists_the_agent_and_stat_holds_typed_detail() {
     assert!(p["last_heartbeat_time"].is_number(), "{p}");
 
     // /ping: raw, no envelope, no auth.
-    let r = elkeid_tests::center::http(center.http, "GET", "/ping", &[], b"").await;
+    let r = elkeid_tests::center::http(center.api_target(), "GET", "/ping", &[], b"").await;
     assert_eq!((r.status, r.json()), (200, json!({"message": "pong"})));
     // /metrics: no auth, Elkeid's gauge name.
-    let r = elkeid_tests::center::http(center.http, "GET", "/metrics", &[], b"").await;
+    let r = elkeid_tests::center::http(center.api_target(), "GET", "/metrics", &[], b"").await;
     assert_eq!(r.status, 200);
     let text = String::from_utf8(r.body).unwrap();
     let gauge = text
@@ -403,7 +403,7 @@ async fn signed_commands_reach_the_stream() {
     let (ak, sk) = center.api_key();
     let body = br#"{"command":{}}"#;
     let h = elkeid_tests::center::signed_headers(&ak, &sk, "POST", "/command/", body, unix_now());
-    let r = elkeid_tests::center::http(center.http, "POST", "/command/", &h, body).await;
+    let r = elkeid_tests::center::http(center.api_target(), "POST", "/command/", &h, body).await;
     assert_eq!(
         (r.status, &r.json()["code"]),
         (400, &json!(2)),

@@ -574,6 +574,39 @@ mod tests {
         });
     }
 
+    /// Tasks still queued when their plugin dies are not delivered to the
+    /// restarted process: each gets a failed 5100 result instead of
+    /// vanishing (before: only the crash's 1010 record was left).
+    #[test]
+    fn tasks_queued_for_a_dying_plugin_get_failed_results() {
+        let wd = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let m = manager(wd.path());
+            // Never reads fd 3; dies after a second.
+            let c = preinstall(wd.path(), "deaf", "1", "sleep 1\nexit 3");
+            m.sync(vec![c]).await;
+            wait_until(|| m.snapshot().len() == 1).await;
+            // The first 200 KiB task fills the 64 KiB pipe; four stay queued.
+            for i in 0..5 {
+                m.send_task(Task {
+                    data_type: 1,
+                    object_name: "deaf".into(),
+                    data: "x".repeat(200 * 1024),
+                    token: format!("t{i}"),
+                })
+                .unwrap();
+            }
+            assert_eq!(m.shared.buffer.len(), 0);
+            // The crash's 1010 plus one 5100 per queued task.
+            wait_until(|| m.shared.buffer.len() >= 5).await;
+            m.shutdown().await;
+        });
+    }
+
     /// A plugin that ignores EOF on fd 3 (and forked a helper) is SIGKILLed
     /// with its whole process group after the 10 s grace period.
     #[test]

@@ -96,8 +96,22 @@ pub(crate) async fn supervise(sh: Rc<Shared>, p: Rc<Plugin>, mut queue: mpsc::Re
         let started = Instant::now();
         let end = run_once(&sh, &p, &mut queue).await;
         p.pid.set(None);
-        // Tasks queued for the dead process are not delivered to the next one.
-        while queue.try_recv().is_ok() {}
+        // Tasks queued for the dead process are not delivered to the next
+        // one: each gets a failed 5100 result (never a silent discard).
+        while let Ok(frame) = queue.try_recv() {
+            let token = match elkeid_core::frame::decode_task_frame(&frame, u32::MAX) {
+                Ok(Some((t, _))) => t.token.to_string(),
+                _ => String::new(),
+            };
+            crate::tasks::task_failed(
+                &sh.buffer,
+                &token,
+                &format!(
+                    "plugin {} stopped before the task was delivered; not delivered to its restart",
+                    p.name
+                ),
+            );
+        }
         match end {
             End::Stopped => return,
             End::Failed(msg) => sh.report(&p.name, &p.version, &msg),

@@ -48,6 +48,9 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// HTTP/2 streams one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS):
+/// an agent uses one Transfer stream and at most one upload at a time.
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Server ping period.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Ping answer deadline.
@@ -68,6 +71,8 @@ pub(crate) async fn serve(
         pool,
         ctx.clone(),
         cfg.first_packet_timeout,
+        cfg.agent_identity,
+        transfer::unidentified_limit(cfg.conn_limit),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max)
@@ -81,6 +86,8 @@ pub(crate) async fn serve(
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
     let mut builder = Server::builder()
+        // One connection cannot open thousands of streams (an agent uses 1-2).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {

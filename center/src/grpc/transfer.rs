@@ -1,13 +1,23 @@
 //! The agent stream: `/grpc.Transfer/Transfer` (spec §5.2).
 //!
-//! 1. A slot is taken without waiting (`conn_limit`). When none is free the
-//!    stream is refused with `RESOURCE_EXHAUSTED "out of max connection
-//!    limit"` right after its first packet, unless that packet names an agent
-//!    already registered, whose slot the new stream then takes over.
+//! 1. Until its first packet a stream is *unidentified* and holds one of a
+//!    separate, smaller budget ([`unidentified_limit`]), never a pool slot.
+//!    With that budget full, a new stream evicts the *oldest* unidentified
+//!    one (ended with `RESOURCE_EXHAUSTED`, counted in
+//!    `elkeid_center_conn_refused_unidentified_total`): a real agent sends
+//!    its first packet milliseconds after opening the stream, so streams
+//!    that never identify can neither lock agents out nor pile up.
 //! 2. The first `PackagedData` must come within `first_packet_timeout`
-//!    (else `DEADLINE_EXCEEDED`, slot released) and name the agent (empty
-//!    `agent_id` -> `INVALID_ARGUMENT`).
-//! 3. The stream is registered (a previous stream of the same id is closed
+//!    (else `DEADLINE_EXCEEDED`) and name the agent (empty `agent_id` ->
+//!    `INVALID_ARGUMENT`). Its identity fields are capped
+//!    ([`check_identity_fields`]; `INVALID_ARGUMENT`, counted). In
+//!    `grpc.agent_identity = cert` mode its `agent_id` must be the client
+//!    certificate's CN (`PERMISSION_DENIED`, counted).
+//! 3. A pool slot is taken (`conn_limit`). When none is free the stream is
+//!    refused with `RESOURCE_EXHAUSTED "out of max connection limit"`, unless
+//!    its first packet names an agent already registered, whose slot the new
+//!    stream then takes over.
+//! 4. The stream is registered (a previous stream of the same id is closed
 //!    with `ABORTED`); a receive task processes packets; the response stream
 //!    carries the connection's queued commands. Either side ending ends both;
 //!    a receive error (oversized or malformed message) is returned to the
@@ -36,6 +46,7 @@ use tokio_util::sync::DropGuard;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ack::{AckStore, PacketId};
+use crate::identity::AgentIdentity;
 use crate::metrics::inc;
 use crate::pool::{Conn, Outgoing, Pool, Registration};
 use crate::records::{Ctx, Pending, handle_packet};
@@ -48,22 +59,145 @@ const ACK_QUEUE: usize = 64;
 /// before the stream is closed (the agent then re-sends again).
 const DUPLICATE_WAIT: Duration = Duration::from_secs(60);
 
+/// Longest `agent_id` (Elkeid's are 36-character UUIDs).
+pub(crate) const MAX_AGENT_ID: usize = 128;
+/// Longest hostname (a DNS name is at most 253 bytes).
+pub(crate) const MAX_HOSTNAME: usize = 255;
+/// Longest `version` / `product`.
+pub(crate) const MAX_VERSION: usize = 64;
+/// Most addresses in each of the four IP lists.
+pub(crate) const MAX_IPS: usize = 256;
+/// Longest address text (an IPv6 address with zone is under 64).
+pub(crate) const MAX_IP_LEN: usize = 64;
+
+/// Streams that may wait for their first packet at once.
+pub(crate) fn unidentified_limit(conn_limit: usize) -> usize {
+    (conn_limit / 10).max(64)
+}
+
+/// Streams waiting for their first packet, oldest first; bounded, the
+/// oldest evicted when full.
+#[derive(Debug)]
+pub(crate) struct Unidentified {
+    limit: usize,
+    queue: Mutex<(
+        u64,
+        std::collections::VecDeque<(u64, tokio_util::sync::CancellationToken)>,
+    )>,
+}
+
+/// One waiting stream; leaves the queue on drop.
+struct Waiting<'a> {
+    owner: &'a Unidentified,
+    id: u64,
+    evicted: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut q = self.owner.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.1.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Unidentified {
+    pub(crate) fn new(limit: usize) -> Self {
+        Unidentified {
+            limit: limit.max(1),
+            queue: Mutex::new((0, std::collections::VecDeque::new())),
+        }
+    }
+
+    /// Joins the queue; returns the entry and whether an older one was evicted.
+    fn join(&self) -> (Waiting<'_>, bool) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut evicted = false;
+        while q.1.len() >= self.limit {
+            if let Some((_, token)) = q.1.pop_front() {
+                token.cancel();
+                evicted = true;
+            }
+        }
+        q.0 += 1;
+        let id = q.0;
+        let token = tokio_util::sync::CancellationToken::new();
+        q.1.push_back((id, token.clone()));
+        (
+            Waiting {
+                owner: self,
+                id,
+                evicted: token,
+            },
+            evicted,
+        )
+    }
+}
+
+/// Checks the identity fields of a first packet against their caps.
+pub(crate) fn check_identity_fields(p: &PackagedData) -> Result<(), String> {
+    let len = |name: &str, v: &str, max: usize| {
+        if v.len() > max {
+            Err(format!("{name} is {} bytes, more than {max}", v.len()))
+        } else {
+            Ok(())
+        }
+    };
+    len("agent_id", &p.agent_id, MAX_AGENT_ID)?;
+    len("hostname", &p.hostname, MAX_HOSTNAME)?;
+    len("version", &p.version, MAX_VERSION)?;
+    len("product", &p.product, MAX_VERSION)?;
+    for (name, list) in [
+        ("intranet_ipv4", &p.intranet_ipv4),
+        ("extranet_ipv4", &p.extranet_ipv4),
+        ("intranet_ipv6", &p.intranet_ipv6),
+        ("extranet_ipv6", &p.extranet_ipv6),
+    ] {
+        if list.len() > MAX_IPS {
+            return Err(format!(
+                "{name} has {} entries, more than {MAX_IPS}",
+                list.len()
+            ));
+        }
+        for ip in list {
+            len(name, ip, MAX_IP_LEN)?;
+        }
+    }
+    Ok(())
+}
+
 /// The Transfer service.
 #[derive(Debug)]
 pub(crate) struct TransferSvc {
     pool: Arc<Pool>,
     ctx: Ctx,
     first_timeout: Duration,
+    identity: AgentIdentity,
+    /// Streams that have not sent their first packet yet.
+    unidentified: Unidentified,
 }
 
 impl TransferSvc {
-    pub(crate) fn new(pool: Arc<Pool>, ctx: Ctx, first_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        pool: Arc<Pool>,
+        ctx: Ctx,
+        first_timeout: Duration,
+        identity: AgentIdentity,
+        unidentified: usize,
+    ) -> Self {
         TransferSvc {
             pool,
             ctx,
             first_timeout,
+            identity,
+            unidentified: Unidentified::new(unidentified),
         }
     }
+}
+
+/// The subject CN of the stream's verified client certificate.
+fn cert_cn<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    crate::identity::subject_cn(certs.first()?.as_ref())
 }
 
 type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send + 'static>>;
@@ -77,10 +211,35 @@ impl Transfer for TransferSvc {
         req: Request<Streaming<PackagedData>>,
     ) -> Result<Response<CommandStream>, Status> {
         let m = &self.ctx.metrics;
-        let slot = self.pool.try_slot();
         let addr = super::peer(req.remote_addr());
+        let (waiting, evicted) = self.unidentified.join();
+        if evicted {
+            inc(&m.refused_unidentified);
+            tracing::warn!(peer = %addr, "too many streams waiting for their first packet: the oldest was closed");
+        }
+        let cn = match self.identity {
+            AgentIdentity::Shared => None,
+            AgentIdentity::Cert => match cert_cn(&req) {
+                Some(cn) => Some(cn),
+                None => {
+                    inc(&m.identity_mismatches);
+                    tracing::warn!(peer = %addr, "stream refused: no client certificate CN (agent_identity = cert)");
+                    return Err(Status::permission_denied(
+                        "the client certificate has no subject CN to bind the agent id to",
+                    ));
+                }
+            },
+        };
         let mut inbound = req.into_inner();
-        let first = match tokio::time::timeout(self.first_timeout, inbound.message()).await {
+        let first = tokio::select! {
+            r = tokio::time::timeout(self.first_timeout, inbound.message()) => r,
+            _ = waiting.evicted.cancelled() => {
+                return Err(Status::resource_exhausted(
+                    "too many streams waiting for their first packet: closed as the oldest",
+                ));
+            }
+        };
+        let first = match first {
             Err(_) => {
                 inc(&m.refused_first_timeout);
                 tracing::info!(peer = %addr, "stream closed: no first packet in time");
@@ -103,9 +262,27 @@ impl Transfer for TransferSvc {
                 "the first PackagedData has an empty agent_id",
             ));
         }
+        if let Err(why) = check_identity_fields(&first) {
+            inc(&m.refused_identity_fields);
+            tracing::warn!(peer = %addr, %why, "stream refused: identity fields over their caps");
+            return Err(Status::invalid_argument(format!(
+                "first PackagedData refused: {why}"
+            )));
+        }
         let agent_id = first.agent_id.clone();
+        if let Some(cn) = &cn
+            && *cn != agent_id
+        {
+            inc(&m.identity_mismatches);
+            tracing::warn!(peer = %addr, agent_id = %agent_id, certificate_cn = %cn, "stream refused: agent_id is not the one of the client certificate");
+            return Err(Status::permission_denied(format!(
+                "agent_id {agent_id:?} does not match the client certificate (CN {cn:?})"
+            )));
+        }
+        drop(waiting);
         // No free slot: only a reconnect of a registered agent may proceed,
         // taking over the slot of the stream it replaces.
+        let slot = self.pool.try_slot();
         let Some(permit) = slot.or_else(|| self.pool.take_over_slot(&agent_id)) else {
             inc(&m.refused_limit);
             tracing::warn!(agent_id = %agent_id, peer = %addr, "stream refused: out of max connection limit");
@@ -131,6 +308,7 @@ impl Transfer for TransferSvc {
             }
             _ => (None, None),
         };
+        let bound = self.identity == AgentIdentity::Cert;
         tokio::spawn(receive(
             self.ctx.clone(),
             reg,
@@ -138,6 +316,7 @@ impl Transfer for TransferSvc {
             inbound,
             end.clone(),
             pipeline,
+            bound,
         ));
         Ok(Response::new(commands(
             conn,
@@ -158,6 +337,7 @@ async fn receive(
     mut inbound: Streaming<PackagedData>,
     end: Arc<Mutex<Option<Status>>>,
     pipeline: Option<mpsc::Sender<Pending>>,
+    bound: bool,
 ) {
     let conn = reg.conn.clone();
     let track = |p: Option<Pending>| {
@@ -174,6 +354,15 @@ async fn receive(
         tokio::select! {
             _ = conn.closed.cancelled() => break,
             msg = inbound.message() => match msg {
+                // Bound identity: a packet may not speak for another agent.
+                Ok(Some(p)) if bound && p.agent_id != conn.agent_id => {
+                    inc(&ctx.metrics.identity_mismatches);
+                    tracing::warn!(agent_id = %conn.agent_id, packet_agent_id = %p.agent_id.escape_debug(), "stream ended: packet for another agent_id");
+                    *end.lock().unwrap_or_else(|e| e.into_inner()) = Some(Status::permission_denied(
+                        "a packet's agent_id differs from the stream's registered agent_id",
+                    ));
+                    break;
+                }
                 Ok(Some(p)) => track(handle_packet(&ctx, &conn, p).await).await,
                 Ok(None) => break,
                 Err(status) => {

@@ -5,12 +5,15 @@
 //! - this file: router, shared state, the `{"code","msg","data"}` envelope.
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
+//! - `limits.rs`: request body size cap and receive deadline.
 //! - `cluster/http.rs` (in the cluster module): `/registry/detail` and the
 //!   cluster side of `/command/` and `/conn/*` (only with `--etcd`).
-//! - `tls.rs`: optional HTTPS (`http.tls = true`; off by default), with the
+//! - `tls.rs`: HTTPS (`http.tls = true`, the default, as Elkeid's), with the
 //!   server certificate of the gRPC side.
+//! - `serve.rs`: the HTTP/1.1 accept loop (connection cap, handshake and
+//!   header deadlines), over TLS or, with `http.tls = false`, plain TCP.
 //!
-//! Plain HTTP by default; `/ping` and `/metrics` are unauthenticated, as in Elkeid.
+//! HTTPS by default; `/ping` and `/metrics` are unauthenticated, as in Elkeid.
 
 use std::sync::Arc;
 
@@ -27,6 +30,8 @@ use crate::sinks::Sinks;
 
 pub(crate) mod auth;
 pub(crate) mod handlers;
+pub(crate) mod limits;
+pub(crate) mod serve;
 pub(crate) mod tls;
 
 /// State shared by the handlers.
@@ -39,6 +44,8 @@ pub(crate) struct AppState {
     pub(crate) auth: bool,
     /// Acknowledgement counters (appended to `/metrics`).
     pub(crate) acks: Arc<crate::ack::AckMetrics>,
+    /// Signatures of state-changing requests already accepted.
+    pub(crate) replays: Arc<auth::ReplayGuard>,
     /// Cluster membership (`--etcd`); `None` for a single center.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
@@ -100,6 +107,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::middleware,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::body,
         ));
     let mut root = Router::new();
     if state.cluster.is_some() {
@@ -148,6 +159,7 @@ mod tests {
             aksk: Arc::new(aksk),
             auth,
             acks: Default::default(),
+            replays: Default::default(),
             cluster: None,
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -29,7 +29,7 @@ use elkeid_proto::codec::RawEncodeCodec;
 use elkeid_proto::grpc::Command;
 use elkeid_proto::snappy::SnappyClientLayer;
 use elkeid_tests::center::{
-    AgentPki, SERVER_NAME, heartbeat, http, packet, record, signed_headers, unix_now,
+    AgentPki, HttpTarget, SERVER_NAME, heartbeat, http, packet, record, signed_headers, unix_now,
 };
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc};
@@ -47,9 +47,12 @@ struct Args {
     /// Center gRPC address.
     #[arg(long)]
     grpc: SocketAddr,
-    /// Center HTTP API address.
+    /// Center HTTP API address (HTTPS, verified with `pki/ca.crt`).
     #[arg(long)]
     http: SocketAddr,
+    /// The center's API is plain HTTP (`--http-tls false`).
+    #[arg(long)]
+    http_plain: bool,
     /// Center pid, for RSS.
     #[arg(long)]
     center_pid: Option<u32>,
@@ -133,7 +136,7 @@ fn self_rss_kib() -> Option<u64> {
     rss_kib(std::process::id())
 }
 
-async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+async fn metric(addr: HttpTarget, name: &str) -> Option<f64> {
     let r = http(addr, "GET", "/metrics", &[], b"").await;
     let text = String::from_utf8(r.body).ok()?;
     text.lines()
@@ -174,6 +177,14 @@ fn sample_record(i: usize) -> elkeid_proto::grpc::EncodedRecord {
             ("pid_tree", "4242.python3<1.systemd"),
         ],
     )
+}
+
+fn api_target(args: &Args) -> HttpTarget {
+    if args.http_plain {
+        return HttpTarget::from(args.http);
+    }
+    let ca = std::fs::read(args.data_dir.join("pki/ca.crt")).expect("read pki/ca.crt");
+    HttpTarget::https(args.http, &ca)
 }
 
 async fn run(args: Args) {
@@ -252,9 +263,12 @@ async fn run(args: Args) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let listed = {
         let h = signed_headers(&ak, &sk, "GET", "/conn/count", b"", unix_now());
-        http(args.http, "GET", "/conn/count", &h, b"").await.json()["data"].as_u64()
+        http(api_target(&args), "GET", "/conn/count", &h, b"")
+            .await
+            .json()["data"]
+            .as_u64()
     };
-    let rec0 = metric(args.http, "elkeid_center_records_received_total").await;
+    let rec0 = metric(api_target(&args), "elkeid_center_records_received_total").await;
     let sent0 = stats.records.load(Ordering::Relaxed);
     let cpu0 = args.center_pid.and_then(cpu_ticks);
     let lg_cpu0 = cpu_ticks(std::process::id());
@@ -264,7 +278,7 @@ async fn run(args: Args) {
     // Commands at a fixed rate to random agents.
     let cmd_task = {
         let stats = stats.clone();
-        let (ak, sk, http_addr) = (ak.clone(), sk.clone(), args.http);
+        let (ak, sk, http_addr) = (ak.clone(), sk.clone(), api_target(&args));
         let n = args.agents;
         let rate = args.commands_per_sec;
         let dur = Duration::from_secs(args.duration);
@@ -290,7 +304,7 @@ async fn run(args: Args) {
                 }))
                 .unwrap();
                 let stats = stats.clone();
-                let (ak, sk) = (ak.clone(), sk.clone());
+                let (ak, sk, http_addr) = (ak.clone(), sk.clone(), http_addr.clone());
                 tokio::spawn(async move {
                     let h = signed_headers(&ak, &sk, "POST", "/command/", &body, unix_now());
                     stats
@@ -328,7 +342,7 @@ async fn run(args: Args) {
     }
     let _ = cmd_task.await;
     let window = w0.elapsed().as_secs_f64();
-    let rec1 = metric(args.http, "elkeid_center_records_received_total").await;
+    let rec1 = metric(api_target(&args), "elkeid_center_records_received_total").await;
     let sent1 = stats.records.load(Ordering::Relaxed);
     let cpu_pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => ((b - a) as f64 / window).round(), // ticks/s at 100 Hz = % of one core

@@ -28,6 +28,10 @@
 //! A file is rotated before a line would take it past `rotate_bytes` (a
 //! single longer line gets a file of its own); rotation fsyncs the old file.
 //!
+//! # Retention
+//! `sinks.ndjson.retain_bytes` / `retain_secs` (unset: keep everything):
+//! see `retention.rs`; applied at each rotation.
+//!
 //! # Back-pressure
 //! Batches queue in a bounded channel (`QUEUE` batches) to one writer
 //! thread; when it is full `send` waits, which slows the agent streams.
@@ -49,6 +53,9 @@ mod config;
 
 pub(crate) use config::{KEY_ARGS, NdjsonFile};
 pub use config::{NdjsonArgs, NdjsonConfig};
+
+mod retention;
+pub(crate) use retention::Retention;
 
 /// Batches queued to the writer thread before `send` waits.
 const QUEUE: usize = 256;
@@ -79,6 +86,8 @@ struct Stats {
     written: AtomicU64,
     /// Records lost to a failed write (the batch's remaining records).
     failed: AtomicU64,
+    /// Files removed by retention.
+    removed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -112,9 +121,12 @@ impl NdjsonSink {
         std::fs::create_dir_all(&cfg.dir).map_err(io_err)?;
         let (tx, rx) = mpsc::channel::<Msg>(QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
-        let writer = Writer::new(cfg.dir.clone(), cfg.rotate_bytes);
+        let mut writer = Writer::new(cfg.dir.clone(), cfg.rotate_bytes);
+        writer.retention = cfg.retention;
+        let q = queued.clone();
         let stats = Arc::new(Stats::default());
-        let (q, st) = (queued.clone(), stats.clone());
+        writer.removed = stats.removed.clone();
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("ndjson-sink".into())
             .spawn(move || writer_thread(writer, rx, &q, &st, &metrics))
@@ -226,6 +238,10 @@ impl Sink for NdjsonSink {
         vec![
             ("written", self.stats.written.load(Ordering::Relaxed)),
             ("failed", self.stats.failed.load(Ordering::Relaxed)),
+            (
+                "retention_removed_files",
+                self.stats.removed.load(Ordering::Relaxed),
+            ),
         ]
     }
 }
@@ -233,6 +249,9 @@ impl Sink for NdjsonSink {
 struct Writer {
     dir: PathBuf,
     rotate_bytes: u64,
+    retention: Retention,
+    /// Files removed by retention.
+    removed: Arc<AtomicU64>,
     file: Option<(std::io::BufWriter<std::fs::File>, PathBuf)>,
     written: u64,
     /// Bytes written since start (all files).
@@ -246,6 +265,8 @@ impl Writer {
         Writer {
             dir,
             rotate_bytes,
+            retention: Retention::default(),
+            removed: Arc::default(),
             file: None,
             written: 0,
             total: 0,
@@ -274,6 +295,13 @@ impl Writer {
                     // the new file's directory entry is durable before any
                     // of its records is acknowledged
                     std::fs::File::open(&self.dir)?.sync_all()?;
+                    let n = retention::enforce(
+                        &self.dir,
+                        self.retention,
+                        Some(&path),
+                        std::time::SystemTime::now(),
+                    );
+                    self.removed.fetch_add(n as u64, Ordering::Relaxed);
                     self.file = Some((std::io::BufWriter::with_capacity(BUF, f), path));
                     self.written = 0;
                     return Ok(());
@@ -584,6 +612,7 @@ mod tests {
         let sink = NdjsonSink::start(&NdjsonConfig {
             dir: dir.path().to_path_buf(),
             rotate_bytes: 400,
+            retention: Retention::default(),
         })
         .unwrap();
         let mut b = batch();
@@ -610,7 +639,14 @@ mod tests {
             }
         }
         assert_eq!(lines, 10);
-        assert_eq!(sink.counters(), vec![("written", 10), ("failed", 0)]);
+        assert_eq!(
+            sink.counters(),
+            vec![
+                ("written", 10),
+                ("failed", 0),
+                ("retention_removed_files", 0)
+            ]
+        );
     }
 
     #[tokio::test]
@@ -621,6 +657,7 @@ mod tests {
             &NdjsonConfig {
                 dir: dir.path().to_path_buf(),
                 rotate_bytes: 1 << 20,
+                retention: Retention::default(),
             },
             metrics.clone(),
         )

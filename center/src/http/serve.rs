@@ -1,0 +1,80 @@
+//! The API's accept loop: HTTP/1.1 over TLS (default) or plain TCP
+//! (`http.tls = false`), at most [`MAX_CONNECTIONS`] at once, a TLS
+//! handshake deadline and a request-header deadline on every connection (a
+//! client that opens connections and sends nothing cannot hold them).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// A connection that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request headers must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent API connections.
+const MAX_CONNECTIONS: usize = 1024;
+
+async fn serve_conn<S>(io: S, router: Router, peer: std::net::SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = TowerToHyperService::new(router);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(error) = conn.await {
+        tracing::debug!(%peer, %error, "http api connection ended with an error");
+    }
+}
+
+/// Serves `router` (over TLS when `tls` is set) until `shutdown` resolves
+/// (then stops accepting; open connections end with the process).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::warn!(%error, "http api: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "http api: too many connections");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(acceptor) = acceptor else {
+                serve_conn(tcp, router, peer).await;
+                return;
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => serve_conn(tls, router, peer).await,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "http api: TLS handshake failed");
+                }
+                Err(_) => tracing::debug!(%peer, "http api: TLS handshake timed out"),
+            }
+        });
+    }
+}
