@@ -7,6 +7,7 @@
 //! | `Counters` | bytes, records sent, commands, reconnects, net_mode | `counters` (written by the transport) |
 //! | `HostMeta` | id, host facts, hostname/IPs, idc/region, packet metadata | `meta` (refreshed by the heartbeat, 1051 sets idc/region) |
 //! | `Link` | the live connection, closing, release_memory | `transport` |
+//! | `Delivery` | unacknowledged window, disk spool | `transport::delivery` (heartbeat reads a published snapshot) |
 //! | `Heartbeat` | previous samples, the agent's `state_detail` entries | `heartbeat` |
 //! | `AgentTasks` | the upload-running flag | `tasks` |
 //! | `StopSignal` | why the agent stops | `stop` |
@@ -25,6 +26,7 @@ use crate::meta::HostMeta;
 use crate::plugin::PluginManager;
 use crate::stop::{Exit, StopSignal};
 use crate::tasks::AgentTasks;
+use crate::transport::delivery::Delivery;
 use crate::transport::{Link, Transport};
 
 /// Every part of a running agent.
@@ -36,6 +38,8 @@ pub(crate) struct Agent {
     pub(crate) counters: Rc<Counters>,
     pub(crate) meta: Rc<HostMeta>,
     pub(crate) link: Rc<Link>,
+    /// Unacknowledged window and disk spool (owned by the transport).
+    pub(crate) delivery: Rc<Delivery>,
     pub(crate) heartbeat: Rc<Heartbeat>,
     pub(crate) tasks: Rc<AgentTasks>,
     pub(crate) stop: Rc<StopSignal>,
@@ -52,6 +56,12 @@ impl Agent {
         let meta = Rc::new(HostMeta::new(id, cfg.idc.clone(), cfg.region.clone()));
         let counters = Rc::new(Counters::default());
         let link = Rc::new(Link::default());
+        let delivery = Rc::new(Delivery::new(
+            cfg.unacked_bytes,
+            cfg.failover,
+            &cfg.spool_dir(),
+            cfg.spool_max_bytes,
+        ));
         let stop = Rc::new(StopSignal::new());
         let heartbeat = Rc::new(Heartbeat::new(
             cfg.clone(),
@@ -75,6 +85,7 @@ impl Agent {
             counters,
             meta,
             link,
+            delivery,
             heartbeat,
             tasks,
             stop,
@@ -90,6 +101,7 @@ impl Agent {
             meta: self.meta.clone(),
             heartbeat: self.heartbeat.clone(),
             link: self.link.clone(),
+            delivery: self.delivery.clone(),
         })
     }
 

@@ -44,6 +44,11 @@ Usage: elkeid-agent [OPTIONS]
   --log-max-bytes N      total size cap of the log files (default 1048576)
   --ring-bytes N         byte budget of the record ring (default 8388608)
   --heartbeat-secs N     heartbeat interval (default 60)
+  --failover-secs N      leave a hung center (no HTTP/2 ping answer, no TCP progress,
+                         acknowledgements stalled) within N s (default 15)
+  --unacked-bytes N      packets kept until the center acknowledges them (default 16777216)
+  --spool-dir DIR        disk spool for center outages (default WORK_DIR/spool)
+  --spool-max-bytes N    byte cap of the disk spool, 0 disables it (default 268435456)
   --foreground           also log to stderr
   --empty-config-removes-all[=true|false]
                          an empty plugin config list removes every plugin
@@ -210,6 +215,15 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// How long SIGTERM waits to flush the ring to the center.
     pub flush_deadline: Duration,
+    /// Bound for leaving a hung center (stalled acknowledgements,
+    /// `TCP_USER_TIMEOUT`; HTTP/2 pings are answered or fail sooner).
+    pub failover: Duration,
+    /// Bytes of packets kept until acknowledged.
+    pub unacked_bytes: usize,
+    /// Disk spool directory (`None`: `<work-dir>/spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// Disk spool byte cap; 0 disables the spool.
+    pub spool_max_bytes: u64,
     /// An empty plugin config list stops and deletes every plugin (Elkeid's
     /// behaviour); off: an empty list keeps the running plugins.
     pub empty_config_removes_all: bool,
@@ -254,8 +268,19 @@ impl Config {
             sd_timeout: Duration::from_secs(5),
             dial_timeout: Duration::from_secs(15),
             flush_deadline: Duration::from_secs(5),
+            failover: Duration::from_secs(15),
+            unacked_bytes: 16 * 1024 * 1024,
+            spool_dir: None,
+            spool_max_bytes: 256 * 1024 * 1024,
             empty_config_removes_all: false,
         }
+    }
+
+    /// The disk spool directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir
+            .clone()
+            .unwrap_or_else(|| self.work_dir.join("spool"))
     }
 
     /// Server list of the current region (empty when none).
@@ -285,6 +310,10 @@ struct FileConfig {
     sd_timeout_secs: Option<i64>,
     dial_timeout_secs: Option<i64>,
     flush_deadline_secs: Option<i64>,
+    failover_secs: Option<i64>,
+    unacked_bytes: Option<i64>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<i64>,
     empty_config_removes_all: Option<bool>,
     #[serde(default)]
     tls: FileTls,
@@ -341,6 +370,7 @@ fn check_name(key: &str, s: &str) -> Result<String, ConfigError> {
 
 const MAX_LOG: i64 = 1 << 30;
 const MAX_RING: i64 = 1 << 30;
+const MAX_SPOOL: i64 = 1 << 40;
 
 fn apply_file(cfg: &mut Config, f: FileConfig) -> Result<(), ConfigError> {
     if let Some(v) = f.work_dir {
@@ -378,6 +408,18 @@ fn apply_file(cfg: &mut Config, f: FileConfig) -> Result<(), ConfigError> {
     }
     if let Some(v) = f.flush_deadline_secs {
         cfg.flush_deadline = Duration::from_secs(range("flush_deadline_secs", v, 0, 600)? as u64);
+    }
+    if let Some(v) = f.failover_secs {
+        cfg.failover = Duration::from_secs(range("failover_secs", v, 3, 3600)? as u64);
+    }
+    if let Some(v) = f.unacked_bytes {
+        cfg.unacked_bytes = range("unacked_bytes", v, 1 << 20, MAX_RING)? as usize;
+    }
+    if let Some(v) = f.spool_dir {
+        cfg.spool_dir = Some(v);
+    }
+    if let Some(v) = f.spool_max_bytes {
+        cfg.spool_max_bytes = range("spool_max_bytes", v, 0, MAX_SPOOL)? as u64;
     }
     if let Some(v) = f.empty_config_removes_all {
         cfg.empty_config_removes_all = v;
@@ -443,7 +485,8 @@ where
             "--empty-config-removes-all" => flags.push((name, inline)),
             "--config" | "--work-dir" | "--server" | "--public" | "--sd" | "--region" | "--idc"
             | "--ca" | "--cert" | "--key" | "--server-name" | "--workers" | "--log-level"
-            | "--log-max-bytes" | "--ring-bytes" | "--heartbeat-secs" => {
+            | "--log-max-bytes" | "--ring-bytes" | "--heartbeat-secs" | "--failover-secs"
+            | "--unacked-bytes" | "--spool-dir" | "--spool-max-bytes" => {
                 let v = match inline {
                     Some(v) => v,
                     None => it
@@ -532,6 +575,14 @@ where
             "--heartbeat-secs" => {
                 cfg.heartbeat_interval = Duration::from_secs(parse_num(key, &v, 1, 86400)? as u64)
             }
+            "--failover-secs" => {
+                cfg.failover = Duration::from_secs(parse_num(key, &v, 3, 3600)? as u64)
+            }
+            "--unacked-bytes" => {
+                cfg.unacked_bytes = parse_num(key, &v, 1 << 20, MAX_RING)? as usize
+            }
+            "--spool-dir" => cfg.spool_dir = Some(PathBuf::from(v)),
+            "--spool-max-bytes" => cfg.spool_max_bytes = parse_num(key, &v, 0, MAX_SPOOL)? as u64,
             _ => {} // --config / --work-dir already applied
         }
     }

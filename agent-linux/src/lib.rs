@@ -42,6 +42,7 @@ mod meta;
 mod plugin;
 mod procstat;
 mod signals;
+mod spool;
 pub mod status;
 mod stop;
 mod tasks;
@@ -143,6 +144,7 @@ pub async fn probe(cfg: &config::Config, pre: &Preflight) -> Result<String, Stri
             name.clone(),
             std::sync::Arc::default(),
             cfg.dial_timeout,
+            cfg.failover,
         )
         .await
         {
@@ -189,21 +191,20 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
     let agent = agent::Agent::new(cfg, id, buffer, plugins);
     let (tasks, mut transport) = agent.spawn(tls);
     let why = agent.stop.stopped().await;
+    let delivery = agent.delivery.clone();
     tracing::info!(reason = ?why, "stopping: shutting plugins down");
     agent.plugins.shutdown().await;
     crate::log::drain_error_records(&agent.buffer);
     let deadline = tokio::time::Instant::now() + flush_deadline;
-    while !agent.buffer.is_empty() && tokio::time::Instant::now() < deadline {
+    // Flushed = the ring is empty and the center acknowledged everything
+    // (or does not acknowledge at all).
+    let flushed = || agent.buffer.is_empty() && delivery.settled();
+    while !flushed() && tokio::time::Instant::now() < deadline {
         agent.buffer.kick();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if agent.buffer.is_empty() {
+    if flushed() {
         tracing::info!("ring flushed to the center");
-    } else {
-        tracing::warn!(
-            ring_len = agent.buffer.len(),
-            "flush deadline passed; records left unsent"
-        );
     }
     // End the Transfer stream cleanly (if connected), then stop the rest.
     agent.link.closing.set(true);
@@ -213,6 +214,26 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         .is_err()
     {
         transport.abort();
+    }
+    // What no center took goes to the disk spool (replayed at next start):
+    // the unacknowledged window before everything spooled, the ring after.
+    if !agent.buffer.is_empty() || !delivery.settled() {
+        let window = delivery.window_to_spool();
+        let ring = transport::spill(&agent.buffer, &agent.meta, &delivery, &mut Vec::new());
+        delivery.seal();
+        if agent.buffer.is_empty() && delivery.settled() {
+            tracing::info!(
+                window_packets = window,
+                ring_records = ring,
+                "unsent data moved to the disk spool"
+            );
+        } else {
+            tracing::warn!(
+                ring_len = agent.buffer.len(),
+                unacked = delivery.stats().unacked_packets,
+                "flush deadline passed; records left unsent (no spool room)"
+            );
+        }
     }
     for t in tasks {
         t.abort();

@@ -14,6 +14,8 @@
 //! - `http/`: the axum API with AK/SK auth.
 //! - `metrics.rs`: counters and Prometheus text.
 //! - `sinks/`: the `Sink` trait and the `ndjson`, `null` (and `kafka`) sinks.
+//! - `ack.rs`: acknowledged delivery (durability tickets, de-duplication
+//!   state and its journal in `DIR/acks/`, counters).
 //! - `cluster/`: optional: several centers as one service through etcd
 //!   (`--etcd`): registration, agent locations, `/registry/detail`,
 //!   center-to-center forwarding.
@@ -25,6 +27,7 @@
 //! the task results and flush the sinks.
 #![deny(unsafe_code)]
 
+mod ack;
 mod cluster;
 pub mod config;
 pub mod ctl;
@@ -227,11 +230,31 @@ pub async fn run(
     };
 
     let metrics = Arc::new(metrics::Metrics::default());
+    let ack_metrics = Arc::new(ack::AckMetrics::default());
+    // Acknowledged delivery is on unless ELKEID_CENTER_TEST_NO_ACKS is set
+    // (tests only: the center then behaves exactly as Elkeid's, no identity
+    // keys and no ack Commands, as a stand-in for a center without the
+    // extension).
+    let acks = if std::env::var_os("ELKEID_CENTER_TEST_NO_ACKS").is_some() {
+        println!("elkeid-center: acknowledged delivery disabled (test mode)");
+        None
+    } else {
+        let recovered = if config.sinks.contains(&sinks::SinkKind::Ndjson) {
+            sinks::ndjson::recover_ids(&config.ndjson.dir)
+        } else {
+            Vec::new()
+        };
+        let acks_dir = dir.join("acks");
+        Some(Arc::new(
+            ack::AckStore::open(&acks_dir, &recovered, ack_metrics.clone())
+                .map_err(io_err(&acks_dir))?,
+        ))
+    };
     // Sink settings were checked when the config was loaded.
-    let sinks = sinks::build(&config, &metrics)
+    let sinks = sinks::build(&config, &metrics, &ack_metrics)
         .await
         .map_err(|e| RunError::Sink(e.to_string()))?;
-    if config.sinks.contains(&config::SinkKind::Ndjson) {
+    if config.sinks.contains(&sinks::SinkKind::Ndjson) {
         println!(
             "elkeid-center: records go to {}",
             config.ndjson.dir.display()
@@ -260,6 +283,7 @@ pub async fn run(
         manager,
         tasks,
         metrics: metrics.clone(),
+        acks,
     };
     let uploads_dir = dir.join("uploads");
     std::fs::create_dir_all(&uploads_dir).map_err(io_err(&uploads_dir))?;
@@ -349,6 +373,7 @@ pub async fn run(
         sinks: sinks.clone(),
         aksk: Arc::new(aksk),
         auth: config.http.auth,
+        acks: ack_metrics,
         replays: Default::default(),
         cluster: cluster.clone(),
     };

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use elkeid_proto::grpc::{Command, PackagedData};
 use serde_json::{Map, Number, Value};
 
+use crate::ack::{AckStore, Admit, PacketId, Ticket};
 use crate::manager::{Manager, TaskItem, TaskQueue};
 use crate::metrics::{Metrics, inc};
 use crate::now_unix;
@@ -38,6 +39,21 @@ pub(crate) struct Ctx {
     pub(crate) manager: Arc<dyn Manager>,
     pub(crate) tasks: TaskQueue,
     pub(crate) metrics: Arc<Metrics>,
+    /// Acknowledged delivery (None: disabled, the center then behaves as
+    /// Elkeid's: no identity keys, no acknowledgements).
+    pub(crate) acks: Option<Arc<AckStore>>,
+}
+
+/// What the acknowledgement path waits for after a packet with an identity.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    /// Stored: acknowledged when every sink made it durable (`true`).
+    Stored(PacketId, tokio::sync::oneshot::Receiver<bool>),
+    /// A re-send of a packet already accepted: acknowledged once that one
+    /// is durable.
+    Duplicate(PacketId),
+    /// Refused (counted): acknowledged at once so the agent moves on.
+    Refused(PacketId),
 }
 
 impl std::fmt::Debug for Ctx {
@@ -129,15 +145,43 @@ fn meta_len(pkt: &PackagedData) -> u64 {
     (pkt.agent_id.len() + pkt.hostname.len() + pkt.version.len() + pkt.product.len()) as u64 + ips
 }
 
-/// Processes one received packet and hands it to the sinks.
-pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData) {
+/// Processes one received packet and hands it to the sinks. With
+/// acknowledgements on and a packet identity, returns what the
+/// acknowledgement of this packet waits for.
+pub(crate) async fn handle_packet(
+    ctx: &Ctx,
+    conn: &Arc<Conn>,
+    pkt: PackagedData,
+) -> Option<Pending> {
     let now = now_unix();
     let m = &ctx.metrics;
+    let id = match &ctx.acks {
+        Some(store) if pkt.ack_epoch != 0 => {
+            let id = PacketId {
+                epoch: pkt.ack_epoch,
+                seq: pkt.ack_seq,
+            };
+            if store.admit(&conn.agent_id, id) == Admit::Duplicate {
+                store
+                    .metrics
+                    .dup_packets
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                store.metrics.dup_records.fetch_add(
+                    pkt.records.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                tracing::debug!(agent_id = %conn.agent_id, epoch = id.epoch, seq = id.seq, "duplicate packet dropped");
+                return Some(Pending::Duplicate(id));
+            }
+            Some(id)
+        }
+        _ => None,
+    };
     let expansion = meta_len(&pkt).saturating_mul(pkt.records.len() as u64);
     if expansion > MAX_PACKET_EXPANSION {
         inc(&m.oversized_packets);
         tracing::warn!(agent_id = %conn.agent_id, records = pkt.records.len(), meta_bytes = meta_len(&pkt), "packet refused: host metadata x records too large");
-        return;
+        return id.map(Pending::Refused);
     }
     inc(&m.recv_packets);
     m.recv_records.inc_by(pkt.records.len() as u64);
@@ -208,6 +252,13 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
         }
     }
     m.add_data_types(&counts.into_iter().collect::<Vec<_>>());
+    let (ticket, pending) = match id {
+        Some(id) => {
+            let (t, rx) = Ticket::new();
+            (Some(t), Some(Pending::Stored(id, rx)))
+        }
+        None => (None, None),
+    };
     let batch = Arc::new(PacketBatch {
         svr_time: now,
         tag: ctx.manager.tag(&pkt.agent_id),
@@ -220,8 +271,11 @@ pub(crate) async fn handle_packet(ctx: &Ctx, conn: &Arc<Conn>, pkt: PackagedData
         version: pkt.version,
         product: pkt.product,
         records: pkt.records,
+        id,
+        ticket,
     });
     ctx.sinks.send(&batch).await;
+    pending
 }
 
 /// Asks the manager for the agent's components and queues one config
@@ -241,6 +295,7 @@ fn push_configs(ctx: &Ctx, conn: &Arc<Conn>, detail: Map<String, Value>) {
                     agent_ctrl: 0,
                     task: None,
                     configs: list.into_iter().map(Into::into).collect(),
+                    ..Default::default()
                 };
                 match conn.try_push(cmd) {
                     Ok(()) => {
@@ -301,6 +356,7 @@ mod tests {
             manager,
             tasks,
             metrics: metrics.clone(),
+            acks: None,
         };
         let pool = crate::pool::Pool::new(
             4,

@@ -14,6 +14,11 @@
 //! - [`payload`]: `Payload` map entry writers (Elkeid number formatting via
 //!   `core::fmt`, no heap) and an allocation-free entry reader.
 //! - [`packet`]: `PackagedData` encoding around a drained batch.
+//! - [`ack`]: the acknowledged-delivery extension: packet identity fields
+//!   and the unacknowledged window (re-send order, non-acking center and
+//!   stall detection).
+//! - [`spool`]: the disk spool's segment/entry codec (CRC-32C per entry,
+//!   torn vs corrupt).
 //! - [`schema`]: record data types and the payload keys of the records the
 //!   agent builds (heartbeats, 1010 logs, 5100 results), shared with the
 //!   center and the tests.
@@ -30,9 +35,11 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod ack;
 pub mod frame;
 pub mod packet;
 pub mod payload;
 pub mod pb;
 pub mod ring;
 pub mod schema;
+pub mod spool;

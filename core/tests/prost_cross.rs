@@ -373,3 +373,57 @@ proptest! {
         }
     }
 }
+
+/// The Go agent's `Command` (gogofaster, agent/proto): fields 2 and 3 only.
+#[derive(Clone, PartialEq, Message)]
+struct ElkeidAgentCommand {
+    #[prost(message, optional, tag = "2")]
+    task: Option<Task>,
+    #[prost(string, repeated, tag = "3")]
+    configs: Vec<String>,
+}
+
+/// A packet carrying the acknowledged-delivery fields decodes, with every
+/// Elkeid field unchanged, in a decoder that does not know them (Elkeid's
+/// center skips or keeps unknown fields the same way), and our reader
+/// finds the identity again.
+#[test]
+fn ack_fields_are_skipped_by_elkeid_decoders() {
+    use elkeid_core::ack::{self, PacketId};
+    let rec = EncodedRecord {
+        data_type: 1000,
+        timestamp: 1_700_000_000,
+        data: vec![0x0a, 0x00],
+    }
+    .encode_to_vec();
+    let meta = PacketMeta {
+        agent_id: "a1",
+        hostname: "h",
+        product: "elkeid-agent",
+        ..PacketMeta::default()
+    };
+    let mut mbuf = vec![0u8; packet::meta_len(&meta)];
+    packet::encode_meta(&meta, &mut mbuf).unwrap();
+    let mut pkt = Vec::new();
+    packet::encode_packet_vec(std::iter::once(&rec[..]), &mbuf, &mut pkt);
+    let plain = pkt.clone();
+    let id = PacketId {
+        epoch: 0xdead_beef_1234,
+        seq: 77,
+    };
+    let mut ext = [0u8; 32];
+    let n = ack::encode_packet_id(id, &mut ext).unwrap();
+    pkt.extend_from_slice(&ext[..n]);
+    assert_eq!(
+        PackagedData::decode(&pkt[..]).unwrap(),
+        PackagedData::decode(&plain[..]).unwrap()
+    );
+    assert_eq!(ack::decode_packet_id(&pkt), Ok(Some(id)));
+    assert_eq!(ack::decode_packet_id(&plain), Ok(None));
+
+    // An ack-only Command is, to the Go agent, a Command with neither task
+    // nor configs: an empty config list that removes every plugin. This is
+    // why our center never sends one to a stream that did not advertise.
+    let cmd = ElkeidAgentCommand::decode(&ext[..n]).unwrap();
+    assert_eq!(cmd, ElkeidAgentCommand::default());
+}

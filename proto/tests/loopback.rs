@@ -174,6 +174,7 @@ impl Transfer for TransferSvc {
                                 token: "t".into(),
                             }),
                             configs: vec![],
+                            ..Default::default()
                         };
                         let _ = seen.send(Ok(p));
                         if tx.send(Ok(cmd)).await.is_err() {

@@ -262,6 +262,7 @@ pub fn packet(agent_id: &str, records: Vec<EncodedRecord>) -> PackagedData {
         hostname: format!("host-{agent_id}"),
         version: "1.9.1.4".into(),
         product: "elkeid-rs-test".into(),
+        ..Default::default()
     }
 }
 

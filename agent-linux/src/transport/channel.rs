@@ -56,6 +56,13 @@ pub(crate) enum ChannelError {
     Timeout(String),
 }
 
+/// HTTP/2 PING after this long without a frame from the center. Not below
+/// 5 s: Elkeid's Go center sends GOAWAY `too_many_pings` to clients that
+/// ping more often than its keepalive `MinTime` (5 s).
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(6);
+/// A PING not answered within this closes the connection.
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A live h2 connection usable by tonic (cheap to clone; clones share the
 /// connection, so file uploads run as another stream on it).
 #[derive(Debug, Clone)]
@@ -65,15 +72,22 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    /// Dials `addr` (`host:port`) within `timeout`.
+    /// Dials `addr` (`host:port`) within `timeout`, with the hung-peer bound
+    /// `failover`: the socket's
+    /// `TCP_USER_TIMEOUT` (sent data unacknowledged by the peer's kernel for
+    /// that long closes the connection) and HTTP/2 PING keepalive (no frame
+    /// from the center for [`PING_INTERVAL`], then no PING answer within
+    /// [`PING_TIMEOUT`], closes it: a frozen center process whose kernel
+    /// still acknowledges TCP).
     pub(crate) async fn connect(
         addr: &str,
         tls: Arc<ClientConfig>,
         name: ServerName<'static>,
         counters: Arc<ByteCounters>,
         timeout: Duration,
+        failover: Duration,
     ) -> Result<Channel, ChannelError> {
-        match tokio::time::timeout(timeout, Self::dial(addr, tls, name, counters)).await {
+        match tokio::time::timeout(timeout, Self::dial(addr, tls, name, counters, failover)).await {
             Ok(r) => r,
             Err(_) => Err(ChannelError::Timeout(addr.to_string())),
         }
@@ -84,12 +98,19 @@ impl Channel {
         tls: Arc<ClientConfig>,
         name: ServerName<'static>,
         counters: Arc<ByteCounters>,
+        failover: Duration,
     ) -> Result<Channel, ChannelError> {
         let a = || addr.to_string();
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|source| ChannelError::Connect { addr: a(), source })?;
         let _ = tcp.set_nodelay(true);
+        let ms = u32::try_from(failover.as_millis()).unwrap_or(u32::MAX);
+        if let Err(error) =
+            nix::sys::socket::setsockopt(&tcp, nix::sys::socket::sockopt::TcpUserTimeout, &ms)
+        {
+            tracing::debug!(%error, "TCP_USER_TIMEOUT not set");
+        }
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
@@ -101,6 +122,10 @@ impl Channel {
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(2 << 20)
             .max_send_buf_size(1 << 20)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(PING_INTERVAL)
+            .keep_alive_timeout(PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ChannelError::H2 { addr: a(), source })?;

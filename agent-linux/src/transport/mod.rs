@@ -9,10 +9,22 @@
 //!   (each command goes to the `on_command` callback; the agent plans and
 //!   executes it, see `crate::command`).
 //!
-//! The transport owns the connection state ([`Link`]); it writes the
-//! counters and reads the host metadata (packet fields, region).
+//! - `delivery`: the unacknowledged window and the disk spool (acknowledged
+//!   delivery): packets are stamped with their identity, kept until the
+//!   center acknowledges them, re-sent in order after a reconnect or a
+//!   failover, and spilled to the spool while no center takes data.
+//!
+//! The transport owns the connection state ([`Link`]) and the delivery
+//! state; it writes the counters and reads the host metadata (packet
+//! fields, region).
+//!
+//! A hung center is left within `--failover-secs`: HTTP/2 PING keepalive
+//! and `TCP_USER_TIMEOUT` end a dead connection, and acknowledgements that
+//! stop advancing while packets wait end the session; the address that
+//! failed is then tried last, at once.
 
 pub(crate) mod channel;
+pub(crate) mod delivery;
 pub(crate) mod tls;
 
 use std::cell::{Cell, RefCell};
@@ -35,6 +47,7 @@ use crate::counters::Counters;
 use crate::heartbeat::Heartbeat;
 use crate::meta::HostMeta;
 use channel::Channel;
+use delivery::Delivery;
 
 /// Connection state, owned by the transport (others only look).
 #[derive(Debug, Default)]
@@ -57,6 +70,8 @@ pub(crate) struct Transport {
     /// A 1000 heartbeat is pushed at the start of every session.
     pub(crate) heartbeat: Rc<Heartbeat>,
     pub(crate) link: Rc<Link>,
+    /// Unacknowledged window and disk spool.
+    pub(crate) delivery: Rc<Delivery>,
 }
 
 /// Receives every Command, in order, on the runtime thread.
@@ -88,6 +103,9 @@ pub(crate) enum SessionError {
     /// The center ended the stream cleanly.
     #[error("center ended the stream")]
     Ended,
+    /// Acknowledgements stopped advancing while packets waited.
+    #[error("center stalled: no acknowledgement progress")]
+    Stalled,
 }
 
 /// Errors of a service-discovery lookup.
@@ -175,12 +193,14 @@ pub(crate) fn next_backoff(cur: Duration) -> Duration {
     (cur * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
 }
 
-/// Tries service discovery, then the private list, then the public list.
+/// Tries service discovery, then the private list, then the public list;
+/// `avoid` (the address that just failed) is tried last.
 async fn dial(
     agent: &Transport,
     tls: &Arc<ClientConfig>,
     name: &ServerName<'static>,
-) -> Option<(Channel, &'static str)> {
+    avoid: Option<&str>,
+) -> Option<(Channel, &'static str, String)> {
     let region = agent.meta.region.borrow().clone();
     let servers = agent.cfg.servers.get(&region).cloned().unwrap_or_default();
     let mut candidates: Vec<(String, &'static str)> = Vec::new();
@@ -198,6 +218,13 @@ async fn dial(
     if candidates.is_empty() {
         tracing::error!(region = %region, "no center address configured for this region");
     }
+    if let Some(bad) = avoid
+        && candidates.len() > 1
+        && let Some(i) = candidates.iter().position(|(a, _)| a == bad)
+    {
+        let c = candidates.remove(i);
+        candidates.push(c);
+    }
     for (addr, mode) in candidates {
         match Channel::connect(
             &addr,
@@ -205,13 +232,14 @@ async fn dial(
             name.clone(),
             agent.counters.bytes.clone(),
             agent.cfg.dial_timeout,
+            agent.cfg.failover,
         )
         .await
         {
             Ok(ch) => {
                 tracing::info!(addr = %addr, net_mode = mode, "connected to center");
                 crate::status::connected(&addr);
-                return Some((ch, mode));
+                return Some((ch, mode, addr));
             }
             Err(error) => tracing::warn!(addr = %addr, %error, "dial failed"),
         }
@@ -234,13 +262,26 @@ pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command
     let mut jitter = Jitter::new();
     let mut backoff = Duration::ZERO;
     let mut connected_once = false;
+    let mut avoid: Option<String> = None;
+    let delivery = agent.delivery.clone();
     loop {
-        if !backoff.is_zero() {
-            let d = jitter.apply(backoff);
-            tracing::info!(delay_ms = d.as_millis() as u64, "reconnecting after delay");
-            tokio::time::sleep(d).await;
-        }
-        let Some((ch, mode)) = dial(&agent, &tls, &name).await else {
+        // While no center takes data, the ring spills into the spool.
+        let connect = async {
+            if !backoff.is_zero() {
+                let d = jitter.apply(backoff);
+                tracing::info!(delay_ms = d.as_millis() as u64, "reconnecting after delay");
+                tokio::time::sleep(d).await;
+            }
+            dial(&agent, &tls, &name, avoid.as_deref()).await
+        };
+        let dialed = tokio::select! {
+            r = connect => r,
+            () = offline(&agent) => None,
+        };
+        let Some((ch, mode, addr)) = dialed else {
+            if agent.link.closing.get() {
+                return;
+            }
             backoff = next_backoff(backoff);
             continue;
         };
@@ -254,8 +295,11 @@ pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command
         agent.counters.net_mode.set(mode);
         agent.link.channel.replace(Some(ch.clone()));
         let started = tokio::time::Instant::now();
+        delivery.rewind();
         let r = session(&agent, ch, &on_command).await;
         agent.link.channel.replace(None);
+        delivery.publish();
+        avoid = None;
         crate::status::disconnected(
             &r.as_ref()
                 .err()
@@ -264,13 +308,20 @@ pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command
         );
         match r {
             Ok(()) => tracing::info!("transfer session ended"),
-            Err(error) => tracing::warn!(%error, "transfer session ended"),
+            Err(error) => {
+                tracing::warn!(addr = %addr, %error, "transfer session ended");
+                // a hung or failing center: the others first
+                avoid = Some(addr);
+            }
         }
         if agent.link.closing.get() {
             return;
         }
         backoff = if started.elapsed() > Duration::from_secs(30) {
             BACKOFF_MIN
+        } else if avoid.is_some() && !delivery.is_empty() {
+            // failover: the next address at once
+            Duration::ZERO
         } else {
             next_backoff(backoff)
         };
@@ -304,6 +355,10 @@ async fn session(
         let mut commands = call.await?.into_inner();
         while let Some(cmd) = commands.message().await? {
             Counters::add(&agent.counters.rx_commands, 1);
+            // an ack-only Command is an acknowledgement, never a config sync
+            if agent.delivery.on_command(&cmd) {
+                continue;
+            }
             on_command(cmd);
         }
         Err::<(), _>(SessionError::Ended)
@@ -323,11 +378,24 @@ async fn session(
     }
 }
 
-/// Ships ring batches every 100 ms, at once when the ring passes its
-/// high-water mark, or when kicked. A batch is committed once the request
-/// body took it; on any failure it is rolled back and re-sent after the
-/// reconnect, in order.
+/// Hands one packet to the request body; `Err` when the stream is gone.
+async fn send_one(tx: &mpsc::Sender<Bytes>, pkt: Bytes) -> Result<(), SessionError> {
+    tx.send(pkt).await.map_err(|_| SessionError::Closed)?;
+    // The slot frees once the body took the packet.
+    let permit = tx.reserve().await.map_err(|_| SessionError::Closed)?;
+    drop(permit);
+    Ok(())
+}
+
+/// Ships packets every 100 ms, at once when the ring passes its high-water
+/// mark, when kicked, or when an acknowledgement made room. Order: what the
+/// window holds unsent (re-sends after a reconnect first), then the spool,
+/// then new ring batches, each stamped with its identity and kept in the
+/// window until acknowledged (released at once against a center without
+/// the extension). Ends with [`SessionError::Stalled`] when
+/// acknowledgements stop advancing while packets wait.
 async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), SessionError> {
+    let delivery = &agent.delivery;
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
@@ -336,15 +404,27 @@ async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), Ses
             _ = tick.tick() => {}
             _ = agent.buffer.high_water() => {}
             _ = agent.buffer.kicked() => {}
+            _ = delivery.acked.notified() => {}
         }
         crate::log::drain_error_records(&agent.buffer);
-        if agent.link.closing.get() && agent.buffer.is_empty() {
-            return Ok(());
+        if delivery.poll() {
+            delivery.publish();
+            return Err(SessionError::Stalled);
         }
         if agent.link.release_memory.replace(false) {
             buf = Vec::new();
         }
         loop {
+            while let Some(pkt) = delivery.next_to_send() {
+                send_one(&tx, pkt).await?;
+                delivery.sent();
+            }
+            if delivery.refill_from_spool() > 0 {
+                continue;
+            }
+            if !delivery.can_take(MAX_BATCH_BYTES) {
+                break;
+            }
             buf.clear();
             let meta = agent.meta.packet.borrow().clone();
             let Some((batch, n)) =
@@ -358,26 +438,84 @@ async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), Ses
                 }
                 break;
             };
-            // Hand the buffer itself to the request body (no copy); the
-            // next batch starts a buffer of the same size.
+            delivery::stamp(&mut buf, delivery.next_id());
+            // Hand the buffer itself to the window (no copy); the next
+            // batch starts a buffer of the same size.
             let cap = buf.len();
             let pkt = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(cap)));
-            if tx.send(pkt).await.is_err() {
-                agent.buffer.rollback(batch);
-                return Err(SessionError::Closed);
-            }
-            // The slot frees once the body took the packet.
-            match tx.reserve().await {
-                Ok(permit) => drop(permit),
+            match delivery.push(pkt) {
+                Ok(()) => {
+                    // the window owns the packet now: the ring slots free
+                    agent.buffer.commit(batch);
+                    Counters::add(&agent.counters.tx_records, n as u64);
+                }
                 Err(_) => {
                     agent.buffer.rollback(batch);
-                    return Err(SessionError::Closed);
+                    break;
                 }
             }
-            agent.buffer.commit(batch);
-            Counters::add(&agent.counters.tx_records, n as u64);
+        }
+        delivery.publish();
+        if agent.link.closing.get() && agent.buffer.is_empty() && delivery.is_empty() {
+            return Ok(());
         }
     }
+}
+
+/// While no center is connected: when a spool is configured, moves ring
+/// batches into it (stamped with their identity) so plugins keep being
+/// read; when it is full, the ring fills and back-pressure applies as
+/// before. Never returns.
+async fn offline(agent: &Transport) {
+    let mut tick = tokio::time::interval(SEND_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = agent.buffer.high_water() => {}
+            _ = agent.buffer.kicked() => {}
+        }
+        crate::log::drain_error_records(&agent.buffer);
+        spill(&agent.buffer, &agent.meta, &agent.delivery, &mut buf);
+        agent.delivery.publish();
+        if buf.capacity() > 64 * 1024 {
+            buf = Vec::new();
+        }
+    }
+}
+
+/// Moves everything the ring holds into the spool while it has room;
+/// returns records moved.
+pub(crate) fn spill(
+    buffer: &Buffer,
+    meta: &HostMeta,
+    delivery: &Delivery,
+    buf: &mut Vec<u8>,
+) -> usize {
+    let mut moved = 0;
+    if !delivery.has_spool() {
+        return 0;
+    }
+    loop {
+        if !delivery.spool_has_room(MAX_BATCH_BYTES) {
+            break;
+        }
+        buf.clear();
+        let m = meta.packet.borrow().clone();
+        let Some((batch, n)) = buffer.begin_packet(RING_SLOTS, MAX_BATCH_BYTES, &m, buf) else {
+            break;
+        };
+        delivery::stamp(buf, delivery.next_id());
+        if delivery.spool_new(buf) {
+            buffer.commit(batch);
+            moved += n;
+        } else {
+            buffer.rollback(batch);
+            break;
+        }
+    }
+    moved
 }
 
 #[cfg(test)]

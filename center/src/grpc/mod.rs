@@ -7,8 +7,11 @@
 //! - `upload.rs`: `FileExt.Upload` into `DIR/uploads/`.
 //! - `incoming.rs`: the accept loop with a TCP connection cap.
 //!
-//! Keepalive as Elkeid's center: the server pings after 10 min of silence and
-//! drops the connection when the ping is not answered within 5 s. Elkeid's
+//! Keepalive: the server pings after 30 s of silence and drops the
+//! connection when the ping is not answered within 10 s, so a dead agent
+//! (host gone, cable pulled) leaves the pool and `/conn/list` within about
+//! 40 s (Elkeid's center waits 10 min + 5 s; Go agents answer pings, as
+//! every HTTP/2 peer must). Elkeid's
 //! `MaxConnectionIdle` (20 min) and ping enforcement (`MinTime` 5 s, GOAWAY
 //! `too_many_pings`) have no tonic equivalent: a client that pings too often is
 //! tolerated (Go agents send no pings at all).
@@ -49,9 +52,9 @@ pub enum GrpcError {
 /// an agent uses one Transfer stream and at most one upload at a time.
 pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Server ping period.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(600);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Ping answer deadline.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `shutdown` resolves.
 pub(crate) async fn serve(

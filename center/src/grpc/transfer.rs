@@ -22,6 +22,17 @@
 //!    carries the connection's queued commands. Either side ending ends both;
 //!    a receive error (oversized or malformed message) is returned to the
 //!    agent as the stream's status.
+//! 4. Acknowledged delivery: when acknowledgements are on and the first
+//!    packet carries an identity (`ack_epoch`, only elkeid-rs agents send
+//!    one), an acknowledgement task follows the stream's packets in order:
+//!    it waits until each is durable in every sink (or, for a re-send,
+//!    until the original is), journals the durable point, then sends an
+//!    ack-only `Command` (fields 2001/2002, no task, no configs). Right
+//!    after the first packet it sends the durable point already known for
+//!    that epoch (a "hello": the agent learns the center acknowledges, and
+//!    drops what an earlier connection already delivered). A stream
+//!    without identities never gets an ack-only Command: an Elkeid agent
+//!    would take it as an empty config list.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -34,10 +45,19 @@ use tokio::sync::mpsc;
 use tokio_util::sync::DropGuard;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ack::{AckStore, PacketId};
 use crate::identity::AgentIdentity;
 use crate::metrics::inc;
 use crate::pool::{Conn, Outgoing, Pool, Registration};
-use crate::records::{Ctx, handle_packet};
+use crate::records::{Ctx, Pending, handle_packet};
+
+/// Packets of one stream waiting for their acknowledgement.
+const ACK_PIPELINE: usize = 4096;
+/// Acknowledgements queued for the response stream.
+const ACK_QUEUE: usize = 64;
+/// How long a re-sent packet waits for its original to become durable
+/// before the stream is closed (the agent then re-sends again).
+const DUPLICATE_WAIT: Duration = Duration::from_secs(60);
 
 /// Longest `agent_id` (Elkeid's are 36-character UUIDs).
 pub(crate) const MAX_AGENT_ID: usize = 128;
@@ -273,6 +293,21 @@ impl Transfer for TransferSvc {
         self.ctx.manager.agent_connected(&agent_id);
         let end: Arc<Mutex<Option<Status>>> = Arc::new(Mutex::new(None));
         let conn = reg.conn.clone();
+        let (pipeline, acks) = match &self.ctx.acks {
+            Some(store) if first.ack_epoch != 0 => {
+                let (ptx, prx) = mpsc::channel(ACK_PIPELINE);
+                let (atx, arx) = mpsc::channel(ACK_QUEUE);
+                // hello: the durable point already known for this epoch
+                let hello = PacketId {
+                    epoch: first.ack_epoch,
+                    seq: store.durable(&agent_id, first.ack_epoch),
+                };
+                let _ = atx.try_send(hello);
+                tokio::spawn(ack_loop(store.clone(), conn.clone(), prx, atx));
+                (Some(ptx), Some(arx))
+            }
+            _ => (None, None),
+        };
         let bound = self.identity == AgentIdentity::Cert;
         tokio::spawn(receive(
             self.ctx.clone(),
@@ -280,14 +315,17 @@ impl Transfer for TransferSvc {
             first,
             inbound,
             end.clone(),
+            pipeline,
             bound,
         ));
         Ok(Response::new(commands(
             conn,
             self.pool.clone(),
             rx,
+            acks,
             end,
             self.ctx.metrics.clone(),
+            self.ctx.acks.clone(),
         )))
     }
 }
@@ -298,10 +336,20 @@ async fn receive(
     first: PackagedData,
     mut inbound: Streaming<PackagedData>,
     end: Arc<Mutex<Option<Status>>>,
+    pipeline: Option<mpsc::Sender<Pending>>,
     bound: bool,
 ) {
     let conn = reg.conn.clone();
-    handle_packet(&ctx, &conn, first).await;
+    let track = |p: Option<Pending>| {
+        let pipeline = pipeline.clone();
+        async move {
+            if let (Some(tx), Some(p)) = (pipeline, p) {
+                // waits when acknowledgements lag: back-pressure
+                let _ = tx.send(p).await;
+            }
+        }
+    };
+    track(handle_packet(&ctx, &conn, first).await).await;
     loop {
         tokio::select! {
             _ = conn.closed.cancelled() => break,
@@ -315,7 +363,7 @@ async fn receive(
                     ));
                     break;
                 }
-                Ok(Some(p)) => handle_packet(&ctx, &conn, p).await,
+                Ok(Some(p)) => track(handle_packet(&ctx, &conn, p).await).await,
                 Ok(None) => break,
                 Err(status) => {
                     tracing::info!(agent_id = %conn.agent_id, %status, "agent stream receive error");
@@ -329,10 +377,90 @@ async fn receive(
     drop(reg);
 }
 
+/// Follows one stream's packets in order and sends cumulative
+/// acknowledgements once they are durable and journaled (see the module
+/// docs). A packet a sink could not make durable ends the stream: the agent
+/// reconnects and re-sends everything unacknowledged.
+async fn ack_loop(
+    store: Arc<AckStore>,
+    conn: Arc<Conn>,
+    mut pending: mpsc::Receiver<Pending>,
+    acks: mpsc::Sender<PacketId>,
+) {
+    let agent = conn.agent_id.clone();
+    let mut group: Vec<Pending> = Vec::new();
+    loop {
+        group.clear();
+        // Even after the stream closed, the packets it handed to the sinks
+        // are followed to the end: their durability must be recorded, or a
+        // re-send on the next stream would wait for it forever.
+        match pending.recv().await {
+            Some(p) => group.push(p),
+            None => return,
+        }
+        while group.len() < ACK_PIPELINE
+            && let Ok(p) = pending.try_recv()
+        {
+            group.push(p);
+        }
+        // Resolve in order; one ack per run of the same epoch.
+        let mut out: Vec<PacketId> = Vec::new();
+        for p in group.drain(..) {
+            let id = match p {
+                Pending::Stored(id, rx) => {
+                    if rx.await != Ok(true) {
+                        store
+                            .metrics
+                            .not_durable
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        store.rollback(&agent, id.epoch);
+                        tracing::warn!(agent_id = %agent, epoch = id.epoch, seq = id.seq, "packet not durable in every sink: closing the stream so the agent re-sends");
+                        conn.closed.cancel();
+                        return;
+                    }
+                    store.mark_durable(&agent, id);
+                    id
+                }
+                Pending::Refused(id) => {
+                    store.mark_durable(&agent, id);
+                    id
+                }
+                Pending::Duplicate(id) => {
+                    let deadline = tokio::time::Instant::now() + DUPLICATE_WAIT;
+                    while store.durable(&agent, id.epoch) < id.seq {
+                        if tokio::time::Instant::now() >= deadline || conn.closed.is_cancelled() {
+                            conn.closed.cancel();
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    id
+                }
+            };
+            match out.last_mut() {
+                Some(last) if last.epoch == id.epoch => last.seq = last.seq.max(id.seq),
+                _ => out.push(id),
+            }
+        }
+        let lines = out.iter().map(|id| (agent.clone(), *id)).collect();
+        if let Err(error) = store.persist(lines).await {
+            tracing::error!(agent_id = %agent, %error, "ack journal failed: no acknowledgements");
+            conn.closed.cancel();
+            return;
+        }
+        for id in out {
+            // a closed stream takes no more acks; keep recording durability
+            let _ = acks.try_send(id);
+        }
+    }
+}
+
 struct SendState {
     conn: Arc<Conn>,
     pool: Arc<Pool>,
     rx: mpsc::Receiver<Outgoing>,
+    acks: Option<mpsc::Receiver<PacketId>>,
+    store: Option<Arc<AckStore>>,
     end: Arc<Mutex<Option<Status>>>,
     metrics: Arc<crate::metrics::Metrics>,
     finished: bool,
@@ -340,18 +468,29 @@ struct SendState {
     _guard: DropGuard,
 }
 
+async fn next_ack(acks: &mut Option<mpsc::Receiver<PacketId>>) -> Option<PacketId> {
+    match acks {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn commands(
     conn: Arc<Conn>,
     pool: Arc<Pool>,
     rx: mpsc::Receiver<Outgoing>,
+    acks: Option<mpsc::Receiver<PacketId>>,
     end: Arc<Mutex<Option<Status>>>,
     metrics: Arc<crate::metrics::Metrics>,
+    store: Option<Arc<AckStore>>,
 ) -> CommandStream {
     let guard = conn.closed.clone().drop_guard();
     let st = SendState {
         conn,
         pool,
         rx,
+        acks,
+        store,
         end,
         metrics,
         finished: false,
@@ -373,6 +512,14 @@ fn commands(
                 }
                 None => None,
             },
+            Some(id) = next_ack(&mut st.acks) => {
+                if let Some(s) = &st.store {
+                    s.metrics.acks_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // ack-only: no task, no configs (only to advertising agents)
+                let cmd = Command { ack_epoch: id.epoch, ack_seq: id.seq, ..Default::default() };
+                Some((Ok(cmd), st))
+            }
             _ = st.conn.closed.cancelled() => {
                 st.finished = true;
                 let replaced = st.pool.get(&st.conn.agent_id).is_some_and(|c| c.generation != st.conn.generation);

@@ -23,6 +23,7 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     let mut body = s
         .metrics
         .render(s.pool.count(), &s.sinks.lag(), &s.sinks.counters());
+    s.acks.render(&mut body);
     if let Some(c) = &s.cluster {
         c.render_metrics(&mut body);
     }
@@ -206,6 +207,7 @@ pub(crate) async fn command(
             agent_ctrl: 0,
             task: None,
             configs: req.command.config.into_iter().map(Into::into).collect(),
+            ..Default::default()
         });
     }
     if let Some(t) = req.command.task {
@@ -218,6 +220,7 @@ pub(crate) async fn command(
                 token: t.token,
             }),
             configs: Vec::new(),
+            ..Default::default()
         });
     }
     if cmds.is_empty() {

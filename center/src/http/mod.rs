@@ -42,6 +42,8 @@ pub(crate) struct AppState {
     pub(crate) sinks: Sinks,
     pub(crate) aksk: Arc<AkSk>,
     pub(crate) auth: bool,
+    /// Acknowledgement counters (appended to `/metrics`).
+    pub(crate) acks: Arc<crate::ack::AckMetrics>,
     /// Signatures of state-changing requests already accepted.
     pub(crate) replays: Arc<auth::ReplayGuard>,
     /// Cluster membership (`--etcd`); `None` for a single center.
@@ -156,6 +158,7 @@ mod tests {
             sinks,
             aksk: Arc::new(aksk),
             auth,
+            acks: Default::default(),
             replays: Default::default(),
             cluster: None,
         };

@@ -33,6 +33,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::ack::{PacketId, Ticket};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 
@@ -179,6 +180,13 @@ pub(crate) struct PacketBatch {
     /// `tags` from the manager's extra-info cache, else empty.
     pub(crate) tag: String,
     pub(crate) records: Vec<EncodedRecord>,
+    /// The packet's identity when the agent sent one (acknowledged
+    /// delivery): written with every record (NDJSON keys `agent_epoch`,
+    /// `agent_seq`, `record_idx`; Kafka headers) so consumers can
+    /// de-duplicate.
+    pub(crate) id: Option<PacketId>,
+    /// Held by each sink until the records are durable (see `crate::ack`).
+    pub(crate) ticket: Option<Ticket>,
 }
 
 /// Why a sink could not take a batch.
@@ -214,6 +222,10 @@ pub(crate) enum SinkError {
 /// `send` runs on the agent's stream task: a sink that is slow applies
 /// back-pressure to that agent simply by not completing. A sink never drops
 /// silently: drops happen only under an explicit policy and are counted.
+///
+/// Durability: a sink keeps a clone of `batch.ticket` (or the batch itself)
+/// until the records are durable, and calls `Ticket::fail` when they cannot
+/// become durable; only then is the packet acknowledged to the agent.
 pub(crate) trait Sink: Send + Sync + 'static {
     /// Short name used in logs and metrics (`ndjson`, `kafka`, `null`).
     fn name(&self) -> &'static str;
@@ -259,6 +271,9 @@ impl Sinks {
     pub(crate) async fn send(&self, batch: &Arc<PacketBatch>) {
         for sink in &self.list {
             if let Err(error) = sink.send(batch).await {
+                if let Some(t) = &batch.ticket {
+                    t.fail();
+                }
                 let dropped = matches!(error, SinkError::Dropped(_));
                 self.metrics.sink_failed(sink.name(), dropped);
                 tracing::warn!(sink = sink.name(), agent_id = %batch.agent_id, records = batch.records.len(), %error, "sink did not take a batch");
@@ -290,11 +305,18 @@ impl Sinks {
 }
 
 /// Builds the sinks enabled in `config` (the Kafka sink connects here).
-pub(crate) async fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Sinks, SinkError> {
+pub(crate) async fn build(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    acks: &Arc<crate::ack::AckMetrics>,
+) -> Result<Sinks, SinkError> {
     let mut list: Vec<Arc<dyn Sink>> = Vec::new();
     for kind in &config.sinks {
         match kind {
-            SinkKind::Ndjson => list.push(Arc::new(ndjson::NdjsonSink::start(&config.ndjson)?)),
+            SinkKind::Ndjson => list.push(Arc::new(ndjson::NdjsonSink::start_with(
+                &config.ndjson,
+                acks.clone(),
+            )?)),
             SinkKind::Null => list.push(Arc::new(null::NullSink::default())),
             SinkKind::Kafka => list.push(Arc::new(
                 kafka::KafkaSink::connect(config.kafka.clone()).await?,

@@ -41,6 +41,18 @@ struct Args {
     /// Flood plugin binary.
     #[arg(long)]
     flood: Option<PathBuf>,
+    /// The center's sink: `null` (counts only) or `ndjson` (written and
+    /// fdatasync'd before each acknowledgement).
+    #[arg(long, default_value = "null")]
+    center_sink: String,
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let r = http(addr, "GET", "/metrics", &[], b"").await;
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn sibling(name: &str) -> PathBuf {
@@ -86,7 +98,7 @@ async fn main() {
     let cdir = tmp.path().join("center");
     std::fs::create_dir_all(&cdir).unwrap();
 
-    let _center = KillOnDrop(
+    let center = KillOnDrop(
         Command::new(&center_bin)
             .arg("--data-dir")
             .arg(&cdir)
@@ -96,7 +108,7 @@ async fn main() {
                 "--http-addr",
                 "127.0.0.1:0",
                 "--sink",
-                "null",
+                args.center_sink.as_str(),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -171,6 +183,8 @@ async fn main() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     let (cpu_push, _) = proc_stat(apid);
+    let cpid = center.0.id();
+    let (ccpu_push, _) = proc_stat(cpid);
     let push_at = Instant::now();
     let want = base + args.records + 1;
     let (mut t0, mut cpu0) = (None, 0u64);
@@ -194,6 +208,7 @@ async fn main() {
     }
     let t1 = Instant::now();
     let (cpu1, hwm) = proc_stat(apid);
+    let (ccpu1, _) = proc_stat(cpid);
     let t0 = t0.unwrap_or(t1);
     let secs = (t1 - t0).as_secs_f64().max(1e-9);
     let delivered = last - base;
@@ -230,5 +245,26 @@ async fn main() {
         hwm as f64 / 1024.0
     );
     println!("agent threads                  : {threads}");
+    let ccpu = (ccpu1 - ccpu_push) as f64 / hz;
+    println!(
+        "center ({} sink) CPU from config push: {ccpu:.2} s = {:.2} us/record",
+        args.center_sink,
+        ccpu * 1e6 / args.records as f64
+    );
+    let acks = metric(api, "elkeid_center_acks_sent_total").await;
+    let syncs = metric(api, "elkeid_center_ndjson_sync_seconds_count").await;
+    let sync_sum = metric(api, "elkeid_center_ndjson_sync_seconds_sum").await;
+    let sync_max = metric(api, "elkeid_center_ndjson_sync_seconds_max").await;
+    let dups = metric(api, "elkeid_center_duplicate_records_dropped_total").await;
+    println!(
+        "acks sent {acks:.0}; ndjson group commits {syncs:.0}, mean fdatasync {:.2} ms, max {:.2} ms; duplicates dropped {dups:.0}",
+        if syncs > 0.0 {
+            sync_sum / syncs * 1e3
+        } else {
+            0.0
+        },
+        sync_max * 1e3
+    );
+    drop(center);
     drop(agent);
 }

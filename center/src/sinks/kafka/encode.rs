@@ -112,6 +112,8 @@ mod tests {
                     data: Bytes::new(),
                 },
             ],
+            id: None,
+            ticket: None,
         }
     }
 

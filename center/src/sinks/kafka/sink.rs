@@ -15,7 +15,16 @@ use tokio::time::Instant;
 
 use super::config::{KafkaConfig, OverflowPolicy};
 use super::encode::{encode_batch, partition_for};
+use crate::ack::Ticket;
 use crate::sinks::{PacketBatch, Sink, SinkError, SinkFuture};
+
+/// Record headers carrying the record identity (acknowledged delivery),
+/// decimal ASCII; the `MQData` value is unchanged.
+pub(crate) const HEADER_EPOCH: &str = "elkeid-agent-epoch";
+/// See [`HEADER_EPOCH`].
+pub(crate) const HEADER_SEQ: &str = "elkeid-agent-seq";
+/// See [`HEADER_EPOCH`].
+pub(crate) const HEADER_IDX: &str = "elkeid-record-idx";
 
 const NAME: &str = "kafka";
 
@@ -45,6 +54,8 @@ struct Job {
     partition: usize,
     records: Vec<Record>,
     permit: Option<OwnedSemaphorePermit>,
+    /// Released when Kafka acknowledged the records (acks=all).
+    ticket: Option<Ticket>,
 }
 
 enum Msg {
@@ -169,7 +180,7 @@ impl KafkaSink {
         let timestamp = DateTime::<Utc>::from_timestamp(batch.svr_time, 0).unwrap_or_default();
         let mut bytes = 0usize;
         let mut records = Vec::with_capacity(batch.records.len());
-        for value in encode_batch(batch) {
+        for (idx, value) in encode_batch(batch).into_iter().enumerate() {
             if value.len() > self.max_message_bytes {
                 self.stats.oversized.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(agent_id = %batch.agent_id, size = value.len(),
@@ -177,10 +188,17 @@ impl KafkaSink {
                 continue;
             }
             bytes += key.len() + value.len();
+            let mut headers = BTreeMap::new();
+            if let Some(id) = batch.id {
+                headers.insert(HEADER_EPOCH.to_string(), id.epoch.to_string().into_bytes());
+                headers.insert(HEADER_SEQ.to_string(), id.seq.to_string().into_bytes());
+                headers.insert(HEADER_IDX.to_string(), idx.to_string().into_bytes());
+                bytes += 64;
+            }
             records.push(Record {
                 key: Some(key.to_vec()),
                 value: Some(value),
-                headers: BTreeMap::new(),
+                headers,
                 timestamp,
             });
         }
@@ -211,6 +229,7 @@ impl KafkaSink {
                 partition,
                 records,
                 permit: Some(permit),
+                ticket: batch.ticket.clone(),
             }))
             .map_err(|_| SinkError::Closed(NAME))?;
         self.stats.accepted.fetch_add(n, Ordering::Relaxed);
@@ -343,6 +362,7 @@ struct PartitionBuf {
     records: Vec<Record>,
     bytes: usize,
     permits: Vec<OwnedSemaphorePermit>,
+    tickets: Vec<Ticket>,
     since: Option<Instant>,
 }
 
@@ -418,6 +438,7 @@ impl Worker {
             b.records.push(rec);
         }
         bufs[idx].permits.extend(job.permit);
+        bufs[idx].tickets.extend(job.ticket);
         if bufs[idx].bytes >= self.batch_bytes {
             let full = std::mem::take(&mut bufs[idx]);
             self.produce(idx, full).await;
@@ -464,6 +485,9 @@ impl Worker {
             };
             self.stats.produce_errors.fetch_add(1, Ordering::Relaxed);
             if self.overflow == OverflowPolicy::Drop {
+                for t in &buf.tickets {
+                    t.fail();
+                }
                 self.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 self.stats.pending.fetch_sub(n, Ordering::Relaxed);
                 tracing::error!(partition = idx, records = n, error = %err, "kafka produce failed: batch dropped");
@@ -475,5 +499,7 @@ impl Worker {
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
         drop(buf.permits);
+        // acknowledged by the broker (or failed above): tickets fire
+        drop(buf.tickets);
     }
 }

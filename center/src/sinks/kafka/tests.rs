@@ -96,6 +96,8 @@ fn batch(agent: &str, svr_time: i64, n: usize) -> Arc<PacketBatch> {
                 data: payload(&[("seq", &i.to_string()), ("agent", agent)]),
             })
             .collect(),
+        id: None,
+        ticket: None,
     })
 }
 

@@ -1,0 +1,460 @@
+//! Acknowledged delivery, agent side: the unacknowledged window
+//! (`elkeid_core::ack::AckWindow`) and the disk spool, owned by the
+//! transport task. The decisions (what to re-send, whether the center
+//! acknowledges, whether it stalled) are `core`'s; this file feeds it
+//! packets, times and acknowledgements, and moves packets to and from the
+//! spool.
+//!
+//! Order is what makes cumulative acks sound: within an epoch packets go
+//! out strictly in sequence. A new packet from the ring enters the window
+//! only while the spool is empty; otherwise it is appended to the spool and
+//! the window is fed from the spool's front.
+
+use std::cell::{Cell, RefCell};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use elkeid_core::ack::{self, AckWindow, Mode, PacketId, Timing};
+use elkeid_proto::grpc::Command;
+
+use crate::spool::{Spool, SpoolStats};
+
+/// A connection that sent packets and got no acknowledgement at all within
+/// this long talks to a center without the extension (Elkeid's).
+pub(crate) const DETECT: Duration = Duration::from_secs(5);
+
+/// The agent's delivery state; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    window: RefCell<AckWindow<Bytes>>,
+    spool: RefCell<Option<Spool>>,
+    /// A packet taken from the spool that did not fit the window yet (it
+    /// goes before anything else from the spool).
+    stash: RefCell<Option<(PacketId, Bytes)>>,
+    start: Instant,
+    /// Packets appended to the spool since start.
+    spooled: Cell<u64>,
+    /// Packets the spool refused (full / I/O error) and that stayed in the
+    /// ring (back-pressure) — not lost.
+    spool_refused: Cell<u64>,
+    /// Kicked when an acknowledgement released packets.
+    pub(crate) acked: tokio::sync::Notify,
+}
+
+impl Default for DeliveryStats {
+    fn default() -> Self {
+        DeliveryStats {
+            unacked_packets: 0,
+            unacked_bytes: 0,
+            resent_packets: 0,
+            acked_packets: 0,
+            mode: "unknown",
+            spool: SpoolStats::default(),
+            spooled: 0,
+            spool_refused: 0,
+        }
+    }
+}
+
+/// A random non-zero boot epoch.
+pub(crate) fn new_epoch() -> u64 {
+    let mut b = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    let mut e = u64::from_le_bytes(b);
+    if !ok || e == 0 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        e = t ^ (u64::from(std::process::id()) << 32) | 1;
+    }
+    e
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Heartbeat view of the delivery state.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeliveryStats {
+    pub(crate) unacked_packets: usize,
+    pub(crate) unacked_bytes: usize,
+    pub(crate) resent_packets: u64,
+    pub(crate) acked_packets: u64,
+    pub(crate) mode: &'static str,
+    pub(crate) spool: SpoolStats,
+    pub(crate) spooled: u64,
+    pub(crate) spool_refused: u64,
+}
+
+impl Delivery {
+    /// A window of `unacked_bytes` with `failover` as the stall bound, and
+    /// the spool in `spool_dir` when `spool_max_bytes` > 0.
+    pub(crate) fn new(
+        unacked_bytes: usize,
+        failover: Duration,
+        spool_dir: &Path,
+        spool_max_bytes: u64,
+    ) -> Delivery {
+        let timing = Timing {
+            detect_ms: DETECT.as_millis() as u64,
+            // two thirds of the bound: room left to dial the next center
+            stall_ms: (failover.as_millis() as u64 * 2 / 3).max(1000),
+        };
+        let spool = if spool_max_bytes == 0 {
+            None
+        } else {
+            match Spool::open(spool_dir, spool_max_bytes) {
+                Ok(s) => {
+                    let st = s.stats();
+                    if st.entries > 0 || st.corrupt > 0 {
+                        tracing::info!(dir = %spool_dir.display(), entries = st.entries, bytes = st.bytes, corrupt = st.corrupt, "spool holds packets from a previous run; replaying them first");
+                    }
+                    Some(s)
+                }
+                Err(error) => {
+                    tracing::error!(dir = %spool_dir.display(), %error, "disk spool unusable: running without it");
+                    None
+                }
+            }
+        };
+        Delivery {
+            window: RefCell::new(AckWindow::new(new_epoch(), unacked_bytes, timing)),
+            spool: RefCell::new(spool),
+            stash: RefCell::new(None),
+            start: Instant::now(),
+            spooled: Cell::new(0),
+            spool_refused: Cell::new(0),
+            acked: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Counters for the heartbeat.
+    pub(crate) fn stats(&self) -> DeliveryStats {
+        let w = self.window.borrow();
+        DeliveryStats {
+            unacked_packets: w.len(),
+            unacked_bytes: w.bytes(),
+            resent_packets: w.resent(),
+            acked_packets: w.acked(),
+            mode: match w.mode() {
+                Mode::Acking => "acking",
+                Mode::NonAcking => "none",
+                Mode::Unknown => "unknown",
+            },
+            spool: self
+                .spool
+                .borrow()
+                .as_ref()
+                .map(Spool::stats)
+                .unwrap_or_default(),
+            spooled: self.spooled.get(),
+            spool_refused: self.spool_refused.get(),
+        }
+    }
+
+    /// Handles the acknowledgement fields of a received Command; returns
+    /// `true` when the Command was ack-only (nothing else to do with it:
+    /// never a config sync).
+    pub(crate) fn on_command(&self, cmd: &Command) -> bool {
+        if cmd.ack_epoch == 0 {
+            return false;
+        }
+        let id = PacketId {
+            epoch: cmd.ack_epoch,
+            seq: cmd.ack_seq,
+        };
+        let n = self.window.borrow_mut().ack(id, self.now());
+        if n > 0 {
+            self.acked.notify_one();
+        }
+        cmd.task.is_none() && cmd.configs.is_empty()
+    }
+
+    /// A new connection: re-send everything unacknowledged, in order.
+    pub(crate) fn rewind(&self) {
+        self.window.borrow_mut().rewind();
+    }
+
+    /// Re-evaluates the center's support; `true` when it is stalled
+    /// (acknowledgements stopped advancing while packets wait).
+    pub(crate) fn poll(&self) -> bool {
+        let now = self.now();
+        let mut w = self.window.borrow_mut();
+        let released = w.poll(now);
+        if released > 0 {
+            tracing::info!(
+                released,
+                "center does not acknowledge (no ack within 5 s): Elkeid protocol, packets released once sent"
+            );
+        }
+        w.stalled(now)
+    }
+
+    /// The next packet to (re)send on this connection.
+    pub(crate) fn next_to_send(&self) -> Option<Bytes> {
+        self.window.borrow().next_to_send().map(|(_, p)| p.clone())
+    }
+
+    /// The packet from [`Delivery::next_to_send`] went out.
+    pub(crate) fn sent(&self) {
+        let now = self.now();
+        let _ = self.window.borrow_mut().sent(now);
+    }
+
+    /// Whether a new packet of up to `len` bytes can be taken from the ring
+    /// into the window (the spool, if any, is empty and the window has room).
+    pub(crate) fn can_take(&self, len: usize) -> bool {
+        self.spool_empty() && self.window.borrow().has_room(len)
+    }
+
+    fn spool_empty(&self) -> bool {
+        self.stash.borrow().is_none() && self.spool.borrow().as_ref().is_none_or(Spool::is_empty)
+    }
+
+    /// Whether a spool is configured.
+    pub(crate) fn has_spool(&self) -> bool {
+        self.spool.borrow().is_some()
+    }
+
+    /// The identity the next new packet gets: encode it into the packet
+    /// (after the host metadata) with [`stamp`].
+    pub(crate) fn next_id(&self) -> PacketId {
+        self.window.borrow().next_id()
+    }
+
+    /// Adds a stamped new packet to the window (its identity is
+    /// [`Delivery::next_id`]); hands it back when the window is full.
+    pub(crate) fn push(&self, packet: Bytes) -> Result<(), Bytes> {
+        let len = packet.len();
+        self.window
+            .borrow_mut()
+            .push(len, packet)
+            .map(|_| ())
+            .map_err(|(_, p)| p)
+    }
+
+    /// Moves spooled packets into the window while it has room; returns how
+    /// many.
+    pub(crate) fn refill_from_spool(&self) -> usize {
+        let mut n = 0;
+        let stashed = self.stash.borrow_mut().take();
+        if let Some((id, p)) = stashed {
+            let len = p.len();
+            if let Err((_, p)) = self.window.borrow_mut().push_with_id(id, len, p) {
+                *self.stash.borrow_mut() = Some((id, p));
+                return 0;
+            }
+            n += 1;
+        }
+        let mut spool = self.spool.borrow_mut();
+        let Some(s) = spool.as_mut() else { return n };
+        loop {
+            if !self
+                .window
+                .borrow()
+                .has_room(crate::transport::MAX_BATCH_BYTES)
+            {
+                break;
+            }
+            match s.pop_front() {
+                Ok(Some((id, p))) => {
+                    let len = p.len();
+                    if let Err((_, p)) = self.window.borrow_mut().push_with_id(id, len, p) {
+                        // larger than the room checked: kept for the next turn
+                        *self.stash.borrow_mut() = Some((id, p));
+                        break;
+                    }
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::error!(%error, "spool read failed");
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    /// Appends a new packet (identity [`Delivery::next_id`], already
+    /// stamped) to the spool; `false` when there is no room (the caller
+    /// keeps its records in the ring: back-pressure).
+    pub(crate) fn spool_new(&self, packet: &[u8]) -> bool {
+        let id = self.next_id();
+        if self.spool_back(id, packet) {
+            self.window.borrow_mut().skip_seq();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn spool_back(&self, id: PacketId, packet: &[u8]) -> bool {
+        let mut spool = self.spool.borrow_mut();
+        let Some(s) = spool.as_mut() else {
+            return false;
+        };
+        match s.push_back(id, unix_ms(), packet) {
+            Ok(()) => {
+                self.spooled.set(self.spooled.get() + 1);
+                true
+            }
+            Err(error) => {
+                self.spool_refused.set(self.spool_refused.get() + 1);
+                tracing::debug!(%error, "spool refused a packet; records stay in the ring");
+                false
+            }
+        }
+    }
+
+    /// Whether a spool exists and has room for `len` more bytes.
+    pub(crate) fn spool_has_room(&self, len: usize) -> bool {
+        self.spool
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.has_room(len))
+    }
+
+    /// Shutdown without a center: the unacknowledged window goes before
+    /// everything spooled, and the spool is made durable. Returns packets
+    /// moved.
+    pub(crate) fn window_to_spool(&self) -> usize {
+        let mut spool = self.spool.borrow_mut();
+        let Some(s) = spool.as_mut() else { return 0 };
+        let mut packets: Vec<(PacketId, Bytes)> = self.window.borrow_mut().drain().collect();
+        packets.extend(self.stash.borrow_mut().take());
+        let moved = match s.push_front_all(unix_ms(), packets.iter().map(|(id, p)| (*id, &p[..]))) {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::error!(%error, packets = packets.len(), "unacknowledged packets could not be spooled at shutdown");
+                0
+            }
+        };
+        if let Err(error) = s.seal() {
+            tracing::error!(%error, "spool sync failed at shutdown");
+        }
+        moved
+    }
+
+    /// Seals the spool's open segment (durable).
+    pub(crate) fn seal(&self) {
+        if let Some(s) = self.spool.borrow_mut().as_mut()
+            && let Err(error) = s.seal()
+        {
+            tracing::error!(%error, "spool sync failed");
+        }
+    }
+
+    /// Nothing waits for an acknowledgement (or the center does not ack).
+    pub(crate) fn settled(&self) -> bool {
+        let w = self.window.borrow();
+        w.is_empty() || w.mode() == Mode::NonAcking
+    }
+
+    /// Nothing in the window and nothing spooled.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.window.borrow().is_empty() && self.spool_empty()
+    }
+}
+
+thread_local! {
+    /// The transport's latest [`DeliveryStats`] (the agent runs on one
+    /// thread; the heartbeat reads what the transport published).
+    static PUBLISHED: Cell<DeliveryStats> = Cell::new(DeliveryStats::default());
+}
+
+impl Delivery {
+    /// Publishes the counters for the heartbeat.
+    pub(crate) fn publish(&self) {
+        let s = self.stats();
+        PUBLISHED.with(|p| p.set(s));
+    }
+}
+
+/// Adds the delivery fields to a 1000 heartbeat: `ack_mode`
+/// (`acking`/`none`/`unknown`), `unacked_packets`, `unacked_bytes`,
+/// `resent_packets`, `acked_packets`, `spool_bytes`, `spool_entries`,
+/// `spool_oldest_age` (seconds), `spool_corrupt`, `spooled_packets`,
+/// `spool_refused`.
+pub(crate) fn heartbeat_fields(p: &mut elkeid_core::payload::PayloadBuf) {
+    let s = PUBLISHED.with(Cell::get);
+    let age = if s.spool.oldest_ms == 0 {
+        0
+    } else {
+        unix_ms().saturating_sub(s.spool.oldest_ms) / 1000
+    };
+    p.field("ack_mode", s.mode)
+        .field_u64("unacked_packets", s.unacked_packets as u64)
+        .field_u64("unacked_bytes", s.unacked_bytes as u64)
+        .field_u64("resent_packets", s.resent_packets)
+        .field_u64("acked_packets", s.acked_packets)
+        .field_u64("spool_bytes", s.spool.bytes)
+        .field_u64("spool_entries", s.spool.entries)
+        .field_u64("spool_oldest_age", age)
+        .field_u64("spool_corrupt", s.spool.corrupt)
+        .field_u64("spooled_packets", s.spooled)
+        .field_u64("spool_refused", s.spool_refused);
+}
+
+/// Appends the identity fields to an encoded packet.
+pub(crate) fn stamp(buf: &mut Vec<u8>, id: PacketId) {
+    let mut f = [0u8; 2 * (3 + elkeid_core::pb::MAX_VARINT_LEN)];
+    if let Ok(n) = ack::encode_packet_id(id, &mut f) {
+        buf.extend_from_slice(&f[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spilled_packets_replay_first_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Delivery::new(16 << 20, Duration::from_secs(15), dir.path(), 1 << 30);
+        let mut sent = Vec::new();
+        // connected: 3 packets into the window, all acked
+        for _ in 0..3 {
+            let id = d.next_id();
+            d.push(Bytes::from(format!("p{}", id.seq))).unwrap();
+        }
+        while let Some(p) = d.next_to_send() {
+            sent.push(p);
+            d.sent();
+        }
+        let epoch = d.next_id().epoch;
+        let cmd = Command {
+            ack_epoch: epoch,
+            ack_seq: 3,
+            ..Default::default()
+        };
+        assert!(d.on_command(&cmd));
+        // outage: 3 packets spilled
+        for _ in 0..3 {
+            let id = d.next_id();
+            assert!(d.spool_new(format!("p{}", id.seq).as_bytes()));
+        }
+        // reconnect
+        d.rewind();
+        assert_eq!(d.refill_from_spool(), 3);
+        let mut again = Vec::new();
+        while let Some(p) = d.next_to_send() {
+            again.push(p);
+            d.sent();
+        }
+        assert_eq!(again, ["p4", "p5", "p6"]);
+        assert_eq!(d.next_id().seq, 7);
+    }
+}

@@ -1,0 +1,371 @@
+//! Nothing lost when the center fails, with real processes: a flood plugin
+//! -> `elkeid-agent` -> `elkeid-center` (NDJSON), and the center killed,
+//! frozen or lacking the extension in the middle. Records are counted by
+//! their plugin sequence number and their identity (agent epoch, packet
+//! sequence, index) in the NDJSON lines.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use elkeid_tests::center::ndjson_records_in;
+use elkeid_tests::plugin::{
+    Agent, FileServer, component, field, push_configs, sha256_hex, wait_connected,
+};
+use elkeid_tests::{Center, KillOnDrop, bin, wait_for};
+use serde_json::Value;
+
+/// Occurrences of `pat` in the NDJSON files (std's optimized substring
+/// search: cheap enough to poll).
+fn count_in_records(data_dir: &Path, pat: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir(data_dir.join("records")) else {
+        return 0;
+    };
+    rd.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|t| t.matches(pat).count())
+        .sum()
+}
+
+/// `"data_type":7000` lines written so far (progress probe).
+fn flood_lines(data_dir: &Path) -> usize {
+    count_in_records(data_dir, "\"data_type\":7000")
+}
+
+fn has_marker(data_dir: &Path) -> bool {
+    count_in_records(data_dir, "\"data_type\":7001") > 0
+}
+
+/// `wait_for` polling every 300 ms (the probes read whole files).
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Flood records of `id` in a data dir: (plugin sequence, identity).
+fn flood_records(data_dir: &Path, id: &str) -> Vec<(u64, (u64, u64, u64))> {
+    ndjson_records_in(data_dir)
+        .into_iter()
+        .filter(|r| r["agent_id"] == id && r["data_type"] == 7000)
+        .map(|r: Value| {
+            let s: u64 = field(&r, "s").trim_start_matches('0').parse().unwrap_or(0);
+            let ident = (
+                r["agent_epoch"].as_u64().expect("identity keys"),
+                r["agent_seq"].as_u64().unwrap(),
+                r["record_idx"].as_u64().unwrap(),
+            );
+            (s, ident)
+        })
+        .collect()
+}
+
+async fn start_flood(center: &Center, id: &str, files: &FileServer, n: u64) {
+    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
+    let url = files.put("/flood", flood.clone());
+    let detail = format!("count={n},size=120");
+    push_configs(
+        center,
+        id,
+        vec![component(
+            "flood",
+            "1",
+            "",
+            &sha256_hex(&flood),
+            "",
+            &[url],
+            &detail,
+        )],
+    )
+    .await;
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug, open: after each center kill -9 the first packet not yet durable (the \
+            oldest of the agent's unacknowledged window or spool) goes missing (1920 of 120000 \
+            records per kill in the last run); run with --ignored"]
+async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
+    const N: u64 = 120_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let cdir = tmp.path().join("center");
+    let mut center = Center::start(&cdir, &[]);
+    let grpc = center.grpc.to_string();
+    let files = FileServer::start();
+    let agent = Agent::start(&center, &tmp.path().join("agent"), "ack-kill9", None, &[]);
+    let id = agent.id.clone();
+    wait_connected(&center, &id, Duration::from_secs(60)).await;
+    start_flood(&center, &id, &files, N).await;
+
+    for (round, at) in [(1, N as usize / 5), (2, N as usize / 2)] {
+        poll(Duration::from_secs(240), || {
+            (flood_lines(&cdir) >= at).then_some(())
+        })
+        .unwrap_or_else(|| panic!("round {round}: flood progressed to {at}"));
+        drop(center); // SIGKILL mid-flood
+        std::thread::sleep(Duration::from_secs(2));
+        center = Center::start_at(&cdir, &grpc, &[]);
+    }
+    poll(Duration::from_secs(300), || has_marker(&cdir).then_some(()))
+        .expect("end marker delivered");
+    // the marker is the plugin's last record: everything before it is in
+    let got = flood_records(&cdir, &id);
+    let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    let idents: HashSet<(u64, u64, u64)> = got.iter().map(|(_, i)| *i).collect();
+    if distinct.len() as u64 != N {
+        let missing: Vec<u64> = (0..N).filter(|s| !distinct.contains(s)).collect();
+        let by_s: HashMap<u64, (u64, u64, u64)> = got.iter().map(|(s, i)| (*s, *i)).collect();
+        let first = missing[0];
+        let last = missing[missing.len() - 1];
+        eprintln!(
+            "missing {} records, first {first} last {last}; before: {:?}, after: {:?}; data kept in {}",
+            missing.len(),
+            first.checked_sub(1).and_then(|s| by_s.get(&s)),
+            by_s.get(&(last + 1)),
+            tmp.keep().display()
+        );
+        panic!("records lost");
+    }
+    assert_eq!(distinct.len() as u64, N, "0 lost");
+    assert_eq!(
+        got.len() as u64,
+        N,
+        "0 duplicates: returned to the same center"
+    );
+    assert_eq!(idents.len(), got.len(), "identities are unique");
+    drop(agent);
+}
+
+/// A center started by hand (the helper has no environment option).
+fn center_with_env(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (KillOnDrop, std::net::SocketAddr, std::net::SocketAddr) {
+    let listen = dir.join("listen.json");
+    let _ = std::fs::remove_file(&listen);
+    let mut cmd = Command::new(bin("elkeid-center", "elkeid-center"));
+    cmd.arg("--data-dir")
+        .arg(dir)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = KillOnDrop(cmd.spawn().unwrap());
+    let v: Value = wait_for(Duration::from_secs(60), || {
+        serde_json::from_str(&std::fs::read_to_string(&listen).ok()?).ok()
+    })
+    .expect("listen.json");
+    let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
+    (child, addr("grpc"), addr("http"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_of_the_center_in_use_fails_over_within_the_bound() {
+    const N: u64 = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Center::start(&tmp.path().join("a"), &[]);
+    // B shares A's PKI so the agent's certificate works on both
+    let bdir = tmp.path().join("b");
+    std::fs::create_dir_all(bdir.join("pki")).unwrap();
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+    ] {
+        std::fs::copy(a.pki(f), bdir.join("pki").join(f)).unwrap();
+    }
+    let b = Center::start(&bdir, &[]);
+    let files = FileServer::start();
+    let agent = Agent::start(
+        &a,
+        &tmp.path().join("agent"),
+        "ack-failover",
+        None,
+        &["--server", &b.grpc.to_string(), "--failover-secs", "15"],
+    );
+    // servers in order: A (from the helper), then B
+    let id = agent.id.clone();
+    wait_connected(&a, &id, Duration::from_secs(60)).await;
+    start_flood(&a, &id, &files, N).await;
+    poll(Duration::from_secs(240), || {
+        (flood_lines(&a.data_dir) >= N as usize / 5).then_some(())
+    })
+    .expect("flood reaches A");
+    let a_pid = a.child.0.id();
+    signal(a_pid, "STOP");
+    let stopped = Instant::now();
+    poll(Duration::from_secs(30), || {
+        (flood_lines(&b.data_dir) > 0).then_some(())
+    })
+    .expect("the agent moved to B");
+    let took = stopped.elapsed();
+    assert!(
+        took <= Duration::from_secs(15),
+        "failover took {took:?}, bound 15 s"
+    );
+    poll(Duration::from_secs(300), || {
+        has_marker(&b.data_dir).then_some(())
+    })
+    .expect("end marker delivered to B");
+    signal(a_pid, "CONT");
+    // A writes out what it had received before it froze
+    std::thread::sleep(Duration::from_secs(3));
+    let in_a = flood_records(&a.data_dir, &id);
+    let in_b = flood_records(&b.data_dir, &id);
+    let distinct: HashSet<u64> = in_a.iter().chain(&in_b).map(|(s, _)| *s).collect();
+    assert_eq!(distinct.len() as u64, N, "0 lost across the failover");
+    let a_ids: HashSet<_> = in_a.iter().map(|(_, i)| *i).collect();
+    let dups = in_b.iter().filter(|(_, i)| a_ids.contains(i)).count();
+    // duplicates are possible only here (two centers) and are counted
+    let mut per_s: HashMap<u64, usize> = HashMap::new();
+    for (s, _) in in_a.iter().chain(&in_b) {
+        *per_s.entry(*s).or_default() += 1;
+    }
+    let dup_records = per_s.values().filter(|&&c| c > 1).count();
+    assert_eq!(
+        dups, dup_records,
+        "every duplicate is identified by its identity"
+    );
+    println!(
+        "failover after {took:?}; {} records at A, {} at B, {dups} duplicates (identified)",
+        in_a.len(),
+        in_b.len()
+    );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_a_center_without_the_extension_the_agent_behaves_as_before() {
+    const N: u64 = 20_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let cdir = tmp.path().join("center");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let (_child, grpc, http) = center_with_env(&cdir, &[("ELKEID_CENTER_TEST_NO_ACKS", "1")]);
+    let center = Center {
+        child: KillOnDrop(Command::new("true").spawn().unwrap()),
+        data_dir: cdir.clone(),
+        grpc,
+        http,
+        http_ca: Some(cdir.join("pki").join("ca.crt")),
+    };
+    let files = FileServer::start();
+    let agent = Agent::start(&center, &tmp.path().join("agent"), "ack-legacy", None, &[]);
+    let id = agent.id.clone();
+    wait_connected(&center, &id, Duration::from_secs(60)).await;
+    start_flood(&center, &id, &files, N).await;
+    poll(Duration::from_secs(240), || has_marker(&cdir).then_some(()))
+        .expect("end marker delivered");
+    let got: Vec<Value> = ndjson_records_in(&cdir)
+        .into_iter()
+        .filter(|r| r["agent_id"] == id.as_str() && r["data_type"] == 7000)
+        .collect();
+    assert_eq!(got.len() as u64, N, "every record exactly once");
+    assert!(got.iter().all(|r| r.get("agent_epoch").is_none()));
+    // the heartbeat shows no acknowledging center and nothing held back
+    let hb = poll(Duration::from_secs(30), || {
+        ndjson_records_in(&cdir)
+            .into_iter()
+            .filter(|r| r["agent_id"] == id.as_str() && r["data_type"] == 1000)
+            .rfind(|r| field(r, "ack_mode") == "none")
+    })
+    .expect("a heartbeat after the detection");
+    assert_eq!(field(&hb, "drop_cnt"), "0", "{hb}");
+    drop(agent);
+}
+
+/// Records of `data_type` in the agent's spool segments (decoded with the
+/// core codec and prost, as the agent's replay would).
+fn spooled(work_dir: &Path, data_type: i32) -> usize {
+    use prost::Message;
+    let Ok(rd) = std::fs::read_dir(work_dir.join("spool")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.filter_map(Result::ok) {
+        let Ok(data) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(mut pos) = elkeid_core::spool::check_magic(&data) else {
+            continue;
+        };
+        while let Ok((entry, len)) = elkeid_core::spool::decode_entry(&data[pos..]) {
+            pos += len;
+            if let Ok(p) = elkeid_proto::grpc::PackagedData::decode(entry.packet) {
+                n += p
+                    .records
+                    .iter()
+                    .filter(|r| r.data_type == data_type)
+                    .count();
+            }
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn center_outage_spools_keeps_the_plugin_running_and_survives_agent_restart() {
+    const N: u64 = 60_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let cdir = tmp.path().join("center");
+    let wd = tmp.path().join("agent");
+    let center = Center::start(&cdir, &[]);
+    let grpc = center.grpc.to_string();
+    let files = FileServer::start();
+    let mut agent = Agent::start(&center, &wd, "ack-spool", None, &[]);
+    let id = agent.id.clone();
+    wait_connected(&center, &id, Duration::from_secs(60)).await;
+    start_flood(&center, &id, &files, N).await;
+    poll(Duration::from_secs(240), || {
+        (flood_lines(&cdir) >= 1000).then_some(())
+    })
+    .expect("flood reaches the center");
+    drop(center); // the center goes away for the rest of the flood
+    let before = flood_lines(&cdir);
+    // The plugin is not blocked: its last record (the marker) is written
+    // while no center takes data, so it lands in the spool.
+    poll(Duration::from_secs(120), || {
+        (spooled(&wd, 7001) == 1).then_some(())
+    })
+    .expect("the whole flood was read from the plugin into the spool");
+    assert!(spooled(&wd, 7000) > 0);
+    // SIGTERM with no center: what is in memory goes to the spool too
+    let st = agent
+        .terminate(Duration::from_secs(30))
+        .expect("agent exits");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        before as u64 + spooled(&wd, 7000) as u64 >= N,
+        "at exit everything is on the center's disk or in the spool"
+    );
+    // center back, agent restarted on the same work dir: the spool replays
+    let center = Center::start_at(&cdir, &grpc, &[]);
+    let agent = Agent::start(&center, &wd, "ack-spool", None, &[]);
+    poll(Duration::from_secs(240), || has_marker(&cdir).then_some(()))
+        .expect("end marker delivered from the spool");
+    let got = flood_records(&cdir, &id);
+    let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(distinct.len() as u64, N, "0 lost");
+    assert_eq!(got.len() as u64, N, "0 duplicates");
+    drop(agent);
+}
