@@ -81,8 +81,8 @@ use std::time::Duration;
 
 pub use stop::Exit;
 
-/// Errors that stop the agent at start-up (the binary exits with 64 for
-/// configuration-class errors).
+/// Errors that stop the agent at start-up; [`RunError::exit_code`] maps each
+/// to a `sysexits.h` code (64 for configuration-class errors).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The work directory cannot be created.
@@ -102,9 +102,16 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// Exit code for the binary: 64 (bad configuration) for all start-up errors.
+    /// Exit code for the binary (`sysexits.h`): 64 (`EX_USAGE`, bad
+    /// configuration: TLS material missing or invalid), 73 (`EX_CANTCREAT`:
+    /// the work directory cannot be created), 74 (`EX_IOERR`: the agent id
+    /// cannot be persisted).
     pub fn exit_code(&self) -> u8 {
-        64
+        match self {
+            RunError::Tls(_) => 64,
+            RunError::WorkDir { .. } => 73,
+            RunError::Identity(_) => 74,
+        }
     }
 }
 
@@ -239,4 +246,20 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
         t.abort();
     }
     Ok(why)
+}
+
+#[cfg(test)]
+mod run_error_tests {
+    use super::RunError;
+
+    #[test]
+    fn exit_codes_follow_sysexits() {
+        assert_eq!(RunError::Tls("x".into()).exit_code(), 64);
+        let e = RunError::WorkDir {
+            path: "/x".into(),
+            source: std::io::Error::other("x"),
+        };
+        assert_eq!(e.exit_code(), 73);
+        assert_eq!(RunError::Identity("x".into()).exit_code(), 74);
+    }
 }

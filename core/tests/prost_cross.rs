@@ -174,7 +174,7 @@ fn frame_of(body: &[u8]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases(512)))]
 
     /// prost-encoded Records decode to the same values; the body passes
     /// through exactly when prost's bytes are canonical, and our
@@ -426,4 +426,13 @@ fn ack_fields_are_skipped_by_elkeid_decoders() {
     // why our center never sends one to a stream that did not advertise.
     let cmd = ElkeidAgentCommand::decode(&ext[..n]).unwrap();
     assert_eq!(cmd, ElkeidAgentCommand::default());
+}
+
+/// `n` cases, or `PROPTEST_CASES` when set (CI lowers it for the suites it
+/// runs under QEMU, where every case is emulated; the native run keeps `n`).
+fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
 }

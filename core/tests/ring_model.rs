@@ -49,7 +49,7 @@ fn check(ring: &Ring<N>, model: &VecDeque<(Class, Vec<u8>)>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(768))]
+    #![proptest_config(ProptestConfig::with_cases(cases(768)))]
 
     #[test]
     fn ring_matches_model(
@@ -215,4 +215,13 @@ fn long_run_default_capacity() {
         assert_eq!(ring.len(), model.len());
         assert_eq!(ring.bytes(), model.iter().map(Vec::len).sum::<usize>());
     }
+}
+
+/// `n` cases, or `PROPTEST_CASES` when set (CI lowers it for the suites it
+/// runs under QEMU, where every case is emulated; the native run keeps `n`).
+fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n)
 }
