@@ -128,6 +128,16 @@ impl Center {
         panic!("POST /command/ refused as a replay three times");
     }
 
+    /// The value of the unlabelled sample `name` on `GET /metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let r = http(self.api_target(), "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8(r.body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    }
+
     /// Every line of every `DIR/records/*.ndjson` file, parsed, oldest file first.
     pub fn ndjson_records(&self) -> Vec<serde_json::Value> {
         ndjson_records_in(&self.data_dir)

@@ -9,15 +9,6 @@ use elkeid_tests::Center;
 use elkeid_tests::center::{HttpTarget, SERVER_NAME, http, signed_headers, unix_now};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn metric(center: &Center, name: &str) -> u64 {
-    let r = http(center.api_target(), "GET", "/metrics", &[], b"").await;
-    let text = String::from_utf8(r.body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
 /// Raw bytes a plain-HTTP client gets back for `GET /ping`.
 async fn plain_ping(addr: std::net::SocketAddr) -> Vec<u8> {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -88,7 +79,9 @@ async fn a_replayed_signed_post_is_refused_and_counted() {
     );
     assert_eq!(v["data"], "signature replayed", "{v}");
     assert_eq!(
-        metric(&center, "elkeid_center_http_replays_refused_total").await,
+        center
+            .metric("elkeid_center_http_replays_refused_total")
+            .await,
         1
     );
     // A freshly signed request with another body still passes.
@@ -103,7 +96,9 @@ async fn a_replayed_signed_post_is_refused_and_counted() {
         assert_eq!(r.json()["code"], 0, "{:?}", r.json());
     }
     assert_eq!(
-        metric(&center, "elkeid_center_http_replays_refused_total").await,
+        center
+            .metric("elkeid_center_http_replays_refused_total")
+            .await,
         1
     );
 }
@@ -150,7 +145,9 @@ async fn oversized_and_slow_bodies_get_a_clear_error() {
     assert!(resp.contains("request body not received within"), "{resp}");
     assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
     assert_eq!(
-        metric(&center, "elkeid_center_http_bodies_refused_total").await,
+        center
+            .metric("elkeid_center_http_bodies_refused_total")
+            .await,
         2
     );
 }
@@ -181,7 +178,9 @@ async fn oversized_identity_fields_are_refused_and_counted() {
         assert!(st.message().contains("more than"), "{st:?}");
     }
     assert_eq!(
-        metric(&center, "elkeid_center_conn_refused_identity_fields_total").await,
+        center
+            .metric("elkeid_center_conn_refused_identity_fields_total")
+            .await,
         4
     );
     assert!(center.conn_list().await.is_empty());
@@ -222,7 +221,9 @@ async fn unidentified_streams_cannot_lock_out_agents() {
     }
     let mut evicted = 0;
     for _ in 0..100 {
-        evicted = metric(&center, "elkeid_center_conn_refused_unidentified_total").await;
+        evicted = center
+            .metric("elkeid_center_conn_refused_unidentified_total")
+            .await;
         if evicted >= 8 {
             break;
         }
@@ -244,7 +245,9 @@ async fn unidentified_streams_cannot_lock_out_agents() {
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     assert_eq!(center.conn_list().await.len(), 8);
     assert_eq!(
-        metric(&center, "elkeid_center_conn_refused_unidentified_total").await,
+        center
+            .metric("elkeid_center_conn_refused_unidentified_total")
+            .await,
         9,
         "the first agent evicts one idle stream; once identified it leaves the budget"
     );
@@ -325,7 +328,7 @@ async fn uploads_have_a_quota_an_idle_timeout_and_never_overwrite() {
     assert_eq!(left, vec!["a".to_string()], "no partial files, no b, no c");
     // Within the quota again after the refusals released their bytes.
     assert_eq!(upload(vec![chunk("d", &[4; 400])]).await.unwrap(), 0);
-    assert!(metric(&center, "elkeid_center_uploads_failed_total").await >= 3);
+    assert!(center.metric("elkeid_center_uploads_failed_total").await >= 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,19 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use elkeid_tests::center::{
-    AgentPki, AgentStream, agent_transport, heartbeat, http, packet, unix_now,
-};
+use elkeid_tests::center::{AgentPki, AgentStream, agent_transport, heartbeat, packet, unix_now};
 use elkeid_tests::{Center, KillOnDrop, bin, wait_for};
-
-async fn metric(center: &Center, name: &str) -> u64 {
-    let r = http(center.api_target(), "GET", "/metrics", &[], b"").await;
-    let text = String::from_utf8(r.body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
 
 /// Runs `elkeid-center pki issue-agent` for `id`; (exit code, cert, key).
 fn issue(data_dir: &Path, id: &str) -> (i32, PathBuf, PathBuf) {
@@ -101,7 +90,10 @@ async fn per_agent_certificates_bind_the_agent_id() {
     for _ in 0..100 {
         seen = center.conn_list().await;
         if seen.contains(&"host-a".to_string())
-            && metric(&center, "elkeid_center_identity_mismatches_total").await >= 2
+            && center
+                .metric("elkeid_center_identity_mismatches_total")
+                .await
+                >= 2
         {
             break;
         }
@@ -125,7 +117,12 @@ async fn per_agent_certificates_bind_the_agent_id() {
         vec!["host-a".to_string()],
         "only the bound agent is in"
     );
-    assert!(metric(&center, "elkeid_center_identity_mismatches_total").await >= 2);
+    assert!(
+        center
+            .metric("elkeid_center_identity_mismatches_total")
+            .await
+            >= 2
+    );
     assert!(
         !center
             .ndjson_records()
@@ -137,7 +134,9 @@ async fn per_agent_certificates_bind_the_agent_id() {
     // A stream bound to host-x may not send a packet for another agent.
     let (code, cert_x, key_x) = issue(dir.path(), "host-x");
     assert_eq!(code, 0);
-    let before = metric(&center, "elkeid_center_identity_mismatches_total").await;
+    let before = center
+        .metric("elkeid_center_identity_mismatches_total")
+        .await;
     let t = agent_transport(center.grpc, &pki_of(&center, &cert_x, &key_x))
         .await
         .unwrap();
@@ -152,7 +151,9 @@ async fn per_agent_certificates_bind_the_agent_id() {
     }
     // At least this refusal (an agent refused earlier in this test may still
     // be retrying with its wrong certificate and add its own).
-    let after = metric(&center, "elkeid_center_identity_mismatches_total").await;
+    let after = center
+        .metric("elkeid_center_identity_mismatches_total")
+        .await;
     assert!(after > before, "mismatches {before} -> {after}");
     // ...and a first packet naming another id is refused with the reason.
     let t = agent_transport(center.grpc, &pki_of(&center, &cert_x, &key_x))
