@@ -109,6 +109,10 @@ async fn main() {
                 "127.0.0.1:0",
                 "--sink",
                 args.center_sink.as_str(),
+                // The bench reads /metrics on loopback: plain HTTP (the
+                // center warns; HTTPS stays the default everywhere else).
+                "--http-tls",
+                "false",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
