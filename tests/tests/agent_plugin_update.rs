@@ -16,6 +16,17 @@ use elkeid_tests::{Center, bin, wait_for};
 
 const T: Duration = Duration::from_secs(60);
 
+/// A private copy of the agent binary under `dir/bin/` (so an update may
+/// rename over it) and the bytes it was made from.
+fn agent_copy(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let exe = dir.join("bin/elkeid-agent");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    let original = std::fs::read(bin("elkeid-agent", "elkeid-agent")).unwrap();
+    std::fs::write(&exe, &original).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (exe, original)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_update_replaces_binary_and_reexecs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -23,11 +34,7 @@ async fn self_update_replaces_binary_and_reexecs() {
     let files = FileServer::start();
 
     // The agent runs from its own copy, so renaming over it is harmless.
-    let exe = tmp.path().join("bin/elkeid-agent");
-    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
-    let original = std::fs::read(bin("elkeid-agent", "elkeid-agent")).unwrap();
-    std::fs::write(&exe, &original).unwrap();
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (exe, original) = agent_copy(tmp.path());
     // "A new build": the same program with different bytes (trailing data
     // does not change how an ELF file runs, but changes its sha256).
     let mut new_build = original.clone();
@@ -129,11 +136,7 @@ async fn self_update_to_a_binary_that_cannot_connect_keeps_the_running_version()
     let tmp = tempfile::tempdir().unwrap();
     let center = Center::start(&tmp.path().join("center"), &[]);
     let files = FileServer::start();
-    let exe = tmp.path().join("bin/elkeid-agent");
-    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
-    let original = std::fs::read(bin("elkeid-agent", "elkeid-agent")).unwrap();
-    std::fs::write(&exe, &original).unwrap();
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (exe, original) = agent_copy(tmp.path());
     let crasher = b"#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'elkeid-agent 9.9.9'; exit 0; fi\necho crashed >&2\nexit 1\n".to_vec();
     let url = files.put("/elkeid-agent-crasher", crasher.clone());
 
