@@ -39,17 +39,8 @@ fn has_marker(data_dir: &Path) -> bool {
 }
 
 /// `wait_for` polling every 300 ms (the probes read whole files).
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+fn poll<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    elkeid_tests::wait_for_every(timeout, Duration::from_millis(300), f)
 }
 
 /// Flood records of `id` in a data dir: (plugin sequence, identity).
