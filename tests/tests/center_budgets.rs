@@ -137,7 +137,14 @@ async fn commands_over_the_queue_byte_budget_are_refused_through_the_api() {
     // The agent reads none of its commands: once HTTP/2 flow control stops
     // the sending, 1 MiB tasks pile up in its queue until its budget (3 MB)
     // refuses the next one.
-    let data = "d".repeat(1 << 20);
+    // Not compressible (the stream is snappy-compressed): pseudo-random letters.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: String = (0..1 << 20)
+        .map(|_| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            char::from(b'a' + ((x >> 33) % 26) as u8)
+        })
+        .collect();
     let body = |i: usize| {
         json!({"agent_id": "slow-reader", "command": {"task": {
             "data_type": 8001, "name": "collector", "data": data, "token": format!("t{i}")}}})
