@@ -363,6 +363,50 @@ mod tests {
         );
     }
 
+    /// What a real agent's stored details cost against the detail budget
+    /// (the figure behind the 256 MiB default: ~26 KiB per agent at 10,000).
+    #[test]
+    fn a_real_agents_details_cost_a_few_kib() {
+        use crate::budget::map_cost;
+        use elkeid_core::schema::{heartbeat, plugin_heartbeat};
+        // Every key an agent sends, with 16-byte values (numbers and names
+        // are shorter, kernel versions about as long).
+        let value = "0123456789abcdef";
+        let agent: Vec<(&str, &str)> = heartbeat::KEYS.iter().map(|k| (*k, value)).collect();
+        let pool = crate::pool::Pool::new(
+            1,
+            crate::config::CommandConfig {
+                queue_len: 1,
+                send_timeout: std::time::Duration::from_secs(1),
+                result_timeout: std::time::Duration::from_secs(1),
+                queue_bytes: 1,
+                total_queue_bytes: 1,
+            },
+            1,
+            Arc::new(Metrics::default()),
+        );
+        let (reg, _rx) = pool.register("a", "10.0.0.5:40000".into(), pool.try_slot().unwrap());
+        let pkt = PackagedData {
+            agent_id: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
+            hostname: "web-1.example.com".into(),
+            version: "1.9.1.4".into(),
+            product: "elkeid-agent".into(),
+            intranet_ipv4: vec!["10.0.0.5".into(), "172.17.0.1".into()],
+            intranet_ipv6: vec!["fe80::1".into()],
+            ..Default::default()
+        };
+        let agent_cost = map_cost(&agent_detail(&agent, &reg.conn, &pkt, 1));
+        let plugin: Vec<(&str, &str)> =
+            plugin_heartbeat::KEYS.iter().map(|k| (*k, value)).collect();
+        let plugin_cost = map_cost(&detail(&plugin, &PLUGIN_STRING_FIELDS)) + 16;
+        eprintln!("agent detail {agent_cost} B, plugin detail {plugin_cost} B");
+        assert!(agent_cost < 5 * 1024, "{agent_cost}");
+        assert!(plugin_cost < 2 * 1024, "{plugin_cost}");
+        // An agent with 4 plugins: well under the 26 KiB per agent the
+        // default budget leaves at the default conn_limit.
+        assert!(agent_cost + 4 * plugin_cost < 10 * 1024);
+    }
+
     #[tokio::test]
     async fn packet_with_huge_metadata_times_records_is_refused() {
         let metrics = Arc::new(Metrics::default());
