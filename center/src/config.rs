@@ -20,6 +20,8 @@
 //! | `--upload-idle-secs N` | `ELKEID_CENTER_UPLOAD_IDLE_SECS` | `grpc.upload_idle_secs` | `60` (longest pause between chunks) |
 //! | `--agent-identity shared\|cert` | `ELKEID_CENTER_AGENT_IDENTITY` | `grpc.agent_identity` | `shared` (Elkeid's shared client certificate; `cert`: the client certificate's CN is the agent id) |
 //! | `--upload-max-bytes N` | `ELKEID_CENTER_UPLOAD_MAX_BYTES` | `grpc.upload_max_bytes` | `536870912` |
+//! | `--detail-budget-bytes N` | `ELKEID_CENTER_DETAIL_BUDGET_BYTES` | `grpc.detail_budget_bytes` | `268435456` (stored 1000/1001 details of all connections) |
+//! | `--tls-handshake-timeout-secs N` | `ELKEID_CENTER_TLS_HANDSHAKE_TIMEOUT_SECS` | `tls_handshake_timeout_secs` | `10` (gRPC and HTTPS listeners) |
 //! | `--http-addr A` | `ELKEID_CENTER_HTTP_ADDR` | `http.addr` | `0.0.0.0:6752` |
 //! | `--http-tls true\|false` | `ELKEID_CENTER_HTTP_TLS` | `http.tls` | `true` (HTTPS with the gRPC server certificate; `false` = plain HTTP, logged as a warning) |
 //! | `--auth true\|false` | `ELKEID_CENTER_AUTH` | `http.auth` | `true` |
@@ -33,6 +35,9 @@
 //! | `--command-queue N` | `ELKEID_CENTER_COMMAND_QUEUE` | `commands.queue_len` | `1024` |
 //! | `--command-send-timeout-ms N` | `ELKEID_CENTER_COMMAND_SEND_TIMEOUT_MS` | `commands.send_timeout_ms` | `2000` |
 //! | `--command-result-timeout-ms N` | `ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS` | `commands.result_timeout_ms` | `2000` |
+//! | `--command-queue-bytes N` | `ELKEID_CENTER_COMMAND_QUEUE_BYTES` | `commands.queue_bytes` | `16777216` (one agent's queued commands) |
+//! | `--command-total-queue-bytes N` | `ELKEID_CENTER_COMMAND_TOTAL_QUEUE_BYTES` | `commands.total_queue_bytes` | `268435456` (all agents' queued commands) |
+//! | `--task-queue-bytes N` | `ELKEID_CENTER_TASK_QUEUE_BYTES` | `manager.task_queue_bytes` | `67108864` (task results waiting for the manager backend) |
 //!
 //! Each sink's own settings (`--ndjson-*`, `--kafka-*`, `[sinks.ndjson]`,
 //! `[sinks.kafka]`) are defined, documented and checked in its folder:
@@ -163,6 +168,12 @@ pub struct Cli {
     /// Maximum size of one uploaded file, bytes. [default: 536870912]
     #[arg(long, env = "ELKEID_CENTER_UPLOAD_MAX_BYTES", value_parser = parse::number::<u64>)]
     pub upload_max_bytes: Option<u64>,
+    /// Bytes of stored heartbeat details (1000/1001) of all connections. [default: 268435456]
+    #[arg(long, env = "ELKEID_CENTER_DETAIL_BUDGET_BYTES", value_parser = parse::number::<u64>)]
+    pub detail_budget_bytes: Option<u64>,
+    /// Seconds a new connection has to complete its TLS handshake (gRPC and HTTPS). [default: 10]
+    #[arg(long, env = "ELKEID_CENTER_TLS_HANDSHAKE_TIMEOUT_SECS", value_parser = parse::number::<u64>)]
+    pub tls_handshake_timeout_secs: Option<u64>,
     /// HTTP API listen address. [default: 0.0.0.0:6752]
     #[arg(long, env = "ELKEID_CENTER_HTTP_ADDR", value_parser = parse::socket_addr)]
     pub http_addr: Option<SocketAddr>,
@@ -202,6 +213,15 @@ pub struct Cli {
     /// Command send-result timeout, ms. [default: 2000]
     #[arg(long, env = "ELKEID_CENTER_COMMAND_RESULT_TIMEOUT_MS", value_parser = parse::number::<u64>)]
     pub command_result_timeout_ms: Option<u64>,
+    /// Bytes of commands queued for one agent. [default: 16777216]
+    #[arg(long, env = "ELKEID_CENTER_COMMAND_QUEUE_BYTES", value_parser = parse::number::<u64>)]
+    pub command_queue_bytes: Option<u64>,
+    /// Bytes of commands queued for all agents together. [default: 268435456]
+    #[arg(long, env = "ELKEID_CENTER_COMMAND_TOTAL_QUEUE_BYTES", value_parser = parse::number::<u64>)]
+    pub command_total_queue_bytes: Option<u64>,
+    /// Bytes of task results waiting for the manager backend. [default: 67108864]
+    #[arg(long, env = "ELKEID_CENTER_TASK_QUEUE_BYTES", value_parser = parse::number::<u64>)]
+    pub task_queue_bytes: Option<u64>,
     /// Cluster flags (`--etcd`, `--cluster-*`; see `cluster/config.rs`).
     #[command(flatten)]
     pub cluster: crate::cluster::ClusterArgs,
@@ -226,6 +246,8 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("grpc.upload_quota_bytes", "upload_quota_bytes"),
     ("grpc.upload_idle_secs", "upload_idle_secs"),
     ("grpc.agent_identity", "agent_identity"),
+    ("grpc.detail_budget_bytes", "detail_budget_bytes"),
+    ("tls_handshake_timeout_secs", "tls_handshake_timeout_secs"),
     ("grpc.ca_file", "tls_ca"),
     ("grpc.cert_file", "tls_cert"),
     ("grpc.key_file", "tls_key"),
@@ -237,9 +259,12 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("manager.addrs", "manager_addr"),
     ("manager.timeout_ms", "manager_timeout_ms"),
     ("manager.retries", "manager_retries"),
+    ("manager.task_queue_bytes", "task_queue_bytes"),
     ("commands.queue_len", "command_queue"),
     ("commands.send_timeout_ms", "command_send_timeout_ms"),
     ("commands.result_timeout_ms", "command_result_timeout_ms"),
+    ("commands.queue_bytes", "command_queue_bytes"),
+    ("commands.total_queue_bytes", "command_total_queue_bytes"),
     ("cluster.lease_ttl_secs", "cluster_lease_ttl_secs"),
     ("cluster.id", "cluster_id"),
 ];
@@ -391,6 +416,7 @@ pub(crate) mod parse {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     log_level: Option<String>,
+    tls_handshake_timeout_secs: Option<u64>,
     #[serde(default)]
     grpc: FileGrpc,
     #[serde(default)]
@@ -420,6 +446,7 @@ struct FileGrpc {
     upload_quota_bytes: Option<u64>,
     upload_idle_secs: Option<u64>,
     agent_identity: Option<String>,
+    detail_budget_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -439,6 +466,7 @@ struct FileManager {
     components_file: Option<PathBuf>,
     timeout_ms: Option<u64>,
     retries: Option<u64>,
+    task_queue_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -447,6 +475,8 @@ struct FileCommands {
     queue_len: Option<u64>,
     send_timeout_ms: Option<u64>,
     result_timeout_ms: Option<u64>,
+    queue_bytes: Option<u64>,
+    total_queue_bytes: Option<u64>,
 }
 
 /// Manager backend.
@@ -498,6 +528,8 @@ pub struct GrpcConfig {
     pub upload_idle: Duration,
     /// Who an agent is: its packets' `agent_id`, or its certificate's CN.
     pub agent_identity: crate::identity::AgentIdentity,
+    /// Stored 1000/1001 detail bytes of all connections.
+    pub detail_budget_bytes: u64,
 }
 
 /// HTTP API settings.
@@ -526,6 +558,8 @@ pub struct ManagerConfig {
     pub timeout: Duration,
     /// Retries after a failed call.
     pub retries: u32,
+    /// Bytes of task results waiting for the backend.
+    pub task_queue_bytes: u64,
 }
 
 /// Command delivery settings.
@@ -537,6 +571,10 @@ pub struct CommandConfig {
     pub send_timeout: Duration,
     /// Result timeout.
     pub result_timeout: Duration,
+    /// Bytes of commands queued for one agent.
+    pub queue_bytes: u64,
+    /// Bytes of commands queued for all agents.
+    pub total_queue_bytes: u64,
 }
 
 /// The resolved configuration.
@@ -560,6 +598,8 @@ pub struct Config {
     pub manager: ManagerConfig,
     /// Command delivery.
     pub commands: CommandConfig,
+    /// Deadline of a new connection's TLS handshake (gRPC and HTTPS API).
+    pub tls_handshake_timeout: Duration,
     /// Clustering through etcd; `None` = a single center.
     pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Which keys were set by a flag or an environment variable (for
@@ -729,6 +769,15 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
                 60,
             )?,
         )?),
+        detail_budget_bytes: positive(
+            "grpc.detail_budget_bytes",
+            pick_num(
+                "grpc.detail_budget_bytes",
+                cli.detail_budget_bytes,
+                g.detail_budget_bytes,
+                256 * 1024 * 1024,
+            )?,
+        )?,
         agent_identity: match (cli.agent_identity, g.agent_identity) {
             (Some(id), _) => id,
             (None, Some(s)) => s.parse().map_err(|msg| ConfigError::Invalid {
@@ -791,6 +840,15 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| data_dir.join("components.json")),
         timeout: Duration::from_millis(positive("manager.timeout_ms", timeout_ms)?),
         retries,
+        task_queue_bytes: positive(
+            "manager.task_queue_bytes",
+            pick_num(
+                "manager.task_queue_bytes",
+                cli.task_queue_bytes,
+                m.task_queue_bytes,
+                64 * 1024 * 1024,
+            )?,
+        )?,
     };
 
     let c = file.commands;
@@ -818,7 +876,34 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
             })?,
         send_timeout: Duration::from_millis(positive("commands.send_timeout_ms", send_ms)?),
         result_timeout: Duration::from_millis(positive("commands.result_timeout_ms", result_ms)?),
+        queue_bytes: positive(
+            "commands.queue_bytes",
+            pick_num(
+                "commands.queue_bytes",
+                cli.command_queue_bytes,
+                c.queue_bytes,
+                16 * 1024 * 1024,
+            )?,
+        )?,
+        total_queue_bytes: positive(
+            "commands.total_queue_bytes",
+            pick_num(
+                "commands.total_queue_bytes",
+                cli.command_total_queue_bytes,
+                c.total_queue_bytes,
+                256 * 1024 * 1024,
+            )?,
+        )?,
     };
+    let tls_handshake_timeout = Duration::from_secs(positive(
+        "tls_handshake_timeout_secs",
+        pick_num(
+            "tls_handshake_timeout_secs",
+            cli.tls_handshake_timeout_secs,
+            file.tls_handshake_timeout_secs,
+            10,
+        )?,
+    )?);
 
     Ok(Config {
         data_dir,
@@ -830,6 +915,7 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         kafka: sinks.kafka,
         manager,
         commands,
+        tls_handshake_timeout,
         cluster: crate::cluster::config::resolve(cli.cluster, file.cluster)?,
         origins: Origins::default(),
     })
@@ -924,6 +1010,35 @@ mod tests {
         assert_eq!(c.manager.backend, ManagerKind::Local);
         assert_eq!(c.ndjson.dir, PathBuf::from("./elkeid-data/records"));
         assert_eq!(c.kafka.topic, "hids_svr");
+        assert_eq!(c.grpc.detail_budget_bytes, 256 << 20);
+        assert_eq!(c.commands.queue_bytes, 16 << 20);
+        assert_eq!(c.commands.total_queue_bytes, 256 << 20);
+        assert_eq!(c.manager.task_queue_bytes, 64 << 20);
+        assert_eq!(c.tls_handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn byte_budgets_and_handshake_deadline_from_flags_and_file() {
+        let file = parse_file(
+            Path::new("x.toml"),
+            "tls_handshake_timeout_secs = 3\n[grpc]\ndetail_budget_bytes = 1000\n\
+             [commands]\nqueue_bytes = 2000\ntotal_queue_bytes = 3000\n\
+             [manager]\ntask_queue_bytes = 4000\n",
+        )
+        .unwrap();
+        let c = resolve(cli(&["--command-queue-bytes", "2500"]), file).unwrap();
+        assert_eq!(c.grpc.detail_budget_bytes, 1000);
+        assert_eq!(c.commands.queue_bytes, 2500);
+        assert_eq!(c.commands.total_queue_bytes, 3000);
+        assert_eq!(c.manager.task_queue_bytes, 4000);
+        assert_eq!(c.tls_handshake_timeout, Duration::from_secs(3));
+        let c =
+            Cli::parse_args_from(["elkeid-center", "--tls-handshake-timeout-secs", "0"]).unwrap();
+        let e = resolve(c, FileConfig::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("flag --tls-handshake-timeout-secs (key `tls_handshake_timeout_secs`)"),
+            "{e}"
+        );
     }
 
     #[test]

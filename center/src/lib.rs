@@ -9,6 +9,8 @@
 //! - `identity.rs`: agent identity mode (shared certificate or per-agent CN).
 //! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
 //! - `pool.rs`: live agent streams, conn limit, conflicts, command delivery.
+//! - `budget.rs`: byte budgets shared by many holders (stored details,
+//!   command queues, task results).
 //! - `records.rs`: per-record processing (heartbeats, task results, logs).
 //! - `manager/`: where configs come from and task results go (`local`, `elkeid`).
 //! - `http/`: the axum API with AK/SK auth.
@@ -28,6 +30,7 @@
 #![deny(unsafe_code)]
 
 mod ack;
+mod budget;
 mod cluster;
 pub mod config;
 pub mod ctl;
@@ -196,7 +199,10 @@ pub async fn run(
         None
     };
     let tls = match (&material, config.grpc.tls) {
-        (Some((ca, cert, key)), true) => Some(tls::server_config(ca, cert, key)?),
+        (Some((ca, cert, key)), true) => Some((
+            tls::server_config(ca, cert, key)?,
+            config.tls_handshake_timeout,
+        )),
         _ => {
             println!(
                 "elkeid-center: WARNING: gRPC in plaintext mode (--insecure-plaintext): no TLS, no client authentication"
@@ -271,10 +277,15 @@ pub async fn run(
             config.manager.retries,
         ),
     };
-    let (tasks, tasks_done) = TaskQueue::start(manager.clone(), metrics.clone());
+    let (tasks, tasks_done) = TaskQueue::start(
+        manager.clone(),
+        metrics.clone(),
+        config.manager.task_queue_bytes,
+    );
     let pool = pool::Pool::new(
         config.grpc.conn_limit,
         config.commands.clone(),
+        config.grpc.detail_budget_bytes,
         metrics.clone(),
     );
     let refresher = tokio::spawn(refresh_extra_info(manager.clone(), Arc::downgrade(&pool)));
@@ -378,8 +389,18 @@ pub async fn run(
         cluster: cluster.clone(),
     };
     let http_stop = stopped(stop_rx.clone());
+    let http_handshake = config.tls_handshake_timeout;
+    let http_metrics = metrics.clone();
     let mut http_task = tokio::spawn(async move {
-        http::serve::serve(http_listener, http::router(state), http_tls, http_stop).await
+        http::serve::serve(
+            http_listener,
+            http::router(state),
+            http_tls,
+            http_handshake,
+            http_metrics,
+            http_stop,
+        )
+        .await
     });
     drop(ctx);
 

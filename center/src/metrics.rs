@@ -26,7 +26,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 /// `Content-Type` of [`Metrics::render`]'s output (Prometheus text 0.0.4).
@@ -38,6 +38,8 @@ pub(crate) const MAX_DATA_TYPES: usize = 1024;
 
 /// One `sink` label.
 type SinkLabel = [(&'static str, &'static str); 1];
+/// `listener` (`grpc`, `http`) and `reason` (`timeout`, `failed`).
+type TlsLabel = [(&'static str, &'static str); 2];
 
 /// All counters of the center.
 #[derive(Debug)]
@@ -66,6 +68,16 @@ pub(crate) struct Metrics {
     pub(crate) identity_mismatches: Counter,
     pub(crate) refused_identity_fields: Counter,
     pub(crate) refused_unidentified: Counter,
+    pub(crate) details_refused: Counter,
+    pub(crate) commands_refused_bytes: Counter,
+    /// Stored 1000/1001 detail bytes of all connections.
+    pub(crate) detail_bytes: Gauge,
+    /// Bytes of commands waiting in the agents' queues.
+    pub(crate) command_queue_bytes: Gauge,
+    /// Bytes of task results waiting for the manager backend.
+    pub(crate) task_queue_bytes: Gauge,
+    /// TLS handshakes that did not complete, by listener and reason.
+    tls_handshakes: Family<TlsLabel, Counter>,
     sink_errors: Family<SinkLabel, Counter>,
     sink_dropped: Family<SinkLabel, Counter>,
     /// Per-`data_type` record counts and the scrape-time values.
@@ -131,7 +143,7 @@ impl Default for Metrics {
             Untyped(m.sent_commands.clone()),
         );
         r.register_collector(Box::new(DataTypes(live.clone())));
-        let counters: [(&str, &str, &Counter); 23] = [
+        let counters: [(&str, &str, &Counter); 25] = [
             (
                 "elkeid_center_tcp_refused",
                 "TCP connections closed: too many open",
@@ -184,7 +196,7 @@ impl Default for Metrics {
             ),
             (
                 "elkeid_center_task_results_dropped",
-                "Task results dropped: queue full",
+                "Task results dropped: queue full or over its byte budget",
                 &m.task_results_dropped,
             ),
             (
@@ -247,10 +259,44 @@ impl Default for Metrics {
                 "Packets received (all)",
                 &m.recv_packets,
             ),
+            (
+                "elkeid_center_details_refused",
+                "Heartbeat details (1000/1001) not stored: detail byte budget of all connections full, or 256 plugins on one connection",
+                &m.details_refused,
+            ),
+            (
+                "elkeid_center_commands_refused_bytes",
+                "Commands refused: the agent's or all command queues over their byte budget",
+                &m.commands_refused_bytes,
+            ),
         ];
         for (name, help, c) in counters {
             r.register(name, help, c.clone());
         }
+        let detail_bytes = Gauge::default();
+        let command_queue_bytes = Gauge::default();
+        let task_queue_bytes = Gauge::default();
+        r.register(
+            "elkeid_center_detail_bytes",
+            "Bytes of stored heartbeat details (1000/1001), all connections",
+            detail_bytes.clone(),
+        );
+        r.register(
+            "elkeid_center_command_queue_bytes",
+            "Bytes of commands queued for agents, all connections",
+            command_queue_bytes.clone(),
+        );
+        r.register(
+            "elkeid_center_task_queue_bytes",
+            "Bytes of task results queued for the manager backend",
+            task_queue_bytes.clone(),
+        );
+        let tls_handshakes = Family::<TlsLabel, Counter>::default();
+        r.register(
+            "elkeid_center_tls_handshakes_refused",
+            "TLS handshakes that did not complete (reason timeout: not within the deadline; failed: TLS error)",
+            tls_handshakes.clone(),
+        );
         let sink_errors = Family::<SinkLabel, Counter>::default();
         let sink_dropped = Family::<SinkLabel, Counter>::default();
         r.register(
@@ -289,6 +335,8 @@ impl Default for Metrics {
             identity_mismatches,
             refused_identity_fields,
             refused_unidentified,
+            details_refused,
+            commands_refused_bytes,
         } = m;
         Metrics {
             recv_packets,
@@ -315,6 +363,12 @@ impl Default for Metrics {
             identity_mismatches,
             refused_identity_fields,
             refused_unidentified,
+            details_refused,
+            commands_refused_bytes,
+            detail_bytes,
+            command_queue_bytes,
+            task_queue_bytes,
+            tls_handshakes,
             sink_errors,
             sink_dropped,
             live,
@@ -351,6 +405,8 @@ struct MetricsCounters {
     identity_mismatches: Counter,
     refused_identity_fields: Counter,
     refused_unidentified: Counter,
+    details_refused: Counter,
+    commands_refused_bytes: Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -443,6 +499,15 @@ impl Metrics {
         }
     }
 
+    /// Counts a TLS handshake that did not complete on `listener`
+    /// (`grpc`, `http`); `timeout`: not within the deadline, else failed.
+    pub(crate) fn tls_refused(&self, listener: &'static str, timeout: bool) {
+        let reason = if timeout { "timeout" } else { "failed" };
+        self.tls_handshakes
+            .get_or_create(&[("listener", listener), ("reason", reason)])
+            .inc();
+    }
+
     /// Counts a sink failure (`dropped` = by explicit drop policy).
     pub(crate) fn sink_failed(&self, sink: &'static str, dropped: bool) {
         let family = if dropped {
@@ -490,6 +555,7 @@ mod tests {
         m.sink_failed("kafka", true);
         m.sink_failed("kafka", true);
         m.sink_failed("ndjson", false);
+        m.tls_refused("grpc", true);
         let t = m.render(3, &[("ndjson", 0)], &[("kafka", "delivered", 5)]);
         assert!(t.contains("elkeid_ac_grpc_conn_count 3\n"));
         assert!(t.contains("elkeid_ac_grpc_recv_qps 1\n"));
@@ -500,6 +566,10 @@ mod tests {
         );
         assert!(t.contains("elkeid_center_sink_dropped_total{sink=\"kafka\"} 2\n"));
         assert!(t.contains("elkeid_center_sink_errors_total{sink=\"ndjson\"} 1\n"));
+        assert!(t.contains(
+            "elkeid_center_tls_handshakes_refused_total{listener=\"grpc\",reason=\"timeout\"} 1\n"
+        ));
+        assert!(t.contains("# TYPE elkeid_center_detail_bytes gauge\n"));
         // One storage per counter, exported under both of its names.
         assert!(t.contains("elkeid_center_packets_received_total 1\n"));
         assert!(t.contains("elkeid_center_streams_total 0\n"));
@@ -517,7 +587,9 @@ mod tests {
             "elkeid_ac_grpc_send_qps",
             "elkeid_ac_output_data_type_count",
             "elkeid_center_agent_conflicts_total",
+            "elkeid_center_command_queue_bytes",
             "elkeid_center_commands_failed_total",
+            "elkeid_center_commands_refused_bytes_total",
             "elkeid_center_config_push_failures_total",
             "elkeid_center_config_pushes_total",
             "elkeid_center_conn_refused_empty_id_total",
@@ -525,6 +597,8 @@ mod tests {
             "elkeid_center_conn_refused_identity_fields_total",
             "elkeid_center_conn_refused_limit_total",
             "elkeid_center_conn_refused_unidentified_total",
+            "elkeid_center_detail_bytes",
+            "elkeid_center_details_refused_total",
             "elkeid_center_http_auth_failures_total",
             "elkeid_center_http_bodies_refused_total",
             "elkeid_center_http_replays_refused_total",
@@ -538,9 +612,11 @@ mod tests {
             "elkeid_center_sink_lag",
             "elkeid_center_sink_records_total",
             "elkeid_center_streams_total",
+            "elkeid_center_task_queue_bytes",
             "elkeid_center_task_results_dropped_total",
             "elkeid_center_task_results_failed_total",
             "elkeid_center_tcp_refused_total",
+            "elkeid_center_tls_handshakes_refused_total",
             "elkeid_center_uploads_failed_total",
             "elkeid_center_uploads_ok_total",
         ];

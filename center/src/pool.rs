@@ -10,7 +10,17 @@
 //!   (`elkeid_center_agent_conflicts_total`) and logged. Elkeid refused the
 //!   new one instead, locking reconnecting agents out behind half-open streams.
 //! - Commands go through a bounded per-connection queue; [`Pool::post_command`]
-//!   waits `send_timeout` to enqueue and `result_timeout` for the send.
+//!   waits `send_timeout` to enqueue and `result_timeout` for the send. A
+//!   queued command holds its encoded bytes against two byte budgets, the
+//!   agent's (`commands.queue_bytes`) and all agents' together
+//!   (`commands.total_queue_bytes`), until it is handed to the transport; a
+//!   command that would pass either is refused at once
+//!   ([`CommandError::OverBudget`], counted in
+//!   `elkeid_center_commands_refused_bytes_total`).
+//! - Stored heartbeat details (the last 1000 and each plugin's last 1001)
+//!   hold their estimated bytes against one budget shared by all
+//!   connections (`grpc.detail_budget_bytes`); a detail that does not fit
+//!   is not stored ([`Conn::store_detail`], [`Conn::store_plugin`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +31,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{ByteBudget, Reservation, map_cost};
 use crate::config::CommandConfig;
 use crate::metrics::{Metrics, inc};
 
@@ -42,18 +53,35 @@ pub(crate) enum CommandError {
     /// The stream ended before the command was sent.
     #[error("the agent connection closed before the command was sent")]
     Closed,
+    /// Queuing it would pass a command-queue byte budget (`all`: the budget
+    /// of all agents together, else the agent's own).
+    #[error(
+        "the command ({bytes} bytes) does not fit the {} command queue byte budget: {queued} of {limit} bytes already queued",
+        if *all { "all agents'" } else { "agent's" }
+    )]
+    OverBudget {
+        /// Encoded size of the refused command.
+        bytes: u64,
+        /// Bytes queued in that budget.
+        queued: u64,
+        /// Its limit.
+        limit: u64,
+        /// The budget of all agents (true) or the agent's own (false).
+        all: bool,
+    },
 }
 
 /// Largest Command sent: grpc-go's default receive limit, which Go agents keep.
 pub(crate) const MAX_COMMAND_BYTES: usize = 4 * 1024 * 1024;
 
-fn check_size(cmd: &Command) -> Result<(), CommandError> {
+/// The encoded size of `cmd`, checked against [`MAX_COMMAND_BYTES`].
+fn check_size(cmd: &Command) -> Result<u64, CommandError> {
     use prost::Message;
     let n = cmd.encoded_len();
     if n > MAX_COMMAND_BYTES {
         return Err(CommandError::TooLarge(n));
     }
-    Ok(())
+    Ok(n as u64)
 }
 
 /// A command waiting in a connection's queue.
@@ -62,6 +90,16 @@ pub(crate) struct Outgoing {
     pub(crate) cmd: Command,
     /// Fired when the command was handed to the transport.
     pub(crate) done: Option<oneshot::Sender<()>>,
+    /// Its bytes in the agent's and all agents' queue budgets; released
+    /// when the command leaves the queue (sent or dropped).
+    pub(crate) _held: QueueHold,
+}
+
+/// A queued command's reservations (the agent's, all agents').
+#[derive(Debug)]
+pub(crate) struct QueueHold {
+    _agent: Reservation,
+    _all: Reservation,
 }
 
 /// Per-agent plugin details (`name` -> 1001 detail).
@@ -84,6 +122,12 @@ pub(crate) struct Conn {
     pub(crate) detail: Mutex<Option<Map<String, Value>>>,
     /// 1001 details by plugin name.
     pub(crate) plugins: Mutex<Plugins>,
+    /// Bytes of `detail` and `plugins` in the budget of all connections.
+    details_held: Mutex<Reservation>,
+    /// This agent's command queue bytes.
+    queue_budget: Arc<ByteBudget>,
+    /// All agents' command queue bytes.
+    all_queues: Arc<ByteBudget>,
     first_heartbeat_seen: AtomicBool,
     /// The connection slot; moved to a replacing stream when none is free.
     permit: Mutex<Option<OwnedSemaphorePermit>>,
@@ -95,11 +139,82 @@ impl Conn {
         !self.first_heartbeat_seen.swap(true, Ordering::AcqRel)
     }
 
+    /// Reserves `bytes` of queue budget for one command.
+    fn hold(&self, bytes: u64) -> Result<QueueHold, CommandError> {
+        let over = |b: &ByteBudget, all: bool| CommandError::OverBudget {
+            bytes,
+            queued: b.used(),
+            limit: b.limit(),
+            all,
+        };
+        let agent = self
+            .queue_budget
+            .try_reserve(bytes)
+            .ok_or_else(|| over(&self.queue_budget, false))?;
+        let all = self
+            .all_queues
+            .try_reserve(bytes)
+            .ok_or_else(|| over(&self.all_queues, true))?;
+        Ok(QueueHold {
+            _agent: agent,
+            _all: all,
+        })
+    }
+
+    /// Replaces the stored 1000 detail if the detail budget covers its
+    /// growth; false (the previous detail stays) when it does not.
+    pub(crate) fn store_detail(&self, d: Map<String, Value>) -> bool {
+        let new = map_cost(&d);
+        let mut slot = self.detail.lock().unwrap_or_else(|e| e.into_inner());
+        let old = slot.as_ref().map_or(0, map_cost);
+        let mut held = self.details_held.lock().unwrap_or_else(|e| e.into_inner());
+        let want = held.bytes().saturating_sub(old).saturating_add(new);
+        if !held.resize(want) {
+            return false;
+        }
+        *slot = Some(d);
+        true
+    }
+
+    /// Stores plugin `name`'s 1001 detail (at most [`MAX_PLUGINS`] names per
+    /// connection) if the detail budget covers it; false when not stored.
+    pub(crate) fn store_plugin(&self, name: &str, d: Map<String, Value>) -> bool {
+        let new = map_cost(&d) + name.len() as u64;
+        let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+        let old = match plugins.get(name) {
+            Some(p) => map_cost(p) + name.len() as u64,
+            None if plugins.len() >= MAX_PLUGINS => return false,
+            None => 0,
+        };
+        let mut held = self.details_held.lock().unwrap_or_else(|e| e.into_inner());
+        let want = held.bytes().saturating_sub(old).saturating_add(new);
+        if !held.resize(want) {
+            return false;
+        }
+        plugins.insert(name.to_string(), d);
+        true
+    }
+
+    /// Notes a detail that was not stored; `Some(refusals since the last
+    /// report)` when a log line is due (once per interval, all connections).
+    pub(crate) fn detail_refused(&self) -> Option<u64> {
+        self.details_held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .budget()
+            .refused()
+    }
+
     /// Queues a command without waiting for its delivery (config pushes).
     pub(crate) fn try_push(&self, cmd: Command) -> Result<(), CommandError> {
-        check_size(&cmd)?;
+        let bytes = check_size(&cmd)?;
+        let held = self.hold(bytes)?;
         self.tx
-            .try_send(Outgoing { cmd, done: None })
+            .try_send(Outgoing {
+                cmd,
+                done: None,
+                _held: held,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => CommandError::Full,
                 mpsc::error::TrySendError::Closed(_) => CommandError::Closed,
@@ -128,10 +243,17 @@ impl Drop for Registration {
     }
 }
 
+/// Most plugin details kept per connection.
+pub(crate) const MAX_PLUGINS: usize = 256;
+
 /// All live agent streams.
 #[derive(Debug)]
 pub(crate) struct Pool {
     slots: Arc<Semaphore>,
+    /// Stored heartbeat details of all connections.
+    details: Arc<ByteBudget>,
+    /// Queued commands of all connections.
+    all_queues: Arc<ByteBudget>,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     next_generation: AtomicU64,
     commands: CommandConfig,
@@ -141,14 +263,21 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// A pool with `conn_limit` slots.
+    /// A pool with `conn_limit` slots whose stored heartbeat details share
+    /// `detail_budget` bytes.
     pub(crate) fn new(
         conn_limit: usize,
         commands: CommandConfig,
+        detail_budget: u64,
         metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             slots: Arc::new(Semaphore::new(conn_limit.min(Semaphore::MAX_PERMITS))),
+            details: ByteBudget::new(detail_budget, Some(metrics.detail_bytes.clone())),
+            all_queues: ByteBudget::new(
+                commands.total_queue_bytes,
+                Some(metrics.command_queue_bytes.clone()),
+            ),
             conns: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             commands,
@@ -191,6 +320,9 @@ impl Pool {
             closed: CancellationToken::new(),
             detail: Mutex::new(None),
             plugins: Mutex::new(BTreeMap::new()),
+            details_held: Mutex::new(self.details.empty()),
+            queue_budget: ByteBudget::new(self.commands.queue_bytes, None),
+            all_queues: self.all_queues.clone(),
             first_heartbeat_seen: AtomicBool::new(false),
             permit: Mutex::new(Some(permit)),
         });
@@ -230,6 +362,12 @@ impl Pool {
     /// The registered stream of `agent_id`.
     pub(crate) fn get(&self, agent_id: &str) -> Option<Arc<Conn>> {
         self.map().get(agent_id).cloned()
+    }
+
+    /// The budget of all connections' stored details.
+    #[cfg(test)]
+    pub(crate) fn detail_budget(&self) -> &ByteBudget {
+        &self.details
     }
 
     /// Number of registered streams.
@@ -284,14 +422,19 @@ impl Pool {
     }
 
     async fn post_command_inner(&self, agent_id: &str, cmd: Command) -> Result<(), CommandError> {
-        check_size(&cmd)?;
+        let bytes = check_size(&cmd)?;
         let conn = self.get(agent_id).ok_or(CommandError::NotFound)?;
+        let held = conn.hold(bytes).inspect_err(|e| {
+            inc(&self.metrics.commands_refused_bytes);
+            tracing::warn!(agent_id, error = %e, "command refused: command queue byte budget");
+        })?;
         let (done, wait) = oneshot::channel();
         match tokio::time::timeout(
             self.commands.send_timeout,
             conn.tx.send(Outgoing {
                 cmd,
                 done: Some(done),
+                _held: held,
             }),
         )
         .await
@@ -320,7 +463,10 @@ mod tests {
                 queue_len: queue,
                 send_timeout: Duration::from_secs(2),
                 result_timeout: Duration::from_secs(2),
+                queue_bytes: 1 << 20,
+                total_queue_bytes: 1 << 30,
             },
+            1 << 20,
             Arc::new(Metrics::default()),
         )
     }
@@ -397,6 +543,147 @@ mod tests {
         assert_eq!(
             CommandError::Full.to_string(),
             "the sendPool of the agent is full"
+        );
+    }
+
+    fn task(data: usize) -> Command {
+        Command {
+            task: Some(elkeid_proto::grpc::Task {
+                data: "x".repeat(data),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_commands_are_bounded_in_bytes_per_agent_and_in_total() {
+        let metrics = Arc::new(Metrics::default());
+        let p = Pool::new(
+            4,
+            CommandConfig {
+                queue_len: 1024,
+                send_timeout: Duration::from_secs(2),
+                result_timeout: Duration::from_millis(10),
+                queue_bytes: 3000,
+                total_queue_bytes: 3500,
+            },
+            1 << 20,
+            metrics.clone(),
+        );
+        let (_a, mut rx_a) = p.register("a", "x".into(), p.try_slot().unwrap());
+        let (_b, _rx_b) = p.register("b", "x".into(), p.try_slot().unwrap());
+        // Nobody reads: each command stays queued (result timeout), holding its bytes.
+        for _ in 0..2 {
+            assert_eq!(
+                p.post_command("a", task(1000)).await,
+                Err(CommandError::ResultTimeout)
+            );
+        }
+        let e = p.post_command("a", task(1000)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommandError::OverBudget {
+                    all: false,
+                    limit: 3000,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("agent's command queue byte budget"),
+            "{e}"
+        );
+        // b has its own budget, but all queues together are capped at 3500.
+        assert_eq!(
+            p.post_command("b", task(1000)).await,
+            Err(CommandError::ResultTimeout)
+        );
+        let e = p.post_command("b", task(1000)).await.unwrap_err();
+        assert!(
+            matches!(e, CommandError::OverBudget { all: true, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("all agents'"), "{e}");
+        assert_eq!(metrics.commands_refused_bytes.get(), 2);
+        assert!(metrics.command_queue_bytes.get() > 3000);
+        // Sending releases: a's queue drains, a new command fits again.
+        let sent = rx_a.recv().await.unwrap();
+        drop(sent);
+        let _ = rx_a.recv().await.unwrap();
+        let conn = p.get("a").unwrap();
+        assert!(conn.try_push(task(1000)).is_ok());
+        // Config pushes are held to the same budget.
+        assert!(matches!(
+            conn.try_push(task(4000)),
+            Err(CommandError::OverBudget { .. })
+        ));
+    }
+
+    fn detail(pad: usize) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("pad".into(), Value::String("p".repeat(pad)));
+        m
+    }
+
+    #[test]
+    fn stored_details_share_one_budget_across_connections() {
+        let metrics = Arc::new(Metrics::default());
+        let p = Pool::new(
+            8,
+            CommandConfig {
+                queue_len: 4,
+                send_timeout: Duration::from_secs(2),
+                result_timeout: Duration::from_secs(2),
+                queue_bytes: 1 << 20,
+                total_queue_bytes: 1 << 20,
+            },
+            10_000,
+            metrics.clone(),
+        );
+        let (a, _ra) = p.register("a", "x".into(), p.try_slot().unwrap());
+        let (b, _rb) = p.register("b", "x".into(), p.try_slot().unwrap());
+        assert!(a.conn.store_detail(detail(4000)));
+        assert!(a.conn.store_plugin("p1", detail(4000)));
+        // b cannot store what would pass the budget shared with a.
+        assert!(!b.conn.store_detail(detail(4000)));
+        assert!(b.conn.detail.lock().unwrap().is_none());
+        assert!(b.conn.store_detail(detail(1000)));
+        // Replacing a detail accounts only its growth; a too-large one leaves the old.
+        assert!(a.conn.store_detail(detail(3000)));
+        assert!(!a.conn.store_plugin("p1", detail(9000)));
+        assert_eq!(
+            a.conn.plugins.lock().unwrap()["p1"]["pad"]
+                .as_str()
+                .unwrap()
+                .len(),
+            4000
+        );
+        let used = p.detail_budget().used();
+        assert!(used <= 10_000, "{used}");
+        assert_eq!(metrics.detail_bytes.get(), i64::try_from(used).unwrap());
+        // A connection that ends gives its bytes back.
+        drop(a);
+        assert!(p.detail_budget().used() < 2000);
+        assert!(b.conn.store_plugin("p2", detail(6000)));
+        drop(b);
+        assert_eq!(p.detail_budget().used(), 0);
+        assert_eq!(metrics.detail_bytes.get(), 0);
+    }
+
+    #[test]
+    fn plugin_names_per_connection_are_capped() {
+        let p = pool(2, 2);
+        let (a, _r) = p.register("a", "x".into(), p.try_slot().unwrap());
+        for i in 0..MAX_PLUGINS {
+            assert!(a.conn.store_plugin(&format!("p{i}"), detail(1)));
+        }
+        assert!(!a.conn.store_plugin("one-more", detail(1)));
+        assert!(
+            a.conn.store_plugin("p0", detail(2)),
+            "known names still update"
         );
     }
 }

@@ -5,6 +5,12 @@
 //!   a connection, a config push from the manager backend (never empty).
 //! - 1001 (plugin heartbeat): per-plugin detail keyed by `name`, numeric
 //!   except `pversion`.
+//! - Stored details are bounded per connection (64 KiB per body, 256
+//!   plugins) and across all connections by the detail byte budget
+//!   (`grpc.detail_budget_bytes`): a detail that does not fit is not stored
+//!   (the previous one stays), counted in
+//!   `elkeid_center_details_refused_total` and logged once a minute; the
+//!   record still goes to the sinks.
 //! - 2001, 2003, 6000, 5100, 5101, 8010: task results, with
 //!   `"data_type": "<n>"` added, to the batched manager queue.
 //! - 1010, 1011: agent logs, written to the center's log.
@@ -215,7 +221,9 @@ pub(crate) async fn handle_packet(
                 if conn.take_first_heartbeat() {
                     push_configs(ctx, conn, d.clone());
                 }
-                *conn.detail.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+                if !conn.store_detail(d) {
+                    detail_refused(ctx, conn, ty);
+                }
             }
             dt::PLUGIN_HEARTBEAT => {
                 let Some(&(_, name)) = fields
@@ -228,10 +236,9 @@ pub(crate) async fn handle_packet(
                 };
                 let mut d = detail(&fields, &PLUGIN_STRING_FIELDS);
                 d.insert("last_heartbeat_time".into(), Value::Number(now.into()));
-                let mut plugins = conn.plugins.lock().unwrap_or_else(|e| e.into_inner());
-                // bounded: a hostile agent cannot grow this without limit
-                if plugins.len() < 256 || plugins.contains_key(name) {
-                    plugins.insert(name.to_string(), d);
+                // bounded per connection (plugin names) and by the budget of all
+                if !conn.store_plugin(name, d) {
+                    detail_refused(ctx, conn, ty);
                 }
             }
             dt::AGENT_LOG | dt::AGENT_LOG_2 => {
@@ -276,6 +283,20 @@ pub(crate) async fn handle_packet(
     });
     ctx.sinks.send(&batch).await;
     pending
+}
+
+/// Counts a heartbeat detail that was not stored; logs at most once per
+/// interval how many were refused since the last line.
+fn detail_refused(ctx: &Ctx, conn: &Conn, data_type: i32) {
+    inc(&ctx.metrics.details_refused);
+    if let Some(n) = conn.detail_refused() {
+        tracing::warn!(
+            agent_id = %conn.agent_id,
+            data_type,
+            refused = n,
+            "heartbeat details not stored: detail byte budget of all connections full (grpc.detail_budget_bytes) or 256 plugins on one connection; /conn/stat keeps the previous ones"
+        );
+    }
 }
 
 /// Asks the manager for the agent's components and queues one config
@@ -342,6 +363,50 @@ mod tests {
         );
     }
 
+    /// What a real agent's stored details cost against the detail budget
+    /// (the figure behind the 256 MiB default: ~26 KiB per agent at 10,000).
+    #[test]
+    fn a_real_agents_details_cost_a_few_kib() {
+        use crate::budget::map_cost;
+        use elkeid_core::schema::{heartbeat, plugin_heartbeat};
+        // Every key an agent sends, with 16-byte values (numbers and names
+        // are shorter, kernel versions about as long).
+        let value = "0123456789abcdef";
+        let agent: Vec<(&str, &str)> = heartbeat::KEYS.iter().map(|k| (*k, value)).collect();
+        let pool = crate::pool::Pool::new(
+            1,
+            crate::config::CommandConfig {
+                queue_len: 1,
+                send_timeout: std::time::Duration::from_secs(1),
+                result_timeout: std::time::Duration::from_secs(1),
+                queue_bytes: 1,
+                total_queue_bytes: 1,
+            },
+            1,
+            Arc::new(Metrics::default()),
+        );
+        let (reg, _rx) = pool.register("a", "10.0.0.5:40000".into(), pool.try_slot().unwrap());
+        let pkt = PackagedData {
+            agent_id: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
+            hostname: "web-1.example.com".into(),
+            version: "1.9.1.4".into(),
+            product: "elkeid-agent".into(),
+            intranet_ipv4: vec!["10.0.0.5".into(), "172.17.0.1".into()],
+            intranet_ipv6: vec!["fe80::1".into()],
+            ..Default::default()
+        };
+        let agent_cost = map_cost(&agent_detail(&agent, &reg.conn, &pkt, 1));
+        let plugin: Vec<(&str, &str)> =
+            plugin_heartbeat::KEYS.iter().map(|k| (*k, value)).collect();
+        let plugin_cost = map_cost(&detail(&plugin, &PLUGIN_STRING_FIELDS)) + 16;
+        eprintln!("agent detail {agent_cost} B, plugin detail {plugin_cost} B");
+        assert!(agent_cost < 5 * 1024, "{agent_cost}");
+        assert!(plugin_cost < 2 * 1024, "{plugin_cost}");
+        // An agent with 4 plugins: well under the 26 KiB per agent the
+        // default budget leaves at the default conn_limit.
+        assert!(agent_cost + 4 * plugin_cost < 10 * 1024);
+    }
+
     #[tokio::test]
     async fn packet_with_huge_metadata_times_records_is_refused() {
         let metrics = Arc::new(Metrics::default());
@@ -350,7 +415,7 @@ mod tests {
             dir.path().join("components.json"),
             dir.path().join("results.ndjson"),
         );
-        let (tasks, _done) = TaskQueue::start(manager.clone(), metrics.clone());
+        let (tasks, _done) = TaskQueue::start(manager.clone(), metrics.clone(), 1 << 20);
         let ctx = Ctx {
             sinks: Sinks::new(Vec::new(), metrics.clone()),
             manager,
@@ -364,7 +429,10 @@ mod tests {
                 queue_len: 4,
                 send_timeout: std::time::Duration::from_secs(2),
                 result_timeout: std::time::Duration::from_secs(2),
+                queue_bytes: 1 << 20,
+                total_queue_bytes: 1 << 20,
             },
+            1 << 20,
             metrics.clone(),
         );
         let (reg, _rx) = pool.register("a", "x:1".into(), pool.try_slot().unwrap());

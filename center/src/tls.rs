@@ -1,15 +1,14 @@
-//! Server TLS material: reads and checks the PEM files, builds tonic's
-//! rustls (ring) configuration with the client certificate REQUIRED and
-//! verified against the CA. tonic sets ALPN `h2`, which Go agents require.
+//! Server TLS material: reads and checks the PEM files, builds the rustls
+//! (ring) server configuration of the gRPC listener with the client
+//! certificate REQUIRED and verified against the CA (webpki), and ALPN `h2`,
+//! which Go agents require. The handshake itself runs in
+//! `grpc/incoming.rs`, under a deadline (`tls_handshake_timeout_secs`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-
-/// A connection that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the TLS material is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -45,47 +44,75 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn certs(key: &'static str, path: &Path, pem: &[u8]) -> Result<usize, TlsError> {
-    let mut n = 0;
+fn certs(
+    key: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let mut out = Vec::new();
     for c in CertificateDer::pem_slice_iter(pem) {
-        c.map_err(|e| TlsError::Pem {
+        out.push(c.map_err(|e| TlsError::Pem {
             key,
             path: path.to_path_buf(),
             msg: format!("bad PEM certificate: {e}"),
-        })?;
-        n += 1;
+        })?);
     }
-    if n == 0 {
+    if out.is_empty() {
         return Err(TlsError::Pem {
             key,
             path: path.to_path_buf(),
             msg: "no PEM certificate found".into(),
         });
     }
-    Ok(n)
+    Ok(out)
 }
 
-/// Loads CA, server certificate and key; mTLS with the client certificate required.
+/// Loads CA, server certificate and key; mTLS with the client certificate
+/// required, ALPN `h2`.
 pub(crate) fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
-) -> Result<ServerTlsConfig, TlsError> {
-    let ca_pem = read("grpc.ca_file", ca)?;
-    certs("grpc.ca_file", ca, &ca_pem)?;
-    let cert_pem = read("grpc.cert_file", cert)?;
-    certs("grpc.cert_file", cert, &cert_pem)?;
-    let key_pem = read("grpc.key_file", key)?;
-    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-        key: "grpc.key_file",
-        path: key.to_path_buf(),
-        msg: format!("no usable PEM private key: {e}"),
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pem_err = |k: &'static str, p: &Path, msg: String| TlsError::Pem {
+        key: k,
+        path: p.to_path_buf(),
+        msg,
+    };
+    let cas = certs("grpc.ca_file", ca, &read("grpc.ca_file", ca)?)?;
+    let chain = certs("grpc.cert_file", cert, &read("grpc.cert_file", cert)?)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read("grpc.key_file", key)?).map_err(|e| {
+        pem_err(
+            "grpc.key_file",
+            key,
+            format!("no usable PEM private key: {e}"),
+        )
     })?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert_pem, key_pem))
-        .client_ca_root(Certificate::from_pem(ca_pem))
-        .client_auth_optional(false)
-        .timeout(HANDSHAKE_TIMEOUT))
+    // As tonic did: CA certificates webpki cannot use as anchors are skipped
+    // (an error only when none is left).
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(cas);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| pem_err("grpc.ca_file", ca, format!("unusable CA: {e}")))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem_err("grpc.cert_file", cert, e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            pem_err(
+                "grpc.key_file",
+                key,
+                format!("certificate and key do not match: {e}"),
+            )
+        })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 #[cfg(test)]

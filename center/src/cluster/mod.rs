@@ -406,54 +406,23 @@ impl Cluster {
         }
     }
 
-    /// Prometheus text of the cluster gauges and counters.
+    /// Prometheus text of the cluster gauges and counters, encoded by
+    /// `prometheus-client` (as the center's own; appended to them).
     pub(crate) fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let s = &self.stats;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 6] = [
-            (
-                "elkeid_center_cluster_etcd_up",
-                "gauge",
-                "1 when the last etcd call succeeded.",
-                u64::from(s.etcd_up.load(Ordering::Relaxed)),
-            ),
-            (
-                "elkeid_center_cluster_etcd_errors_total",
-                "counter",
-                "Failed etcd calls.",
-                g(&s.etcd_errors),
-            ),
-            (
-                "elkeid_center_cluster_registrations_total",
-                "counter",
-                "Leases granted to this center (re-registrations after expiry included).",
-                g(&s.registrations),
-            ),
-            (
-                "elkeid_center_cluster_centers",
-                "gauge",
-                "Live centers in etcd's view.",
-                self.centers().len() as u64,
-            ),
-            (
-                "elkeid_center_cluster_forwarded_total",
-                "counter",
-                "Calls answered by another center.",
-                g(&s.forwarded),
-            ),
-            (
-                "elkeid_center_cluster_forward_errors_total",
-                "counter",
-                "Calls to another center that failed.",
-                g(&s.forward_errors),
-            ),
-        ];
-        for (name, kind, help, v) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+        let values = ClusterValues([
+            u64::from(s.etcd_up.load(Ordering::Relaxed)),
+            g(&s.etcd_errors),
+            g(&s.registrations),
+            self.centers().len() as u64,
+            g(&s.forwarded),
+            g(&s.forward_errors),
+        ]);
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(values));
+        if let Err(error) = prometheus_client::encoding::prometheus_text::encode(out, &r) {
+            tracing::error!(%error, "cluster metrics: encoding failed");
         }
     }
 }
@@ -481,5 +450,89 @@ mod tests {
         assert!(c(10, 100).load() > c(10, 1000).load());
         assert_eq!(c(5, 0).load(), 5_000_000);
         assert!(c(1, 10_000).load() > c(0, 10_000).load());
+    }
+}
+
+/// The cluster's values at scrape time, in [`CLUSTER_METRICS`] order.
+#[derive(Debug)]
+struct ClusterValues([u64; 6]);
+
+/// Name (counters without the `_total` the encoder appends), help, gauge?
+const CLUSTER_METRICS: [(&str, &str, bool); 6] = [
+    (
+        "elkeid_center_cluster_etcd_up",
+        "1 when the last etcd call succeeded.",
+        true,
+    ),
+    (
+        "elkeid_center_cluster_etcd_errors",
+        "Failed etcd calls.",
+        false,
+    ),
+    (
+        "elkeid_center_cluster_registrations",
+        "Leases granted to this center (re-registrations after expiry included).",
+        false,
+    ),
+    (
+        "elkeid_center_cluster_centers",
+        "Live centers in etcd's view.",
+        true,
+    ),
+    (
+        "elkeid_center_cluster_forwarded",
+        "Calls answered by another center.",
+        false,
+    ),
+    (
+        "elkeid_center_cluster_forward_errors",
+        "Calls to another center that failed.",
+        false,
+    ),
+];
+
+impl prometheus_client::collector::Collector for ClusterValues {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for ((name, help, gauge), &v) in CLUSTER_METRICS.iter().zip(&self.0) {
+            if *gauge {
+                let m = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+                m.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+            } else {
+                let m = ConstCounter::new(v);
+                m.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    #[test]
+    fn cluster_metrics_keep_their_names_types_and_values() {
+        let mut out = String::new();
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(ClusterValues([1, 2, 3, 4, 5, 6])));
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &r).unwrap();
+        for want in [
+            "# HELP elkeid_center_cluster_etcd_up 1 when the last etcd call succeeded.\n# TYPE elkeid_center_cluster_etcd_up gauge\nelkeid_center_cluster_etcd_up 1\n",
+            "# TYPE elkeid_center_cluster_etcd_errors_total counter\nelkeid_center_cluster_etcd_errors_total 2\n",
+            "elkeid_center_cluster_registrations_total 3\n",
+            "# TYPE elkeid_center_cluster_centers gauge\nelkeid_center_cluster_centers 4\n",
+            "elkeid_center_cluster_forwarded_total 5\n",
+            "elkeid_center_cluster_forward_errors_total 6\n",
+        ] {
+            assert!(out.contains(want), "{want:?} not in:\n{out}");
+        }
+        assert!(!out.contains("EOF"), "{out}");
     }
 }

@@ -1,10 +1,18 @@
-//! Accepted TCP connections, capped before any TLS or HTTP/2 work.
+//! Accepted TCP connections, capped before any TLS or HTTP/2 work, and
+//! their TLS handshakes under a deadline.
 //!
 //! At most `conn_limit + max(64, conn_limit / 10)` TCP connections are open
 //! at once (the slack lets a reconnecting agent overlap its stale
 //! connection); beyond that a new connection is closed right after accept and
 //! counted (`elkeid_center_tcp_refused_total`). The exact per-stream
 //! `conn_limit` is then enforced by the pool.
+//!
+//! With TLS ([`tls_incoming`]) each accepted connection has
+//! `tls_handshake_timeout_secs` (10 s) to complete its handshake, run in its
+//! own task so a slow one delays no other; a connection that sends nothing,
+//! half a ClientHello or a handshake that fails is closed, its TCP slot
+//! freed, and counted in
+//! `elkeid_center_tls_handshakes_refused_total{listener="grpc",reason="timeout"|"failed"}`.
 
 use std::io;
 use std::pin::Pin;
@@ -15,7 +23,9 @@ use std::time::Duration;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::metrics::{Metrics, inc};
@@ -82,9 +92,41 @@ impl AsyncWrite for Limited {
     }
 }
 
-/// The accept loop as a stream of capped connections. Accept errors (such as
+/// The next connection that gets one of `slots`. Accept errors (such as
 /// running out of file descriptors) are logged and retried after a pause;
 /// they never end the server.
+async fn accept_limited(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    metrics: &Metrics,
+) -> (Limited, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    inc(&metrics.tcp_refused);
+                    tracing::debug!(%peer, "tcp connection refused: too many open connections");
+                    drop(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                return (
+                    Limited {
+                        inner: stream,
+                        _permit: permit,
+                    },
+                    peer,
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The accept loop as a stream of capped plaintext connections.
 pub(crate) fn incoming(
     listener: TcpListener,
     limit: usize,
@@ -94,32 +136,54 @@ pub(crate) fn incoming(
     futures_util::stream::unfold(
         (listener, slots, metrics),
         |(listener, slots, metrics)| async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let Ok(permit) = slots.clone().try_acquire_owned() else {
-                            inc(&metrics.tcp_refused);
-                            tracing::debug!(%peer, "tcp connection refused: too many open connections");
-                            drop(stream);
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        return Some((
-                            Ok(Limited {
-                                inner: stream,
-                                _permit: permit,
-                            }),
-                            (listener, slots, metrics),
-                        ));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
+            let (conn, _) = accept_limited(&listener, &slots, &metrics).await;
+            Some((Ok(conn), (listener, slots, metrics)))
         },
     )
+}
+
+/// Established TLS connections handed to the server at once.
+const READY_QUEUE: usize = 64;
+
+/// The accept loop as a stream of capped connections whose TLS handshake
+/// completed within `timeout` (see the module docs). The accept task ends
+/// when the stream is dropped (server shutdown).
+pub(crate) fn tls_incoming(
+    listener: TcpListener,
+    limit: usize,
+    metrics: Arc<Metrics>,
+    tls: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> impl Stream<Item = Result<TlsStream<Limited>, io::Error>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(READY_QUEUE);
+    let slots = Arc::new(Semaphore::new(limit));
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let (conn, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                c = accept_limited(&listener, &slots, &metrics) => c,
+            };
+            let (tx, acceptor, metrics) = (tx.clone(), acceptor.clone(), metrics.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
+                    Ok(Ok(tls)) => {
+                        // the server is gone when this fails: the connection just closes
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => {
+                        metrics.tls_refused("grpc", false);
+                        tracing::debug!(%peer, %error, "grpc: TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics.tls_refused("grpc", true);
+                        tracing::debug!(%peer, ?timeout, "grpc: TLS handshake not completed in time: closed");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - `transfer.rs`: the agent stream handler (slot, first packet, pool,
 //!   receive loop, command stream).
 //! - `upload.rs`: `FileExt.Upload` into `DIR/uploads/`.
-//! - `incoming.rs`: the accept loop with a TCP connection cap.
+//! - `incoming.rs`: the accept loop with a TCP connection cap, and the TLS
+//!   handshakes under their deadline (counted when they time out or fail).
 //!
 //! Keepalive: the server pings after 30 s of silence and drops the
 //! connection when the ping is not answered within 10 s, so a dead agent
@@ -60,7 +61,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) async fn serve(
     listener: TcpListener,
     cfg: &GrpcConfig,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<(Arc<rustls::ServerConfig>, Duration)>,
     pool: Arc<Pool>,
     ctx: Ctx,
     uploads: upload::UploadConfig,
@@ -85,21 +86,31 @@ pub(crate) async fn serve(
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd);
-    let mut builder = Server::builder()
+    let router = Server::builder()
         // One connection cannot open thousands of streams (an agent uses 1-2).
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let incoming = incoming::incoming(listener, incoming::tcp_limit(cfg.conn_limit), metrics);
-    builder
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(elkeid_proto::snappy::SnappyServerLayer::new().with_max_decompressed(max))
         .add_service(transfer)
-        .add_service(files)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_service(files);
+    let limit = incoming::tcp_limit(cfg.conn_limit);
+    // TLS is done by our accept loop (deadline + counters), not by tonic;
+    // tonic still sees the client certificate (`Request::peer_certs`).
+    match tls {
+        Some((tls, timeout)) => {
+            let incoming = incoming::tls_incoming(listener, limit, metrics, tls, timeout);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+        None => {
+            let incoming = incoming::incoming(listener, limit, metrics);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+    }
     Ok(())
 }
 

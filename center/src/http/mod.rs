@@ -143,8 +143,10 @@ mod tests {
             queue_len: 4,
             send_timeout: Duration::from_secs(2),
             result_timeout: Duration::from_secs(2),
+            queue_bytes: 1 << 20,
+            total_queue_bytes: 1 << 20,
         };
-        let pool = Pool::new(10, commands, metrics.clone());
+        let pool = Pool::new(10, commands, 1 << 20, metrics.clone());
         let sinks = Sinks::new(
             vec![Arc::new(crate::sinks::null::NullSink::default())],
             metrics.clone(),

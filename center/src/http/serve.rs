@@ -1,7 +1,10 @@
 //! The API's accept loop: HTTP/1.1 over TLS (default) or plain TCP
 //! (`http.tls = false`), at most [`MAX_CONNECTIONS`] at once, a TLS
-//! handshake deadline and a request-header deadline on every connection (a
-//! client that opens connections and sends nothing cannot hold them).
+//! handshake deadline (`tls_handshake_timeout_secs`, 10 s) and a
+//! request-header deadline on every connection (a client that opens
+//! connections and sends nothing cannot hold them). Handshakes that time
+//! out or fail are counted in
+//! `elkeid_center_tls_handshakes_refused_total{listener="http",reason}`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +15,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-/// A connection that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request headers must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent API connections.
@@ -39,6 +40,8 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    handshake_timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let acceptor = tls.map(TlsAcceptor::from);
@@ -62,18 +65,23 @@ pub(crate) async fn serve(
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let Some(acceptor) = acceptor else {
                 serve_conn(tcp, router, peer).await;
                 return;
             };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => serve_conn(tls, router, peer).await,
                 Ok(Err(error)) => {
+                    metrics.tls_refused("http", false);
                     tracing::debug!(%peer, %error, "http api: TLS handshake failed");
                 }
-                Err(_) => tracing::debug!(%peer, "http api: TLS handshake timed out"),
+                Err(_) => {
+                    metrics.tls_refused("http", true);
+                    tracing::debug!(%peer, "http api: TLS handshake timed out");
+                }
             }
         });
     }

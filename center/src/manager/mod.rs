@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use crate::budget::{ByteBudget, Reservation, map_cost};
 use crate::metrics::{Metrics, inc};
 
 pub(crate) mod elkeid;
@@ -101,8 +102,11 @@ pub(crate) trait Manager: Send + Sync + 'static {
     }
 }
 
-/// Queue length of the task-result batcher; beyond it results are dropped
-/// and counted (`elkeid_center_task_results_dropped_total`).
+/// Queue length of the task-result batcher; beyond it, or beyond its byte
+/// budget (`manager.task_queue_bytes`, counting the results queued and
+/// those in the batch being handed to the backend), results are dropped,
+/// counted (`elkeid_center_task_results_dropped_total`) and logged once a
+/// minute.
 const TASK_QUEUE: usize = 16 * 1024;
 /// Flush when this many are pending ...
 const TASK_BATCH: usize = 100;
@@ -112,8 +116,14 @@ const TASK_EVERY: Duration = Duration::from_secs(10);
 /// Batches task results to the backend.
 #[derive(Debug, Clone)]
 pub(crate) struct TaskQueue {
-    tx: mpsc::Sender<TaskItem>,
+    tx: mpsc::Sender<(TaskItem, Reservation)>,
+    budget: Arc<ByteBudget>,
     metrics: Arc<Metrics>,
+}
+
+/// Estimated bytes a queued result holds (texts, map entries, the item).
+fn item_cost(item: &TaskItem) -> u64 {
+    item.agent_id.len() as u64 + map_cost(&item.fields) + 64
 }
 
 impl TaskQueue {
@@ -122,16 +132,20 @@ impl TaskQueue {
     pub(crate) fn start(
         manager: Arc<dyn Manager>,
         metrics: Arc<Metrics>,
+        budget_bytes: u64,
     ) -> (TaskQueue, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<TaskItem>(TASK_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<(TaskItem, Reservation)>(TASK_QUEUE);
         let m = metrics.clone();
+        let budget = ByteBudget::new(budget_bytes, Some(metrics.task_queue_bytes.clone()));
         let handle = tokio::spawn(async move {
             let mut pending: Vec<TaskItem> = Vec::new();
+            // The pending results' bytes stay held until the backend took them.
+            let mut held: Vec<Reservation> = Vec::new();
             let mut tick = tokio::time::interval(TASK_EVERY);
             loop {
                 let (closed, ticked) = tokio::select! {
                     item = rx.recv() => match item {
-                        Some(item) => { pending.push(item); (false, false) }
+                        Some((item, r)) => { pending.push(item); held.push(r); (false, false) }
                         None => (true, false),
                     },
                     _ = tick.tick() => (false, true),
@@ -143,20 +157,112 @@ impl TaskQueue {
                         tracing::error!(%error, items = pending.len(), "task results not taken by the manager backend");
                     }
                     pending.clear();
+                    held.clear();
                 }
                 if closed {
                     break;
                 }
             }
         });
-        (TaskQueue { tx, metrics }, handle)
+        (
+            TaskQueue {
+                tx,
+                budget,
+                metrics,
+            },
+            handle,
+        )
     }
 
-    /// Queues one result without waiting; counts a drop when full.
+    /// Queues one result without waiting; counts a drop when the queue is
+    /// full or over its byte budget (logged at most once a minute).
     pub(crate) fn push(&self, item: TaskItem) {
-        if self.tx.try_send(item).is_err() {
-            inc(&self.metrics.task_results_dropped);
-            tracing::warn!("task result dropped: queue full");
+        let why = match self.budget.try_reserve(item_cost(&item)) {
+            None => "over its byte budget (manager.task_queue_bytes)",
+            Some(r) => match self.tx.try_send((item, r)) {
+                Ok(()) => return,
+                Err(_) => "queue full",
+            },
+        };
+        inc(&self.metrics.task_results_dropped);
+        if let Some(n) = self.budget.refused() {
+            tracing::warn!(
+                dropped = n,
+                reason = why,
+                "task results dropped: the manager backend does not keep up"
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend that never answers (a hung Elkeid manager).
+    struct Hung;
+
+    impl Manager for Hung {
+        fn configs<'a>(
+            &'a self,
+            _agent_id: &'a str,
+            _detail: &'a Map<String, Value>,
+        ) -> BoxFuture<'a, Result<Vec<Component>, ManagerError>> {
+            Box::pin(std::future::pending())
+        }
+        fn push_task_results<'a>(
+            &'a self,
+            _items: &'a [TaskItem],
+        ) -> BoxFuture<'a, Result<(), ManagerError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn item(pad: usize) -> TaskItem {
+        let mut fields = Map::new();
+        fields.insert("msg".into(), Value::String("m".repeat(pad)));
+        TaskItem {
+            agent_id: "a".into(),
+            fields,
+        }
+    }
+
+    #[tokio::test]
+    async fn task_results_are_bounded_in_bytes_while_the_backend_hangs() {
+        let metrics = Arc::new(Metrics::default());
+        let (q, _h) = TaskQueue::start(Arc::new(Hung), metrics.clone(), 100_000);
+        // 1000 results of ~10 KB: ~10 MB offered, at most 100 kB held.
+        for _ in 0..1000 {
+            q.push(item(10_000));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = metrics.task_queue_bytes.get();
+        assert!(held <= 100_000, "{held}");
+        assert!(held > 80_000, "{held}");
+        let dropped = metrics.task_results_dropped.get();
+        assert!((985..1000).contains(&dropped), "{dropped}");
+        // Small results still fit beside them until the budget is used up.
+        assert!(q.budget.used() <= q.budget.limit());
+    }
+
+    #[tokio::test]
+    async fn taken_results_release_their_bytes() {
+        let metrics = Arc::new(Metrics::default());
+        let dir = tempfile::tempdir().unwrap();
+        let manager = local::LocalManager::start(
+            dir.path().join("components.json"),
+            dir.path().join("results.ndjson"),
+        );
+        let (q, h) = TaskQueue::start(manager, metrics.clone(), 100_000);
+        for _ in 0..5 {
+            q.push(item(1000));
+        }
+        assert!(metrics.task_queue_bytes.get() > 5000);
+        drop(q);
+        h.await.unwrap();
+        assert_eq!(metrics.task_queue_bytes.get(), 0);
+        assert_eq!(metrics.task_results_dropped.get(), 0);
+        let lines = std::fs::read_to_string(dir.path().join("results.ndjson")).unwrap();
+        assert_eq!(lines.lines().count(), 5);
     }
 }
