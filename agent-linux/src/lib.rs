@@ -235,7 +235,22 @@ pub async fn probe(cfg: &config::Config, pre: &Preflight) -> Result<String, Stri
 /// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
 /// plugins, flushes the ring to the center (bounded by `flush_deadline`)
 /// and returns why it stopped. Must run inside a `LocalSet`.
-pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> {
+pub async fn run(mut cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> {
+    if matches!(pre.update, rollback::StartAction::Trial { .. })
+        && std::env::var_os("ELKEID_TEST_TRIAL_NO_CONNECT").is_some()
+    {
+        // Test hook (documented in README): a binary on trial that cannot
+        // reach any center, as a broken new version would.
+        tracing::warn!("ELKEID_TEST_TRIAL_NO_CONNECT: dialling 127.0.0.1:1 only");
+        cfg.servers = std::iter::once((
+            cfg.region.clone(),
+            config::ServerList {
+                private: vec!["127.0.0.1:1".into()],
+                ..config::ServerList::default()
+            },
+        ))
+        .collect();
+    }
     std::fs::create_dir_all(&cfg.work_dir).map_err(|source| RunError::WorkDir {
         path: cfg.work_dir.clone(),
         source,
