@@ -174,6 +174,7 @@ impl Agent {
             ring_bytes = self.buffer.bytes(),
             drop_cnt = self.buffer.drops(),
             log_drops = crate::log::pending_drops(),
+            log_lines_dropped = crate::log::lines_dropped(),
             tx_records = c.tx_records.get(),
             rx_commands = c.rx_commands.get(),
             reconnects = c.reconnects.get(),

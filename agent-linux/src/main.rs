@@ -87,6 +87,7 @@ fn main() -> ExitCode {
     let r = local.block_on(&rt, elkeid_agent::run(cfg, pre));
     drop(local);
     drop(rt);
+    elkeid_agent::log::flush();
     match r {
         Ok(elkeid_agent::Exit::Terminate) => ExitCode::SUCCESS,
         Ok(elkeid_agent::Exit::Reexec(path)) => {
@@ -106,6 +107,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
+            elkeid_agent::log::flush();
             eprintln!("elkeid-agent: {e}");
             ExitCode::from(e.exit_code())
         }

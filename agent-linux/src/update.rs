@@ -188,7 +188,7 @@ pub(crate) async fn self_update_at(
         _ => {}
     }
     let tmp = ctx.work_dir.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
+    tokio::fs::create_dir_all(&tmp).await?;
     let dl = Downloader::new(download);
     let tag = format!(
         "elkeid-agent-{}-{}",
@@ -205,7 +205,7 @@ pub(crate) async fn self_update_at(
         dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &file)
             .await?;
         let r = run_package_tool(tool, flag, &file).await;
-        let _ = std::fs::remove_file(&file);
+        let _ = tokio::fs::remove_file(&file).await;
         r?;
         tracing::info!(version = %cfg.version, tool, "agent package installed");
         return Ok(UpdateOutcome::Replaced(exe.to_path_buf()));
@@ -224,7 +224,7 @@ pub(crate) async fn self_update_at(
         .await?;
     abort_at("downloaded");
     let r = async {
-        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))?;
+        tokio::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).await?;
         smoke_test(&new).await?;
         if let Some(args) = &ctx.probe_args {
             probe_test(&new, args).await?;
@@ -253,7 +253,7 @@ pub(crate) async fn self_update_at(
     }
     .await;
     if r.is_err() {
-        let _ = std::fs::remove_file(&new);
+        let _ = tokio::fs::remove_file(&new).await;
     }
     r?;
     abort_at("committed");
