@@ -201,7 +201,8 @@ pub struct Config {
     pub key: Option<Pem>,
     /// Name verified in the center certificate (also sent as SNI).
     pub server_name: String,
-    /// Blocking worker threads; the process runs at most 1 + workers threads.
+    /// Blocking worker threads; the process runs at most 2 + workers threads
+    /// (runtime, log writer, blocking pool).
     pub workers: usize,
     /// Log level.
     pub log_level: LogLevel,

@@ -20,10 +20,12 @@
 //!   checks for plugins and self-update; service discovery).
 //! - [`status`]: `<work-dir>/status.json` and `elkeid-agent status`.
 //! - `plugin/`, `update`: plugin management and self-update.
+//! - `rollback`: the self-update journal, trial and automatic rollback.
 //!
 //! Everything runs on one tokio `current_thread` runtime inside a `LocalSet`;
-//! blocking work goes to the blocking pool capped at `workers` threads, so
-//! the process never runs more than 1 + `workers` threads.
+//! blocking work (disk I/O included) goes to the blocking pool capped at
+//! `workers` threads, and log lines to one writer thread, so the process
+//! never runs more than 2 + `workers` threads.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -174,7 +176,7 @@ pub fn update_start_check(cfg: &config::Config) -> UpdateStart {
     let running = std::fs::metadata("/proc/self/exe").ok();
     let check = rollback::check_at_start(&cfg.work_dir, running.as_ref(), rollback::now_unix());
     if matches!(check.action, rollback::StartAction::Trial { .. }) {
-        update::abort_at("started");
+        rollback::abort_at("started");
     }
     UpdateStart { check }
 }

@@ -1,7 +1,7 @@
 //! Automatic rollback of a self-update.
 //!
 //! A new binary passed `--version` and `--probe-connect` before it was
-//! swapped in ([`crate::update`]), but may still crash after start-up or
+//! swapped in (`update`), but may still crash after start-up or
 //! never connect when it runs for real. The swap therefore writes an
 //! update journal, `<work-dir>/update.journal` (JSON, written atomically:
 //! temp file, fsync, rename, directory fsync), before the rename that puts
@@ -47,7 +47,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::heartbeat::Heartbeat;
 use crate::stop::{Exit, StopSignal};
-use crate::update::{old_path, sync_dir};
 
 /// File name of the journal in the work directory.
 pub(crate) const JOURNAL: &str = "update.journal";
@@ -140,6 +139,52 @@ pub(crate) fn remove(work_dir: &Path) -> io::Result<()> {
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> i64 {
     crate::clock::now_unix()
+}
+
+/// The running executable (without the " (deleted)" suffix Linux adds
+/// after it was replaced).
+pub(crate) fn current_exe() -> io::Result<PathBuf> {
+    let p = std::env::current_exe()?;
+    let s = p.to_string_lossy();
+    match s.strip_suffix(" (deleted)") {
+        Some(stripped) => Ok(PathBuf::from(stripped)),
+        None => Ok(p),
+    }
+}
+
+/// `<exe>.old`.
+pub(crate) fn old_path(exe: &Path) -> PathBuf {
+    let mut s = exe.as_os_str().to_os_string();
+    s.push(".old");
+    PathBuf::from(s)
+}
+
+/// Test hook: kills this process (SIGKILL, as `kill -9` would) when
+/// `ELKEID_TEST_UPDATE_ABORT_AT` equals `step`. Unset (production): nothing.
+pub(crate) fn abort_at(step: &str) {
+    if std::env::var_os("ELKEID_TEST_UPDATE_ABORT_AT").is_some_and(|v| v == step) {
+        eprintln!("elkeid-agent: ELKEID_TEST_UPDATE_ABORT_AT={step}: killing myself");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// fsync of a directory (makes renames and links in it durable).
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes `<exe>.old` left by a previous update. Call once the new
+/// process has connected to a center.
+pub(crate) fn cleanup_old_binary() {
+    let Ok(exe) = current_exe() else { return };
+    let old = old_path(&exe);
+    match std::fs::remove_file(&old) {
+        Ok(()) => tracing::info!(path = %old.display(), "removed the previous agent binary"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %old.display(), error = %e, "cannot remove the previous agent binary")
+        }
+    }
 }
 
 /// What the process does after [`check_at_start`].
@@ -307,7 +352,7 @@ pub(crate) fn roll_back(work_dir: &Path, j: &mut Journal, reason: &str) -> io::R
     j.reason = reason.to_string();
     j.reported = false;
     write(work_dir, j)?;
-    crate::update::abort_at("rollback-journaled");
+    abort_at("rollback-journaled");
     std::fs::rename(&old, &j.exe)?;
     sync_dir(j.exe.parent().unwrap_or(Path::new("/")))?;
     Ok(j.exe.clone())
@@ -317,7 +362,7 @@ pub(crate) fn roll_back(work_dir: &Path, j: &mut Journal, reason: &str) -> io::R
 /// and `.elkeid-agent-*.new` next to the executable.
 fn remove_staged(work_dir: &Path, notes: &mut Vec<(bool, String)>) {
     let mut dirs = vec![(work_dir.join("tmp"), "elkeid-agent-", "")];
-    if let Ok(exe) = crate::update::current_exe()
+    if let Ok(exe) = current_exe()
         && let Some(d) = exe.parent()
     {
         dirs.push((d.to_path_buf(), ".elkeid-agent-", ".new"));
@@ -410,7 +455,7 @@ impl Watch {
                 StartAction::Trial { .. } => w.commit_later().await,
                 StartAction::RolledBack => w.report(&hb).await,
                 StartAction::Normal | StartAction::Reexec(_) => {
-                    let _ = tokio::task::spawn_blocking(crate::update::cleanup_old_binary).await;
+                    let _ = tokio::task::spawn_blocking(cleanup_old_binary).await;
                 }
             }
         });
@@ -438,7 +483,7 @@ impl Watch {
             if j.as_ref().is_some_and(|j| j.phase == Phase::Trial) {
                 remove(&wd)?;
             }
-            crate::update::cleanup_old_binary();
+            cleanup_old_binary();
             Ok(j)
         })
         .await

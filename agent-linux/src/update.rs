@@ -38,7 +38,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fetch::{DownloadConfig, DownloadError, Downloader, sha256_file};
-use crate::rollback::{Journal, Phase};
+use crate::rollback::current_exe;
+use crate::rollback::{Journal, Phase, abort_at, old_path, sync_dir};
 
 /// How long the `--version` smoke test of a new binary may take.
 const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,24 +132,6 @@ impl Drop for Busy {
     fn drop(&mut self) {
         IN_PROGRESS.with(|b| b.set(false));
     }
-}
-
-/// The running executable (without the " (deleted)" suffix Linux adds
-/// after it was replaced).
-pub(crate) fn current_exe() -> io::Result<PathBuf> {
-    let p = std::env::current_exe()?;
-    let s = p.to_string_lossy();
-    match s.strip_suffix(" (deleted)") {
-        Some(stripped) => Ok(PathBuf::from(stripped)),
-        None => Ok(p),
-    }
-}
-
-/// `<exe>.old`.
-pub(crate) fn old_path(exe: &Path) -> PathBuf {
-    let mut s = exe.as_os_str().to_os_string();
-    s.push(".old");
-    PathBuf::from(s)
 }
 
 /// Called for a Config named "elkeid-agent" whose version != ours.
@@ -259,20 +242,6 @@ pub(crate) async fn self_update_at(
     abort_at("committed");
     tracing::info!(version = %cfg.version, exe = %exe.display(), "new agent binary in place");
     Ok(UpdateOutcome::Replaced(exe.to_path_buf()))
-}
-
-/// Test hook: kills this process (SIGKILL, as `kill -9` would) when
-/// `ELKEID_TEST_UPDATE_ABORT_AT` equals `step`. Unset (production): nothing.
-pub(crate) fn abort_at(step: &str) {
-    if std::env::var_os("ELKEID_TEST_UPDATE_ABORT_AT").is_some_and(|v| v == step) {
-        eprintln!("elkeid-agent: ELKEID_TEST_UPDATE_ABORT_AT={step}: killing myself");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-/// fsync of a directory (makes renames and links in it durable).
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The journal written by [`swap`]: its template (device, inode and
@@ -435,20 +404,6 @@ async fn run_package_tool(tool: &'static str, flag: &str, file: &Path) -> Result
                 .rev()
                 .collect();
             Err(fail(format!("{}: {}", out.status, tail.trim())))
-        }
-    }
-}
-
-/// Removes `<exe>.old` left by a previous update. Call once the new
-/// process has connected to a center.
-pub(crate) fn cleanup_old_binary() {
-    let Ok(exe) = current_exe() else { return };
-    let old = old_path(&exe);
-    match std::fs::remove_file(&old) {
-        Ok(()) => tracing::info!(path = %old.display(), "removed the previous agent binary"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %old.display(), error = %e, "cannot remove the previous agent binary")
         }
     }
 }
