@@ -414,7 +414,11 @@ impl Watch {
         if let StartAction::Trial { deadline } = self.action {
             let w = self.clone();
             tokio::task::spawn_local(async move {
-                let left = u64::try_from(deadline.saturating_sub(now_unix())).unwrap_or(0);
+                // Clamped: a wall clock set back must not postpone it past
+                // the largest configurable bound.
+                let left = u64::try_from(deadline.saturating_sub(now_unix()))
+                    .unwrap_or(0)
+                    .min(86_400);
                 tokio::time::sleep(Duration::from_secs(left)).await;
                 if w.connected.get() {
                     return;
