@@ -43,6 +43,8 @@ pub(crate) struct Agent {
     pub(crate) heartbeat: Rc<Heartbeat>,
     pub(crate) tasks: Rc<AgentTasks>,
     pub(crate) stop: Rc<StopSignal>,
+    /// Self-update trial / rollback report.
+    pub(crate) update: Rc<crate::rollback::Watch>,
 }
 
 impl Agent {
@@ -51,6 +53,7 @@ impl Agent {
         id: String,
         buffer: Rc<Buffer>,
         plugins: Rc<PluginManager>,
+        update: Rc<crate::rollback::Watch>,
     ) -> Rc<Agent> {
         let cfg = Rc::new(cfg);
         let meta = Rc::new(HostMeta::new(id, cfg.idc.clone(), cfg.region.clone()));
@@ -89,6 +92,7 @@ impl Agent {
             heartbeat,
             tasks,
             stop,
+            update,
         })
     }
 
@@ -102,6 +106,7 @@ impl Agent {
             heartbeat: self.heartbeat.clone(),
             link: self.link.clone(),
             delivery: self.delivery.clone(),
+            update: self.update.clone(),
         })
     }
 
@@ -131,6 +136,8 @@ impl Agent {
                     let ctx = crate::update::UpdateContext {
                         work_dir: a.cfg.work_dir.clone(),
                         probe_args: Some(std::env::args_os().skip(1).collect()),
+                        rollback_bound: a.cfg.update_rollback,
+                        max_starts: a.cfg.update_max_starts,
                     };
                     match crate::update::self_update(&ctx, &cfg).await {
                         Ok(crate::update::UpdateOutcome::Replaced(path)) => {
@@ -167,6 +174,7 @@ impl Agent {
             ring_bytes = self.buffer.bytes(),
             drop_cnt = self.buffer.drops(),
             log_drops = crate::log::pending_drops(),
+            log_lines_dropped = crate::log::lines_dropped(),
             tx_records = c.tx_records.get(),
             rx_commands = c.rx_commands.get(),
             reconnects = c.reconnects.get(),

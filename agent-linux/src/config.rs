@@ -49,6 +49,10 @@ Usage: elkeid-agent [OPTIONS]
   --unacked-bytes N      packets kept until the center acknowledges them (default 16777216)
   --spool-dir DIR        disk spool for center outages (default WORK_DIR/spool)
   --spool-max-bytes N    byte cap of the disk spool, 0 disables it (default 268435456)
+  --update-rollback-secs N  a self-updated binary must connect within N s,
+                         else the previous one is restored (default 120)
+  --update-max-starts N  starts of a self-updated binary before it has connected
+                         and stayed up; one more rolls it back (default 3)
   --foreground           also log to stderr
   --empty-config-removes-all[=true|false]
                          an empty plugin config list removes every plugin
@@ -197,7 +201,8 @@ pub struct Config {
     pub key: Option<Pem>,
     /// Name verified in the center certificate (also sent as SNI).
     pub server_name: String,
-    /// Blocking worker threads; the process runs at most 1 + workers threads.
+    /// Blocking worker threads; the process runs at most 2 + workers threads
+    /// (runtime, log writer, blocking pool).
     pub workers: usize,
     /// Log level.
     pub log_level: LogLevel,
@@ -227,6 +232,10 @@ pub struct Config {
     /// An empty plugin config list stops and deletes every plugin (Elkeid's
     /// behaviour); off: an empty list keeps the running plugins.
     pub empty_config_removes_all: bool,
+    /// A self-updated binary must connect within this bound after the swap.
+    pub update_rollback: Duration,
+    /// Starts of a self-updated binary allowed before it is rolled back.
+    pub update_max_starts: u32,
 }
 
 impl Config {
@@ -273,6 +282,8 @@ impl Config {
             spool_dir: None,
             spool_max_bytes: 256 * 1024 * 1024,
             empty_config_removes_all: false,
+            update_rollback: Duration::from_secs(120),
+            update_max_starts: 3,
         }
     }
 
@@ -315,6 +326,8 @@ struct FileConfig {
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<i64>,
     empty_config_removes_all: Option<bool>,
+    update_rollback_secs: Option<i64>,
+    update_max_starts: Option<i64>,
     #[serde(default)]
     tls: FileTls,
     #[serde(default)]
@@ -418,6 +431,13 @@ fn apply_file(cfg: &mut Config, f: FileConfig) -> Result<(), ConfigError> {
     if let Some(v) = f.spool_dir {
         cfg.spool_dir = Some(v);
     }
+    if let Some(v) = f.update_rollback_secs {
+        cfg.update_rollback =
+            Duration::from_secs(range("update_rollback_secs", v, 1, 86400)? as u64);
+    }
+    if let Some(v) = f.update_max_starts {
+        cfg.update_max_starts = range("update_max_starts", v, 1, 100)? as u32;
+    }
     if let Some(v) = f.spool_max_bytes {
         cfg.spool_max_bytes = range("spool_max_bytes", v, 0, MAX_SPOOL)? as u64;
     }
@@ -483,10 +503,28 @@ where
             "--foreground" | "--probe-connect" => flags.push((name, None)),
             // A switch that also takes `=true|false` (to override the file).
             "--empty-config-removes-all" => flags.push((name, inline)),
-            "--config" | "--work-dir" | "--server" | "--public" | "--sd" | "--region" | "--idc"
-            | "--ca" | "--cert" | "--key" | "--server-name" | "--workers" | "--log-level"
-            | "--log-max-bytes" | "--ring-bytes" | "--heartbeat-secs" | "--failover-secs"
-            | "--unacked-bytes" | "--spool-dir" | "--spool-max-bytes" => {
+            "--config"
+            | "--work-dir"
+            | "--server"
+            | "--public"
+            | "--sd"
+            | "--region"
+            | "--idc"
+            | "--ca"
+            | "--cert"
+            | "--key"
+            | "--server-name"
+            | "--workers"
+            | "--log-level"
+            | "--log-max-bytes"
+            | "--ring-bytes"
+            | "--heartbeat-secs"
+            | "--failover-secs"
+            | "--unacked-bytes"
+            | "--spool-dir"
+            | "--spool-max-bytes"
+            | "--update-rollback-secs"
+            | "--update-max-starts" => {
                 let v = match inline {
                     Some(v) => v,
                     None => it
@@ -582,6 +620,10 @@ where
                 cfg.unacked_bytes = parse_num(key, &v, 1 << 20, MAX_RING)? as usize
             }
             "--spool-dir" => cfg.spool_dir = Some(PathBuf::from(v)),
+            "--update-rollback-secs" => {
+                cfg.update_rollback = Duration::from_secs(parse_num(key, &v, 1, 86400)? as u64)
+            }
+            "--update-max-starts" => cfg.update_max_starts = parse_num(key, &v, 1, 100)? as u32,
             "--spool-max-bytes" => cfg.spool_max_bytes = parse_num(key, &v, 0, MAX_SPOOL)? as u64,
             _ => {} // --config / --work-dir already applied
         }
@@ -635,6 +677,35 @@ mod tests {
         assert_eq!(c.idc, "default");
         assert_eq!(c.specified_agent_id, None);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(60));
+        assert_eq!(c.update_rollback, Duration::from_secs(120));
+        assert_eq!(c.update_max_starts, 3);
+    }
+
+    #[test]
+    fn update_rollback_flags_and_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("agent.toml");
+        std::fs::write(&f, "update_rollback_secs = 30\nupdate_max_starts = 5\n").unwrap();
+        let c = run(&["--config", f.to_str().unwrap()], &[]).unwrap();
+        assert_eq!(c.update_rollback, Duration::from_secs(30));
+        assert_eq!(c.update_max_starts, 5);
+        let c = run(
+            &[
+                "--config",
+                f.to_str().unwrap(),
+                "--update-rollback-secs=7",
+                "--update-max-starts",
+                "2",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.update_rollback, Duration::from_secs(7));
+        assert_eq!(c.update_max_starts, 2);
+        let e = run(&["--update-max-starts", "0"], &[]).unwrap_err();
+        assert!(e.to_string().contains("update-max-starts"), "{e}");
+        let e = run(&["--update-rollback-secs", "0"], &[]).unwrap_err();
+        assert!(e.to_string().contains("update-rollback-secs"), "{e}");
     }
 
     #[test]

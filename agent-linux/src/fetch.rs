@@ -9,11 +9,11 @@
 //! oversize, I/O errors and hash mismatches move on to the next URL and
 //! delete the partial file. The SHA-256 covers the full body and is compared
 //! case-insensitively; nothing is extracted or executed before it matches.
-//! Hashing runs on the blocking pool.
+//! File writes (`tokio::fs`), deletes and hashing run on the blocking pool,
+//! never on the runtime thread.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,7 +148,7 @@ impl Downloader {
                 },
                 Err(e) => Err(e),
             };
-            let _ = std::fs::remove_file(dest);
+            let _ = tokio::fs::remove_file(dest).await;
             if let Err(e) = r {
                 tracing::warn!(url = %url, error = %e, "download failed");
                 errors.push(format!("{url}: {e}"));
@@ -157,41 +157,26 @@ impl Downloader {
         Err(DownloadError::AllFailed(errors.join("; ")))
     }
 
-    /// One GET streamed into `dest`; returns the body length.
+    /// One GET streamed into `dest` (opened and written through
+    /// `tokio::fs`, i.e. on the blocking pool); returns the body length.
     async fn get_to_file(&self, url: &str, dest: &Path) -> Result<u64, DownloadError> {
-        let open = || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(dest)
-                .map(Sink::File)
-        };
-        self.get_into(url, open).await.map(|(n, _)| n)
+        self.get_into(url, Target::File(dest)).await.map(|(n, _)| n)
     }
 
     /// One GET into memory (at most `max_bytes`), bounded by `total_timeout`.
     pub(crate) async fn get_bytes(&self, url: &str) -> Result<Bytes, DownloadError> {
-        let r = tokio::time::timeout(
-            self.cfg.total_timeout,
-            self.get_into(url, || Ok(Sink::Mem(Vec::new()))),
-        )
-        .await
-        .map_err(|_| DownloadError::Timeout)??;
+        let r = tokio::time::timeout(self.cfg.total_timeout, self.get_into(url, Target::Mem))
+            .await
+            .map_err(|_| DownloadError::Timeout)??;
         match r.1 {
             Sink::Mem(v) => Ok(Bytes::from(v)),
             Sink::File(_) => Err(DownloadError::Io(io::Error::other("unexpected file sink"))),
         }
     }
 
-    /// One GET whose body goes to the sink `open` creates once the status
-    /// is 2xx; returns the body length and the sink.
-    async fn get_into(
-        &self,
-        url: &str,
-        open: impl FnOnce() -> io::Result<Sink>,
-    ) -> Result<(u64, Sink), DownloadError> {
+    /// One GET whose body goes to `target` (opened once the status is
+    /// 2xx); returns the body length and the sink.
+    async fn get_into(&self, url: &str, open: Target<'_>) -> Result<(u64, Sink), DownloadError> {
         let bad = || DownloadError::BadUrl(url.to_string());
         let uri: http::Uri = url.parse().map_err(|_| bad())?;
         let https = match uri.scheme_str() {
@@ -241,7 +226,7 @@ impl Downloader {
         &self,
         stream: S,
         req: http::Request<Empty<Bytes>>,
-        open: impl FnOnce() -> io::Result<Sink>,
+        open: Target<'_>,
     ) -> Result<(u64, Sink), DownloadError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -254,7 +239,7 @@ impl Downloader {
             if !resp.status().is_success() {
                 return Err(DownloadError::Status(resp.status().as_u16()));
             }
-            let mut sink = open()?;
+            let mut sink = open.open().await?;
             let mut len: u64 = 0;
             while let Some(frame) = resp.body_mut().frame().await {
                 let Ok(data) = frame?.into_data() else {
@@ -264,9 +249,9 @@ impl Downloader {
                 if len > max {
                     return Err(DownloadError::TooLarge(max));
                 }
-                sink.write_all(&data)?;
+                sink.write_all(&data).await?;
             }
-            sink.flush()?;
+            sink.flush().await?;
             Ok((len, sink))
         };
         // Drive the connection alongside; it ends once `work` drops the sender.
@@ -307,26 +292,54 @@ impl Downloader {
     }
 }
 
+/// Where a response body should go.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// A new file (mode 0600), truncated.
+    File(&'a Path),
+    /// Memory.
+    Mem,
+}
+
+impl Target<'_> {
+    async fn open(self) -> io::Result<Sink> {
+        match self {
+            Target::File(p) => tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .await
+                .map(Sink::File),
+            Target::Mem => Ok(Sink::Mem(Vec::new())),
+        }
+    }
+}
+
 /// Where a response body goes.
 #[derive(Debug)]
 enum Sink {
-    File(std::fs::File),
+    /// Writes go to the blocking pool (`tokio::fs`).
+    File(tokio::fs::File),
     Mem(Vec<u8>),
 }
 
 impl Sink {
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
         match self {
-            Sink::File(f) => f.write_all(data),
+            Sink::File(f) => f.write_all(data).await,
             Sink::Mem(v) => {
                 v.extend_from_slice(data);
                 Ok(())
             }
         }
     }
-    fn flush(&mut self) -> io::Result<()> {
+    async fn flush(&mut self) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
         match self {
-            Sink::File(f) => f.flush(),
+            Sink::File(f) => f.flush().await,
             Sink::Mem(_) => Ok(()),
         }
     }
@@ -377,8 +390,65 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
+
+    /// The download target is a FIFO nobody reads yet, so opening and
+    /// writing it block. The agent's runtime (current_thread, as in the
+    /// binary) keeps running timers meanwhile — the file I/O is on the
+    /// blocking pool; then a reader drains it and all 8 MiB arrive.
+    #[test]
+    fn download_file_io_never_blocks_the_runtime_thread() {
+        let body: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let addr = serve(body.clone());
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("dest");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let f2 = fifo.clone();
+        // The runtime on its own thread: if it blocked on the FIFO, the
+        // timeout below fails the test instead of hanging it.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(2)
+                .build()
+                .unwrap();
+            let r = rt.block_on(async {
+                let dl = Downloader::new(DownloadConfig::default());
+                let url = format!("http://{addr}/ok");
+                let fut = dl.get_to_file(&url, &f2);
+                tokio::pin!(fut);
+                let mut ticks = 0;
+                while ticks < 50 {
+                    tokio::select! {
+                        r = &mut fut => return Err(format!("finished without a reader: {r:?}")),
+                        () = tokio::time::sleep(Duration::from_millis(10)) => ticks += 1,
+                    }
+                }
+                // Only now is there a reader.
+                let f3 = f2.clone();
+                let reader = std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    std::fs::File::open(&f3)
+                        .unwrap()
+                        .read_to_end(&mut v)
+                        .unwrap();
+                    v
+                });
+                let n = fut.await.map_err(|e| e.to_string())?;
+                Ok((ticks, n, reader.join().unwrap()))
+            });
+            let _ = done_tx.send(r);
+        });
+        let (ticks, n, got) = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the runtime thread blocked on the download file")
+            .unwrap();
+        assert_eq!(ticks, 50);
+        assert_eq!(n, body.len() as u64);
+        assert!(got == body, "body differs");
+    }
 
     /// A tiny HTTP/1.1 server on 127.0.0.1 (own thread, test only):
     /// `/ok` -> `body`, `/404` -> 404, anything else -> 500.

@@ -20,10 +20,12 @@
 //!   checks for plugins and self-update; service discovery).
 //! - [`status`]: `<work-dir>/status.json` and `elkeid-agent status`.
 //! - `plugin/`, `update`: plugin management and self-update.
+//! - `rollback`: the self-update journal, trial and automatic rollback.
 //!
 //! Everything runs on one tokio `current_thread` runtime inside a `LocalSet`;
-//! blocking work goes to the blocking pool capped at `workers` threads, so
-//! the process never runs more than 1 + `workers` threads.
+//! blocking work (disk I/O included) goes to the blocking pool capped at
+//! `workers` threads, and log lines to one writer thread, so the process
+//! never runs more than 2 + `workers` threads.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -41,6 +43,7 @@ mod identity;
 mod meta;
 mod plugin;
 mod procstat;
+mod rollback;
 mod signals;
 mod spool;
 pub mod status;
@@ -115,16 +118,82 @@ impl RunError {
     }
 }
 
-/// After a failed re-exec of a self-updated binary: puts `<exe>.old` back
-/// over `exe`. Returns whether an old binary was restored.
-pub fn restore_old_binary(exe: &std::path::Path) -> std::io::Result<bool> {
+/// After a failed re-exec of a self-updated binary: rolls the update back
+/// (journal `rolled_back`, then `<exe>.old` renamed over `exe`; without a
+/// journal only the rename). Returns whether an old binary was restored.
+pub fn restore_old_binary(
+    work_dir: &std::path::Path,
+    exe: &std::path::Path,
+    reason: &str,
+) -> std::io::Result<bool> {
+    if let Ok(Some(mut j)) = rollback::read(work_dir)
+        && j.phase == rollback::Phase::Trial
+    {
+        return rollback::roll_back(work_dir, &mut j, reason).map(|_| true);
+    }
     update::restore_old_binary(exe)
+}
+
+/// A pending self-update resolved at start-up ([`update_start_check`]).
+#[derive(Debug)]
+pub struct UpdateStart {
+    check: rollback::StartCheck,
+}
+
+impl UpdateStart {
+    /// The update was just rolled back: exec this binary (the previous
+    /// one) with the same arguments instead of running.
+    pub fn reexec(&self) -> Option<&std::path::Path> {
+        match &self.check.action {
+            rollback::StartAction::Reexec(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Logs what the check found (call once logging is set up).
+    pub fn log_notes(&self) {
+        for (error, note) in &self.check.notes {
+            if *error {
+                tracing::error!("{note}");
+            } else {
+                tracing::warn!("{note}");
+            }
+        }
+        if let rollback::StartAction::Trial { deadline } = self.check.action {
+            tracing::info!(
+                deadline,
+                "running a self-updated binary on trial: it must connect before the deadline"
+            );
+        }
+    }
+}
+
+/// Resolves `<work-dir>/update.journal` before anything else that could
+/// fail: counts a start of a self-updated binary on trial, rolls it back
+/// after too many starts or past its connect deadline, finishes an
+/// interrupted swap or rollback, removes staged leftovers.
+pub fn update_start_check(cfg: &config::Config) -> UpdateStart {
+    let running = std::fs::metadata("/proc/self/exe").ok();
+    let check = rollback::check_at_start(&cfg.work_dir, running.as_ref(), rollback::now_unix());
+    if matches!(check.action, rollback::StartAction::Trial { .. }) {
+        rollback::abort_at("started");
+    }
+    UpdateStart { check }
 }
 
 /// What [`preflight`] checked and built (the TLS client configuration).
 #[derive(Debug)]
 pub struct Preflight {
     tls: std::sync::Arc<rustls::ClientConfig>,
+    update: rollback::StartAction,
+}
+
+impl Preflight {
+    /// Hands the start-up update check to [`run`] (deadline timer,
+    /// commit or rollback report after connecting).
+    pub fn set_update(&mut self, u: UpdateStart) {
+        self.update = u.check.action;
+    }
 }
 
 /// Validates the configuration without touching the filesystem: the CA,
@@ -134,7 +203,10 @@ pub struct Preflight {
 pub fn preflight(cfg: &config::Config) -> Result<Preflight, RunError> {
     let tls = transport::tls::client_config(cfg).map_err(|e| RunError::Tls(e.to_string()))?;
     transport::tls::server_name(&cfg.server_name).map_err(|e| RunError::Tls(e.to_string()))?;
-    Ok(Preflight { tls })
+    Ok(Preflight {
+        tls,
+        update: rollback::StartAction::Normal,
+    })
 }
 
 /// `--probe-connect`: dials the configured private then public centers,
@@ -165,7 +237,22 @@ pub async fn probe(cfg: &config::Config, pre: &Preflight) -> Result<String, Stri
 /// Runs the agent until SIGTERM, task 1060 or a self-update; then stops
 /// plugins, flushes the ring to the center (bounded by `flush_deadline`)
 /// and returns why it stopped. Must run inside a `LocalSet`.
-pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> {
+pub async fn run(mut cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> {
+    if matches!(pre.update, rollback::StartAction::Trial { .. })
+        && std::env::var_os("ELKEID_TEST_TRIAL_NO_CONNECT").is_some()
+    {
+        // Test hook (documented in README): a binary on trial that cannot
+        // reach any center, as a broken new version would.
+        tracing::warn!("ELKEID_TEST_TRIAL_NO_CONNECT: dialling 127.0.0.1:1 only");
+        cfg.servers = std::iter::once((
+            cfg.region.clone(),
+            config::ServerList {
+                private: vec!["127.0.0.1:1".into()],
+                ..config::ServerList::default()
+            },
+        ))
+        .collect();
+    }
     std::fs::create_dir_all(&cfg.work_dir).map_err(|source| RunError::WorkDir {
         path: cfg.work_dir.clone(),
         source,
@@ -195,7 +282,9 @@ pub async fn run(cfg: config::Config, pre: Preflight) -> Result<Exit, RunError> 
     }
     let plugins = Rc::new(plugin::PluginManager::new(plugin_ctx));
     let flush_deadline = cfg.flush_deadline;
-    let agent = agent::Agent::new(cfg, id, buffer, plugins);
+    let watch = rollback::Watch::new(cfg.work_dir.clone(), pre.update);
+    let agent = agent::Agent::new(cfg, id, buffer, plugins, watch);
+    agent.update.spawn(agent.stop.clone());
     let (tasks, mut transport) = agent.spawn(tls);
     let why = agent.stop.stopped().await;
     let delivery = agent.delivery.clone();

@@ -6,6 +6,12 @@
 //!
 //! The level can be toggled between the configured one and `debug` at run
 //! time (SIGUSR1).
+//!
+//! File and stderr writes happen on one small thread (`elkeid-log`), never
+//! on the runtime thread: an event formats its line and queues it (at most
+//! 1024 lines). A full queue drops the line and counts it; the writer
+//! then logs how many lines were dropped before the next one. [`flush`]
+//! waits (bounded) for the queue to drain before exit or re-exec.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -34,11 +40,14 @@ pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 const MAX_PENDING: usize = 256;
 /// Largest 1010 payload.
 const MAX_RECORD: usize = 16 * 1024;
+/// Lines queued for the writer thread at most.
+const LINE_QUEUE: usize = 1024;
 
 static LEVEL: AtomicU8 = AtomicU8::new(2);
 static DEBUG_TOGGLED: AtomicBool = AtomicBool::new(false);
 static PENDING: Mutex<VecDeque<(i64, Vec<u8>)>> = Mutex::new(VecDeque::new());
 static PENDING_DROPS: AtomicU64 = AtomicU64::new(0);
+static WRITER: std::sync::OnceLock<LineLayer> = std::sync::OnceLock::new();
 
 /// Logging setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -172,11 +181,83 @@ fn utc_timestamp(d: std::time::Duration) -> String {
     )
 }
 
-/// Writes one text line per enabled event to the capped file and, in the
-/// foreground, to stderr: `<utc time> <LEVEL> <target>: <msg> k=v ...`.
+/// What the writer thread receives.
+enum Msg {
+    Line(Vec<u8>),
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Queues one text line per enabled event for the writer thread, which
+/// appends it to the capped file and, in the foreground, to stderr:
+/// `<utc time> <LEVEL> <target>: <msg> k=v ...`.
+#[derive(Clone)]
 struct LineLayer {
-    file: Arc<Rotating>,
-    stderr: bool,
+    tx: std::sync::mpsc::SyncSender<Msg>,
+    /// Lines dropped on a full queue, not yet noted in the file.
+    dropped: Arc<AtomicU64>,
+}
+
+impl LineLayer {
+    /// Starts the writer thread.
+    fn spawn(file: Rotating, stderr: bool) -> std::io::Result<LineLayer> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(LINE_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        std::thread::Builder::new()
+            .name("elkeid-log".into())
+            .spawn(move || {
+                for m in rx {
+                    match m {
+                        Msg::Line(line) => {
+                            let dropped = counter.swap(0, Ordering::Relaxed);
+                            if dropped > 0 {
+                                let note = format!(
+                                    "{} WARN elkeid_agent::log: {dropped} log lines dropped (log writer behind)\n",
+                                    utc_timestamp(
+                                        std::time::SystemTime::now()
+                                            .duration_since(std::time::UNIX_EPOCH)
+                                            .unwrap_or_default()
+                                    )
+                                );
+                                file.write_line(note.as_bytes());
+                            }
+                            file.write_line(&line);
+                            if stderr {
+                                let _ = std::io::stderr().write_all(&line);
+                            }
+                        }
+                        Msg::Flush(ack) => {
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(LineLayer { tx, dropped })
+    }
+
+    /// Waits up to `timeout` for the lines queued so far to be written.
+    fn flush(&self, timeout: std::time::Duration) {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(timeout);
+        }
+    }
+}
+
+/// Waits (at most 2 s) until every queued log line is written; call
+/// before the process exits or execs.
+pub fn flush() {
+    if let Some(w) = WRITER.get() {
+        w.flush(std::time::Duration::from_secs(2));
+    }
+}
+
+/// Log lines dropped because the writer queue was full (not yet noted in
+/// the file).
+pub(crate) fn lines_dropped() -> u64 {
+    WRITER
+        .get()
+        .map_or(0, |w| w.dropped.load(Ordering::Relaxed))
 }
 
 impl<S: Subscriber> Layer<S> for LineLayer {
@@ -201,9 +282,10 @@ impl<S: Subscriber> Layer<S> for LineLayer {
             let _ = write!(line, " {k}={v}");
         }
         line.push('\n');
-        self.file.write_line(line.as_bytes());
-        if self.stderr {
-            let _ = std::io::stderr().write_all(line.as_bytes());
+        if let Err(std::sync::mpsc::TrySendError::Full(_)) =
+            self.tx.try_send(Msg::Line(line.into_bytes()))
+        {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -299,14 +381,13 @@ pub fn init(
     foreground: bool,
 ) -> Result<(), LogError> {
     LEVEL.store(level_num(level), Ordering::Relaxed);
-    let rot = Arc::new(Rotating::open(
-        &work_dir.join("log").join("elkeid-agent.log"),
-        max_bytes,
-    )?);
-    let lines = LineLayer {
-        file: rot,
-        stderr: foreground,
-    };
+    let path = work_dir.join("log").join("elkeid-agent.log");
+    let rot = Rotating::open(&path, max_bytes)?;
+    let lines = LineLayer::spawn(rot, foreground).map_err(|source| LogError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let _ = WRITER.set(lines.clone());
     let sub = tracing_subscriber::registry()
         .with(lines)
         .with(ErrorRecords);
@@ -339,21 +420,72 @@ mod tests {
     #[test]
     fn lines_go_to_the_capped_file() {
         let d = tempfile::tempdir().unwrap();
-        let rot = Arc::new(Rotating::open(&d.path().join("a.log"), 1 << 20).unwrap());
-        let sub = tracing_subscriber::registry().with(LineLayer {
-            file: rot,
-            stderr: false,
-        });
+        let rot = Rotating::open(&d.path().join("a.log"), 1 << 20).unwrap();
+        let layer = LineLayer::spawn(rot, false).unwrap();
+        let sub = tracing_subscriber::registry().with(layer.clone());
         tracing::subscriber::with_default(sub, || {
             tracing::info!(peer = "x", n = 3, "hello");
             tracing::trace!("hidden");
         });
+        // Written by the writer thread: visible after a flush.
+        layer.flush(std::time::Duration::from_secs(10));
         let text = std::fs::read_to_string(d.path().join("a.log")).unwrap();
         assert!(
             text.ends_with(" INFO elkeid_agent::log::tests: hello peer=x n=3\n"),
             "{text:?}"
         );
         assert!(!text.contains("hidden"));
+    }
+
+    /// The log file is a FIFO nobody reads: file writes block. Logging
+    /// still returns at once (the caller never waits on disk I/O), lines
+    /// beyond the queue are dropped and counted, and the count is written
+    /// to the file once it drains.
+    #[test]
+    fn a_blocked_log_file_never_blocks_the_caller_and_drops_are_counted() {
+        use std::io::Read;
+        use std::sync::mpsc::channel;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fifo.log");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (go_tx, go_rx) = channel::<()>();
+        let p2 = p.clone();
+        let reader = std::thread::spawn(move || {
+            let mut f = File::open(&p2).unwrap();
+            go_rx.recv().unwrap();
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            s
+        });
+        let layer = LineLayer::spawn(Rotating::open(&p, 1 << 30).unwrap(), false).unwrap();
+        let (done_tx, done_rx) = channel();
+        let l2 = layer.clone();
+        std::thread::spawn(move || {
+            let sub = tracing_subscriber::registry().with(l2);
+            tracing::subscriber::with_default(sub, || {
+                for i in 0..5000 {
+                    tracing::info!(i, "a line that fills the pipe buffer soon enough ......");
+                }
+            });
+            done_tx.send(()).unwrap();
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("logging blocked behind the file");
+        let dropped = layer.dropped.load(Ordering::Relaxed);
+        assert!(dropped > 0, "nothing dropped");
+        go_tx.send(()).unwrap();
+        layer.flush(std::time::Duration::from_secs(30));
+        let sub = tracing_subscriber::registry().with(layer.clone());
+        tracing::subscriber::with_default(sub, || tracing::info!("after the drain"));
+        layer.flush(std::time::Duration::from_secs(30));
+        drop(layer); // the writer thread ends and closes the FIFO
+        let text = reader.join().unwrap();
+        assert!(
+            text.contains(&format!("{dropped} log lines dropped")),
+            "{dropped} not noted"
+        );
+        assert!(text.ends_with("after the drain\n"));
     }
 
     #[test]

@@ -29,8 +29,23 @@ fn main() -> ExitCode {
         Command::Run(c) => *c,
         Command::Probe(c) => return probe(&c),
     };
+    // A pending self-update first (a new binary on trial counts this start,
+    // and is rolled back here after too many starts or past its deadline).
+    let update = elkeid_agent::update_start_check(&cfg);
+    if let Some(exe) = update.reexec() {
+        use std::os::unix::process::CommandExt;
+        eprintln!(
+            "elkeid-agent: self-update rolled back; starting the previous binary {}",
+            exe.display()
+        );
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        eprintln!("elkeid-agent: exec {} failed: {err}", exe.display());
+        return ExitCode::from(1);
+    }
     // Validate everything before the first directory or log file exists.
-    let pre = match elkeid_agent::preflight(&cfg) {
+    let mut pre = match elkeid_agent::preflight(&cfg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("elkeid-agent: {e}");
@@ -53,6 +68,9 @@ fn main() -> ExitCode {
         eprintln!("elkeid-agent: {e}");
         return ExitCode::from(64);
     }
+    update.log_notes();
+    pre.set_update(update);
+    let work_dir = cfg.work_dir.clone();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(cfg.workers)
@@ -69,6 +87,7 @@ fn main() -> ExitCode {
     let r = local.block_on(&rt, elkeid_agent::run(cfg, pre));
     drop(local);
     drop(rt);
+    elkeid_agent::log::flush();
     match r {
         Ok(elkeid_agent::Exit::Terminate) => ExitCode::SUCCESS,
         Ok(elkeid_agent::Exit::Reexec(path)) => {
@@ -77,7 +96,8 @@ fn main() -> ExitCode {
                 .args(std::env::args_os().skip(1))
                 .exec();
             eprintln!("elkeid-agent: re-exec {} failed: {err}", path.display());
-            if let Ok(true) = elkeid_agent::restore_old_binary(&path) {
+            let reason = format!("re-exec of the new binary failed: {err}");
+            if let Ok(true) = elkeid_agent::restore_old_binary(&work_dir, &path, &reason) {
                 let err = std::process::Command::new(&path)
                     .args(std::env::args_os().skip(1))
                     .exec();
@@ -87,6 +107,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
+            elkeid_agent::log::flush();
             eprintln!("elkeid-agent: {e}");
             ExitCode::from(e.exit_code())
         }

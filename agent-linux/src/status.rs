@@ -233,7 +233,13 @@ pub(crate) async fn run(agent: Rc<Agent>) {
         } else {
             "running"
         };
-        match write(&dir, &snapshot(&agent, started_at, state)) {
+        let (d, status) = (dir.clone(), snapshot(&agent, started_at, state));
+        // File I/O on the blocking pool, not the runtime thread.
+        let r = tokio::task::spawn_blocking(move || write(&d, &status))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        match r {
             Ok(()) => failed = false,
             Err(error) if !failed => {
                 // Once per failure streak: a full disk must not flood the log.

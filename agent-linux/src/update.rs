@@ -14,10 +14,17 @@
 //!    executable is hard-linked to `<exe>.old` (it stays at `<exe>` too),
 //!    the new file is renamed over `<exe>` (one atomic step) and the
 //!    directory is fsynced. At every instant — a kill or power loss at any
-//!    step — `<exe>` is a complete binary, old or new. The caller shuts
-//!    down gracefully and re-execs `<exe>`; the new process calls
-//!    [`cleanup_old_binary`] once it has connected, or
-//!    [`restore_old_binary`] if it cannot start.
+//!    step — `<exe>` is a complete binary, old or new. Before the rename
+//!    the update journal is written ([`crate::rollback`]): the new binary
+//!    is on trial until it has connected and stayed up, and is rolled back
+//!    automatically when it crashes too often or does not connect in time.
+//!    The caller shuts down gracefully and re-execs `<exe>`.
+//!
+//! Test hook: `ELKEID_TEST_UPDATE_ABORT_AT=<step>` kills the process
+//! (SIGKILL) at that step ([`abort_at`]): `downloaded`, `synced`,
+//! `journaled`, `linked`, `renamed`, `committed`, `started` (a new binary
+//! on trial, before it connects), `rollback-journaled`. Only whoever sets
+//! the agent's environment can use it; it cannot do more than a kill.
 //!
 //! If the running executable already hashes to the config's `sha256` there
 //! is nothing to install: that is reported as [`UpdateError::AlreadyInstalled`]
@@ -31,6 +38,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fetch::{DownloadConfig, DownloadError, Downloader, sha256_file};
+use crate::rollback::current_exe;
+use crate::rollback::{Journal, Phase, abort_at, old_path, sync_dir};
 
 /// How long the `--version` smoke test of a new binary may take.
 const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +57,10 @@ pub(crate) struct UpdateContext {
     /// center with them (`--probe-connect`) before it replaces this one.
     /// `None`: no probe (unit tests).
     pub(crate) probe_args: Option<Vec<std::ffi::OsString>>,
+    /// The new binary must connect within this bound after the swap.
+    pub(crate) rollback_bound: Duration,
+    /// Starts of the new binary allowed before it is rolled back.
+    pub(crate) max_starts: u32,
 }
 
 /// Result of a successful update.
@@ -91,6 +104,12 @@ pub(crate) enum UpdateError {
         /// Exit status and output tail.
         detail: String,
     },
+    /// This artifact was installed before and rolled back.
+    #[error("sha256 {0} was rolled back before ({1}); not installing it again")]
+    RolledBackBefore(String, String),
+    /// A new binary is still on trial (not yet committed).
+    #[error("the previous self-update is still on trial")]
+    OnTrial,
     /// Renaming or writing files failed (the old binary was restored).
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
@@ -113,24 +132,6 @@ impl Drop for Busy {
     fn drop(&mut self) {
         IN_PROGRESS.with(|b| b.set(false));
     }
-}
-
-/// The running executable (without the " (deleted)" suffix Linux adds
-/// after it was replaced).
-pub(crate) fn current_exe() -> io::Result<PathBuf> {
-    let p = std::env::current_exe()?;
-    let s = p.to_string_lossy();
-    match s.strip_suffix(" (deleted)") {
-        Some(stripped) => Ok(PathBuf::from(stripped)),
-        None => Ok(p),
-    }
-}
-
-/// `<exe>.old`.
-pub(crate) fn old_path(exe: &Path) -> PathBuf {
-    let mut s = exe.as_os_str().to_os_string();
-    s.push(".old");
-    PathBuf::from(s)
 }
 
 /// Called for a Config named "elkeid-agent" whose version != ours.
@@ -158,8 +159,19 @@ pub(crate) async fn self_update_at(
     {
         return Err(UpdateError::AlreadyInstalled(h));
     }
+    let wd = ctx.work_dir.clone();
+    let journal = tokio::task::spawn_blocking(move || crate::rollback::read(&wd))
+        .await
+        .map_err(io::Error::other)?;
+    match journal {
+        Ok(Some(j)) if j.phase == Phase::Trial => return Err(UpdateError::OnTrial),
+        Ok(Some(j)) if j.sha256.eq_ignore_ascii_case(cfg.sha256.trim()) => {
+            return Err(UpdateError::RolledBackBefore(j.sha256, j.reason));
+        }
+        _ => {}
+    }
     let tmp = ctx.work_dir.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
+    tokio::fs::create_dir_all(&tmp).await?;
     let dl = Downloader::new(download);
     let tag = format!(
         "elkeid-agent-{}-{}",
@@ -176,7 +188,7 @@ pub(crate) async fn self_update_at(
         dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &file)
             .await?;
         let r = run_package_tool(tool, flag, &file).await;
-        let _ = std::fs::remove_file(&file);
+        let _ = tokio::fs::remove_file(&file).await;
         r?;
         tracing::info!(version = %cfg.version, tool, "agent package installed");
         return Ok(UpdateOutcome::Replaced(exe.to_path_buf()));
@@ -193,64 +205,124 @@ pub(crate) async fn self_update_at(
     };
     dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &new)
         .await?;
+    abort_at("downloaded");
     let r = async {
-        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))?;
+        tokio::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).await?;
         smoke_test(&new).await?;
         if let Some(args) = &ctx.probe_args {
             probe_test(&new, args).await?;
         }
-        swap(exe, &new)
+        let journal = Journal {
+            phase: Phase::Trial,
+            exe: exe.to_path_buf(),
+            new_dev: 0,
+            new_ino: 0,
+            sha256: cfg.sha256.trim().to_ascii_lowercase(),
+            from_version: crate::config::VERSION.to_string(),
+            to_version: cfg.version.clone(),
+            deadline: 0,
+            max_starts: ctx.max_starts,
+            starts: 0,
+            connected: false,
+            reason: String::new(),
+            reported: false,
+        };
+        let (exe2, new2, wd) = (exe.to_path_buf(), new.clone(), ctx.work_dir.clone());
+        let bound = ctx.rollback_bound;
+        // fsyncs of a multi-MiB file: on the blocking pool.
+        tokio::task::spawn_blocking(move || swap(&exe2, &new2, Some((&wd, journal, bound))))
+            .await
+            .map_err(io::Error::other)?
     }
     .await;
     if r.is_err() {
-        let _ = std::fs::remove_file(&new);
+        let _ = tokio::fs::remove_file(&new).await;
     }
     r?;
+    abort_at("committed");
     tracing::info!(version = %cfg.version, exe = %exe.display(), "new agent binary in place");
     Ok(UpdateOutcome::Replaced(exe.to_path_buf()))
 }
 
-/// fsync of a directory (makes renames and links in it durable).
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
+/// The journal written by [`swap`]: its template (device, inode and
+/// deadline are filled in), the work directory and the rollback bound.
+type SwapJournal<'a> = (&'a Path, Journal, Duration);
 
 /// Crash-safe replacement of `exe` by `new` (same file system), keeping
 /// the current binary as `<exe>.old`:
 /// 1. fsync `new` (its bytes are on disk before any name points at it);
-/// 2. hard-link `exe` to `<exe>.old` (a stale `.old` is removed first);
-/// 3. rename `new` over `exe` — atomic: `exe` is the old or the new file;
-/// 4. fsync the directory.
+/// 2. write the update journal (trial: the new file's device and inode,
+///    the connect deadline), atomically;
+/// 3. hard-link `exe` to `<exe>.old` (a stale `.old` is removed first);
+/// 4. rename `new` over `exe` — atomic: `exe` is the old or the new file;
+/// 5. fsync the directory.
 ///
-/// A failure before step 3 leaves `exe` untouched (and removes the link).
-pub(crate) fn swap(exe: &Path, new: &Path) -> Result<(), UpdateError> {
-    swap_steps(exe, new, &mut |_| Ok(()))
+/// A failure before step 4 leaves `exe` untouched (and removes the link
+/// and the journal).
+pub(crate) fn swap(
+    exe: &Path,
+    new: &Path,
+    journal: Option<SwapJournal<'_>>,
+) -> Result<(), UpdateError> {
+    const STEPS: [&str; 6] = ["", "", "synced", "journaled", "linked", "renamed"];
+    swap_steps(exe, new, journal, &mut |step| {
+        abort_at(STEPS[usize::from(step).min(5)]);
+        Ok(())
+    })
 }
 
-/// [`swap`] with a hook called before each step (1..=4), for tests that
+/// [`swap`] with a hook called before each step (1..=5), for tests that
 /// stop the swap at every step.
 fn swap_steps(
     exe: &Path,
     new: &Path,
+    journal: Option<SwapJournal<'_>>,
     before: &mut dyn FnMut(u8) -> io::Result<()>,
 ) -> Result<(), UpdateError> {
     let dir = exe.parent().unwrap_or(Path::new("/"));
     let old = old_path(exe);
     before(1)?;
-    std::fs::File::open(new)?.sync_all()?;
+    let f = std::fs::File::open(new)?;
+    f.sync_all()?;
+    let meta = f.metadata()?;
+    drop(f);
     before(2)?;
+    let work_dir = journal.as_ref().map(|(wd, _, _)| wd.to_path_buf());
+    if let Some((wd, mut j, bound)) = journal {
+        j.new_dev = meta.dev();
+        j.new_ino = meta.ino();
+        j.deadline = crate::rollback::now_unix()
+            .saturating_add(i64::try_from(bound.as_secs()).unwrap_or(i64::MAX));
+        crate::rollback::write(wd, &j)?;
+    }
+    let undo_journal = || {
+        if let Some(wd) = &work_dir {
+            let _ = crate::rollback::remove(wd);
+        }
+    };
+    if let Err(e) = before(3) {
+        undo_journal();
+        return Err(e.into());
+    }
     match std::fs::remove_file(&old) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            undo_journal();
+            return Err(e.into());
+        }
     }
-    std::fs::hard_link(exe, &old)?;
-    let r = before(3).and_then(|()| std::fs::rename(new, exe));
-    if let Err(e) = r {
-        let _ = std::fs::remove_file(&old);
+    if let Err(e) = std::fs::hard_link(exe, &old) {
+        undo_journal();
         return Err(e.into());
     }
-    before(4)?;
+    let r = before(4).and_then(|()| std::fs::rename(new, exe));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&old);
+        undo_journal();
+        return Err(e.into());
+    }
+    before(5)?;
     sync_dir(dir)?;
     Ok(())
 }
@@ -336,20 +408,6 @@ async fn run_package_tool(tool: &'static str, flag: &str, file: &Path) -> Result
     }
 }
 
-/// Removes `<exe>.old` left by a previous update. Call once the new
-/// process has connected to a center.
-pub(crate) fn cleanup_old_binary() {
-    let Ok(exe) = current_exe() else { return };
-    let old = old_path(&exe);
-    match std::fs::remove_file(&old) {
-        Ok(()) => tracing::info!(path = %old.display(), "removed the previous agent binary"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %old.display(), error = %e, "cannot remove the previous agent binary")
-        }
-    }
-}
-
 /// Puts `<exe>.old` back over `<exe>` (the new binary could not be
 /// started). Returns whether an old binary was restored.
 pub(crate) fn restore_old_binary(exe: &Path) -> io::Result<bool> {
@@ -411,6 +469,8 @@ mod tests {
         let ctx = UpdateContext {
             work_dir: d.path().join("wd"),
             probe_args: None,
+            rollback_bound: Duration::from_secs(120),
+            max_starts: 3,
         };
         let c = cfg("", &sha.to_uppercase(), format!("http://{addr}/ok"));
         let out = self_update_at(&ctx, &c, &exe, DownloadConfig::default())
@@ -423,6 +483,17 @@ mod tests {
             std::fs::metadata(&exe).unwrap().permissions().mode() & 0o777,
             0o755
         );
+        // The journal puts the new file on trial.
+        let j = crate::rollback::read(&ctx.work_dir).unwrap().unwrap();
+        let m = std::fs::metadata(&exe).unwrap();
+        assert_eq!(j.phase, Phase::Trial);
+        assert_eq!((j.new_dev, j.new_ino), (m.dev(), m.ino()));
+        assert_eq!(
+            (j.to_version.as_str(), j.max_starts, j.starts),
+            ("9.9.9", 3, 0)
+        );
+        assert_eq!(j.sha256, sha);
+        assert!(j.deadline >= crate::rollback::now_unix() + 100);
         assert_eq!(
             std::fs::read(old_path(&exe)).unwrap(),
             b"#!/bin/sh\necho old\n"
@@ -442,14 +513,14 @@ mod tests {
     /// the new one after it; never a missing or partial file.
     #[test]
     fn swap_leaves_a_whole_binary_at_every_step() {
-        for stop_at in 1..=5u8 {
+        for stop_at in 1..=6u8 {
             let d = tempfile::tempdir().unwrap();
             let exe = d.path().join("elkeid-agent");
             let new = d.path().join(".elkeid-agent.new");
             std::fs::write(&exe, b"OLD BINARY").unwrap();
             std::fs::write(&new, b"NEW BINARY").unwrap();
             let mut seen = Vec::new();
-            let r = swap_steps(&exe, &new, &mut |step| {
+            let r = swap_steps(&exe, &new, None, &mut |step| {
                 // At every step boundary exe is whole.
                 seen.push(std::fs::read(&exe).unwrap());
                 if step == stop_at {
@@ -458,12 +529,12 @@ mod tests {
                     Ok(())
                 }
             });
-            assert_eq!(r.is_ok(), stop_at == 5, "stop at {stop_at}");
+            assert_eq!(r.is_ok(), stop_at == 6, "stop at {stop_at}");
             for b in &seen {
                 assert!(b == b"OLD BINARY" || b == b"NEW BINARY", "{b:?}");
             }
             let now = std::fs::read(&exe).unwrap();
-            if stop_at <= 3 {
+            if stop_at <= 4 {
                 assert_eq!(now, b"OLD BINARY", "stop at {stop_at}");
                 assert_eq!(std::fs::read(&new).unwrap(), b"NEW BINARY");
             } else {
@@ -481,6 +552,8 @@ mod tests {
         let ctx = UpdateContext {
             work_dir: d.path().join("wd"),
             probe_args: None,
+            rollback_bound: Duration::from_secs(120),
+            max_starts: 3,
         };
         let orig = std::fs::read(&exe).unwrap();
         let bad = cfg("", &"0".repeat(64), format!("http://{addr}/ok"));

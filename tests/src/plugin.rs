@@ -39,6 +39,18 @@ impl Agent {
         exe: Option<&Path>,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_env(center, work_dir, id, exe, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_env(
+        center: &Center,
+        work_dir: &Path,
+        id: &str,
+        exe: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let exe = exe.map_or_else(|| bin("elkeid-agent", "elkeid-agent"), Path::to_path_buf);
         std::fs::create_dir_all(work_dir).unwrap();
         let child = Command::new(&exe)
@@ -55,6 +67,7 @@ impl Agent {
             .args(["--heartbeat-secs", "2", "--foreground"])
             .args(extra)
             .env("SPECIFIED_AGENT_ID", id)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())

@@ -80,7 +80,7 @@ pub(crate) async fn stage(
     dl.fetch_verified(&cfg.download_urls, &cfg.sha256, &download)
         .await?;
     if cfg.r#type != "tar.gz" {
-        std::fs::set_permissions(&download, std::fs::Permissions::from_mode(0o700))?;
+        tokio::fs::set_permissions(&download, std::fs::Permissions::from_mode(0o700)).await?;
         return Ok(Staged::File(download));
     }
     let staging = paths.dir.join(format!("{STAGING_PREFIX}{tag}"));
@@ -102,15 +102,25 @@ pub(crate) async fn stage(
     })
     .await
     .map_err(io::Error::other)?;
-    let _ = std::fs::remove_file(&download);
+    let _ = tokio::fs::remove_file(&download).await;
     if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = tokio::fs::remove_dir_all(&staging).await;
         return Err(e);
     }
     Ok(Staged::Dir(staging))
 }
 
-/// Moves staged files over the live ones (blocking, quick renames).
+/// [`commit`] on the blocking pool (renames, and removal of replaced
+/// directories, which may be large).
+pub(crate) async fn commit_async(paths: &Paths, staged: Staged) -> Result<(), InstallError> {
+    let paths = paths.clone();
+    tokio::task::spawn_blocking(move || commit(&paths, staged))
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Moves staged files over the live ones (blocking: call through
+/// [`commit_async`] on the runtime thread).
 pub(crate) fn commit(paths: &Paths, staged: Staged) -> Result<(), InstallError> {
     match staged {
         Staged::Reuse => {

@@ -269,7 +269,9 @@ impl PluginManager {
         if let Some(old) = self.take(&cfg.name) {
             stop(old).await;
         }
-        install::commit(&paths, staged).map_err(|e| fail(e.to_string()))?;
+        install::commit_async(&paths, staged)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         if self.shut_down.get() {
             return Err(fail("the agent is shutting down".into()));
         }

@@ -72,6 +72,8 @@ pub(crate) struct Transport {
     pub(crate) link: Rc<Link>,
     /// Unacknowledged window and disk spool.
     pub(crate) delivery: Rc<Delivery>,
+    /// Self-update trial: told about the first connect.
+    pub(crate) update: Rc<crate::rollback::Watch>,
 }
 
 /// Receives every Command, in order, on the runtime thread.
@@ -288,8 +290,9 @@ pub(crate) async fn run(agent: Rc<Transport>, tls: Arc<ClientConfig>, on_command
         if connected_once {
             Counters::add(&agent.counters.reconnects, 1);
         } else {
-            // A self-updated binary keeps `<exe>.old` until it has connected.
-            crate::update::cleanup_old_binary();
+            // A self-updated binary on trial commits after it stayed up;
+            // a rolled-back one reports the rollback.
+            agent.update.on_connect(&agent.heartbeat);
         }
         connected_once = true;
         agent.counters.net_mode.set(mode);
