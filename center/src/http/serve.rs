@@ -69,7 +69,22 @@ pub(crate) async fn serve(
                 return;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => serve_conn(tls, router, peer).await,
+                Ok(Ok(tls)) => {
+                    // A client certificate is only ever present here when
+                    // it verified (the verifier refuses the handshake
+                    // otherwise); requests on this connection carry that.
+                    let router = if tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty())
+                    {
+                        router.layer(axum::Extension(super::ClientCert))
+                    } else {
+                        router
+                    };
+                    serve_conn(tls, router, peer).await
+                }
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "http api: TLS handshake failed");
                 }
