@@ -56,6 +56,9 @@ pub(crate) async fn serve(
                 }
             },
         };
+        // Small answers, written as soon as they are ready (TLS session
+        // tickets and the response go out in separate writes).
+        let _ = tcp.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "http api: too many connections");
             continue;
