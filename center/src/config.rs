@@ -52,6 +52,11 @@
 //! | `--cluster-id ID` | `ELKEID_CENTER_CLUSTER_ID` | `cluster.id` | `ADVERTISE:HTTP_PORT` |
 //! | `--cluster-prefix P` | `ELKEID_CENTER_CLUSTER_PREFIX` | `cluster.prefix` | `/elkeid-rs/` |
 //! | `--cluster-lease-ttl-secs N` | `ELKEID_CENTER_CLUSTER_LEASE_TTL_SECS` | `cluster.lease_ttl_secs` | `10` (2..=3600) |
+//! | `--sd-listen ADDR` | `ELKEID_CENTER_SD_LISTEN` | `cluster.sd_listen` | none (needs `--etcd`; plain HTTP, only `GET /registry/detail`) |
+//! | `--elkeid-sd URL` (comma list) | `ELKEID_CENTER_ELKEID_SD` | `cluster.elkeid_sd` | none (no registration into an Elkeid SD) |
+//! | `--elkeid-sd-name N` | `ELKEID_CENTER_ELKEID_SD_NAME` | `cluster.elkeid_sd_name` | `hids_svr` |
+//! | `--elkeid-sd-ak AK` / `--elkeid-sd-sk SK` | `ELKEID_CENTER_ELKEID_SD_AK` / `_SK` | `cluster.elkeid_sd_ak` / `_sk` | unsigned |
+//! | `--elkeid-sd-interval-secs N` | `ELKEID_CENTER_ELKEID_SD_INTERVAL_SECS` | `cluster.elkeid_sd_interval_secs` | `30` (1..=3600) |
 //!
 //! The cluster keys are resolved by `cluster/config.rs`.
 //!
@@ -267,6 +272,11 @@ const KEY_ARGS: &[(&str, &str)] = &[
     ("commands.total_queue_bytes", "command_total_queue_bytes"),
     ("cluster.lease_ttl_secs", "cluster_lease_ttl_secs"),
     ("cluster.id", "cluster_id"),
+    ("cluster.sd_listen", "sd_listen"),
+    ("cluster.elkeid_sd", "elkeid_sd"),
+    ("cluster.elkeid_sd_name", "elkeid_sd_name"),
+    ("cluster.elkeid_sd_ak", "elkeid_sd_ak"),
+    ("cluster.elkeid_sd_interval_secs", "elkeid_sd_interval_secs"),
 ];
 
 /// For each file key whose value came from a flag or an environment
@@ -602,6 +612,8 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// Clustering through etcd; `None` = a single center.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Registration into an Elkeid service discovery; `None` = none.
+    pub elkeid_sd: Option<crate::cluster::ElkeidSdConfig>,
     /// Which keys were set by a flag or an environment variable (for
     /// errors found after loading, such as the sinks' own checks).
     pub origins: Origins,
@@ -916,6 +928,7 @@ fn resolve_values(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
         manager,
         commands,
         tls_handshake_timeout,
+        elkeid_sd: crate::cluster::config::resolve_elkeid_sd(&cli.cluster, &file.cluster)?,
         cluster: crate::cluster::config::resolve(cli.cluster, file.cluster)?,
         origins: Origins::default(),
     })

@@ -23,7 +23,8 @@
 //!   center-to-center forwarding.
 //!
 //! [`run`] wires them: prepare the data dir, bind both listeners, write
-//! `DIR/listen.json` (`{"grpc":"ip:port","http":"ip:port"}`, written to a
+//! `DIR/listen.json` (`{"grpc":"ip:port","http":"ip:port"}`, plus
+//! `"sd":"ip:port"` with `--sd-listen`, written to a
 //! temp file and renamed, only after both listeners are bound), serve until
 //! `shutdown` resolves, then stop accepting, close the agent streams, drain
 //! the task results and flush the sinks.
@@ -117,11 +118,19 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, RunErr
         .map_err(|source| RunError::Bind { key, addr, source })
 }
 
-fn write_listen(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Result<(), RunError> {
+fn write_listen(
+    dir: &Path,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    sd: Option<SocketAddr>,
+) -> Result<(), RunError> {
     let path = dir.join("listen.json");
     let tmp = dir.join(format!(".listen.json.tmp{}", std::process::id()));
-    let text =
-        serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() }).to_string();
+    let mut v = serde_json::json!({ "grpc": grpc.to_string(), "http": http.to_string() });
+    if let Some(sd) = sd {
+        v["sd"] = serde_json::Value::String(sd.to_string());
+    }
+    let text = v.to_string();
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))
 }
@@ -211,7 +220,13 @@ pub async fn run(
         }
     };
     let http_tls = match (&material, config.http.tls) {
-        (Some((_, cert, key)), true) => Some(http::tls::server_config(cert, key)?),
+        // A clustered center asks callers for an optional client
+        // certificate of its CA: the other centers present theirs.
+        (Some((ca, cert, key)), true) => Some(http::tls::server_config(
+            cert,
+            key,
+            config.cluster.as_ref().map(|_| ca.as_path()),
+        )?),
         _ => {
             println!(
                 "elkeid-center: WARNING: HTTP API in plain HTTP (http.tls = false): signed requests and responses travel in clear text"
@@ -307,6 +322,24 @@ pub async fn run(
 
     let grpc_listener = bind("grpc.addr", config.grpc.addr).await?;
     let http_listener = bind("http.addr", config.http.addr).await?;
+    let sd_listener = match config.cluster.as_ref().and_then(|c| c.sd_listen) {
+        Some(addr) => Some(bind("cluster.sd_listen", addr).await?),
+        None => None,
+    };
+    let sd_addr = match &sd_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| {
+            RunError::Bind {
+                key: "cluster.sd_listen",
+                addr: config
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.sd_listen)
+                    .unwrap_or(config.http.addr),
+                source,
+            }
+        })?),
+        None => None,
+    };
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|source| RunError::Bind {
@@ -358,6 +391,24 @@ pub async fn run(
         }
     };
 
+    // Registration into an Elkeid SD (--elkeid-sd), clustered or not.
+    let elkeid_sd = match &config.elkeid_sd {
+        None => None,
+        Some(cfg) => {
+            let sd =
+                cluster::elkeid_sd::ElkeidSd::new(cfg.clone(), grpc_addr, http_addr, pool.clone())
+                    .map_err(|msg| config.origins.invalid("cluster.advertise", msg))?;
+            println!(
+                "elkeid-center: registering as {}_grpc/{}_http in the Elkeid SD {}",
+                cfg.name,
+                cfg.name,
+                cfg.addrs.join(",")
+            );
+            tokio::spawn(sd.clone().run());
+            Some(sd)
+        }
+    };
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -387,7 +438,19 @@ pub async fn run(
         acks: ack_metrics,
         replays: Default::default(),
         cluster: cluster.clone(),
+        elkeid_sd: elkeid_sd.clone(),
+        peer_mtls: http_tls.is_some() && cluster.is_some(),
     };
+    let mut sd_task = sd_listener.map(|l| {
+        println!(
+            "elkeid-center: WARNING: service discovery in plain HTTP on {} (read-only: GET /registry/detail only)",
+            sd_addr.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let router = http::sd_router(state.clone());
+        let stop = stopped(stop_rx.clone());
+        let (timeout, metrics) = (config.tls_handshake_timeout, metrics.clone());
+        tokio::spawn(async move { http::serve::serve(l, router, None, timeout, metrics, stop).await })
+    });
     let http_stop = stopped(stop_rx.clone());
     let http_handshake = config.tls_handshake_timeout;
     let http_metrics = metrics.clone();
@@ -404,7 +467,7 @@ pub async fn run(
     });
     drop(ctx);
 
-    write_listen(&dir, grpc_addr, http_addr)?;
+    write_listen(&dir, grpc_addr, http_addr, sd_addr)?;
     println!("elkeid-center: gRPC on {grpc_addr}, HTTP API on {http_addr}");
     tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %dir.display(), "elkeid-center started");
 
@@ -421,6 +484,9 @@ pub async fn run(
     // keys vanish, so agents told to reconnect land on the others.
     if let Some(c) = &cluster {
         let _ = tokio::time::timeout(Duration::from_secs(3), c.leave()).await;
+    }
+    if let Some(sd) = &elkeid_sd {
+        let _ = tokio::time::timeout(Duration::from_secs(6), sd.leave()).await;
     }
     let _ = stop_tx.send(true);
     pool.close_all();
@@ -446,6 +512,9 @@ pub async fn run(
     }
     grpc_task.abort();
     http_task.abort();
+    if let Some(t) = sd_task.take() {
+        t.abort();
+    }
     refresher.abort();
     // Dropping the servers dropped their task-queue handles: the batcher flushes and ends.
     let _ = tokio::time::timeout(grace, tasks_done).await;

@@ -261,11 +261,16 @@ fn leaf_params(server: bool) -> Result<CertificateParams, PkiError> {
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    p.extended_key_usages = vec![if server {
-        ExtendedKeyUsagePurpose::ServerAuth
+    // The server certificate is also the center's client certificate
+    // towards the other centers of a cluster (mutual TLS on forwarded calls).
+    p.extended_key_usages = if server {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
     } else {
-        ExtendedKeyUsagePurpose::ClientAuth
-    }];
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
     p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     Ok(p)

@@ -260,6 +260,10 @@ pub(crate) struct Pool {
     metrics: Arc<Metrics>,
     /// Notified on every register/unregister (the cluster's etcd sync).
     pub(crate) changed: tokio::sync::Notify,
+    /// Set by a drain (`POST /cluster/drain`): new streams are refused.
+    draining: AtomicBool,
+    /// Streams refused because the center is draining.
+    pub(crate) refused_draining: AtomicU64,
 }
 
 impl Pool {
@@ -283,7 +287,20 @@ impl Pool {
             commands,
             metrics,
             changed: tokio::sync::Notify::new(),
+            draining: AtomicBool::new(false),
+            refused_draining: AtomicU64::new(0),
         })
+    }
+
+    /// Starts draining: from now on new streams are refused. Returns
+    /// false if the center was already draining.
+    pub(crate) fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::AcqRel)
+    }
+
+    /// The center is draining (no new streams).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Conn>>> {
@@ -400,11 +417,13 @@ impl Pool {
         }
     }
 
-    /// Closes every stream (shutdown).
-    pub(crate) fn close_all(&self) {
-        for c in self.map().values() {
+    /// Closes every stream (shutdown, drain); returns how many.
+    pub(crate) fn close_all(&self) -> usize {
+        let map = self.map();
+        for c in map.values() {
             c.closed.cancel();
         }
+        map.len()
     }
 
     /// Sends a command to one agent as Elkeid's `PostCommand` does: enqueue

@@ -91,6 +91,9 @@ pub struct Center {
     pub grpc: std::net::SocketAddr,
     /// Bound HTTP address, read from `<data-dir>/listen.json`.
     pub http: std::net::SocketAddr,
+    /// Plain-HTTP service-discovery address (`--sd-listen`), from
+    /// `listen.json`.
+    pub sd: Option<std::net::SocketAddr>,
     /// CA that verifies the HTTPS API (`--tls-ca` or the generated
     /// `pki/ca.crt`); `None` when started with `--http-tls false`.
     pub http_ca: Option<PathBuf>,
@@ -146,6 +149,7 @@ impl Center {
         Center {
             grpc: addr("grpc"),
             http: addr("http"),
+            sd: v["sd"].as_str().and_then(|s| s.parse().ok()),
             child,
             data_dir: dir.to_path_buf(),
             http_ca,

@@ -258,6 +258,7 @@ async fn against_a_center_without_the_extension_the_agent_behaves_as_before() {
         data_dir: cdir.clone(),
         grpc,
         http,
+        sd: None,
         http_ca: Some(cdir.join("pki").join("ca.crt")),
     };
     let files = FileServer::start();

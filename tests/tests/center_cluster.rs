@@ -9,8 +9,16 @@
 //!   when a broker is configured);
 //! - etcd is stopped: the centers keep serving and say so in `/metrics`;
 //!   etcd restarted: they register again;
-//! - center C is drained (SIGTERM): it leaves etcd at once and its agents
-//!   move to A.
+//! - center-to-center calls are mutual TLS: a forwarded call without the
+//!   cluster's client certificate is refused, one with a certificate of a
+//!   foreign CA fails the handshake;
+//! - center C is drained by the API (`POST /cluster/drain`) in the middle
+//!   of a plugin's flood: it leaves etcd at once, refuses new streams, its
+//!   agents move to A, and every flood record arrives (counted by its
+//!   plugin sequence number, acknowledged delivery re-sends the rest).
+//!
+//! The API is HTTPS (the default); agents query service discovery over
+//! plain HTTP on each center's `--sd-listen` address, as Elkeid Go agents do.
 //!
 //! Needs etcd: `eval "$(tests/etcd.sh start)"` exports
 //! `ELKEID_TEST_ETCD_BIN` (this test runs its own etcd from that binary so
@@ -26,8 +34,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use elkeid_tests::center::{
-    eventually, http, kafka_broker, kafka_read, ndjson_records_in, unix_now,
+    AgentStream, SERVER_NAME, agent_transport, eventually, foreign_client, http, kafka_broker,
+    kafka_read, ndjson_records_in, packet, signed_headers, unix_now,
 };
+use elkeid_tests::plugin::{FileServer, component, field, push_configs, sha256_hex};
 use elkeid_tests::{Center, KillOnDrop, bin};
 use serde_json::{Value, json};
 
@@ -175,7 +185,77 @@ async fn get(addr: SocketAddr, path: &str) -> Value {
 }
 
 async fn metrics(c: &Center) -> String {
-    String::from_utf8(http(c.http, "GET", "/metrics", &[], b"").await.body).unwrap()
+    String::from_utf8(http(c.api_target(), "GET", "/metrics", &[], b"").await.body).unwrap()
+}
+
+/// The plain-HTTP SD address of a center (`--sd-listen`).
+fn sd(c: &Center) -> SocketAddr {
+    c.sd.expect("started with --sd-listen")
+}
+
+/// Flood records (data_type 7000) of `id` in the data dirs: plugin sequence numbers.
+fn flood_seqs(dirs: &[&Path], id: &str) -> Vec<u64> {
+    dirs.iter()
+        .flat_map(|d| ndjson_records_in(d))
+        .filter(|r| r["agent_id"] == id && r["data_type"] == 7000)
+        .map(|r| field(&r, "s").trim_start_matches('0').parse().unwrap_or(0))
+        .collect()
+}
+
+/// Occurrences of `pat` in a data dir's NDJSON files (cheap progress probe).
+fn count_in_records(data_dir: &Path, pat: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir(data_dir.join("records")) else {
+        return 0;
+    };
+    rd.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|t| t.matches(pat).count())
+        .sum()
+}
+
+/// One HTTPS request to `addr` presenting `client` (cert, key PEM) and
+/// trusting `ca`: the response head, or the error that ended the exchange.
+async fn https_with_client_cert(
+    addr: SocketAddr,
+    ca: &[u8],
+    client: (Vec<u8>, Vec<u8>),
+    request: &[u8],
+) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&client.0)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&client.1).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(request)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    match tokio::time::timeout(T, tls.read_to_end(&mut out)).await {
+        Err(_) => Err("no answer".into()),
+        Ok(Err(e)) if out.is_empty() => Err(format!("read: {e}")),
+        Ok(_) if out.is_empty() => Err("closed without an answer".into()),
+        Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+    }
 }
 
 async fn metric(c: &Center, name: &str) -> u64 {
@@ -237,9 +317,9 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
         "--sink".into(),
         "ndjson".into(),
         // Agents discover centers over plain HTTP (`/registry/detail`, as
-        // Elkeid's SD): this cluster serves its API without TLS.
-        "--http-tls".into(),
-        "false".into(),
+        // Elkeid's SD) while the API stays HTTPS.
+        "--sd-listen".into(),
+        "127.0.0.1:0".into(),
     ];
     if let Some(b) = &kafka {
         common.extend(
@@ -290,7 +370,7 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
     // Every center answers SD with all three.
     let all3: BTreeSet<String> = [&a, &b, &c].iter().map(|x| x.grpc.to_string()).collect();
     for x in [&a, &b, &c] {
-        let h = x.http;
+        let h = sd(x);
         let want = all3.clone();
         eventually(T, || {
             let want = want.clone();
@@ -300,19 +380,31 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
             }
         })
         .await
-        .unwrap_or_else(|| panic!("{} lists the 3 centers in /registry/detail", x.http));
+        .unwrap_or_else(|| panic!("{h} lists the 3 centers in /registry/detail"));
     }
     phase("SD lists the 3 centers");
-    let http_names = sd_names(&get(a.http, "/registry/detail?name=hids_svr_http").await);
+    let http_names = sd_names(&get(sd(&a), "/registry/detail?name=hids_svr_http").await);
     assert!(http_names.contains(&c.http.to_string()), "{http_names:?}");
+    // The SD listener serves nothing else.
+    let r = http(sd(&a), "GET", "/conn/list", &[], b"").await;
+    assert_eq!(
+        r.status, 404,
+        "the plain SD listener serves only /registry/detail"
+    );
+    // The HTTPS API answers it too (for callers that speak HTTPS).
+    let v = a
+        .api("GET", "/registry/detail?name=hids_svr_grpc", b"")
+        .await
+        .1;
+    assert_eq!(sd_names(&v), all3, "{v}");
 
     // Agents through SD (A and C as SD addresses). The first three one at a
     // time, so each sees the others' load and picks an empty center.
-    let sd = [a.http, c.http];
+    let sd_addrs = [sd(&a), sd(&c)];
     let mut agents = Vec::new();
     for i in 0..6 {
         let id = format!("cluster-agent-{i}");
-        agents.push(start_agent(&pki, &sd, &id));
+        agents.push(start_agent(&pki, &sd_addrs, &id));
         if i < 3 {
             let (aa, bb, cc) = (&a, &b, &c);
             let id2 = id.clone();
@@ -414,7 +506,71 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
         json!({"code": 3, "msg": "some errors occurred", "data": "agentID not found"})
     );
 
-    phase("command forwarded A -> C");
+    phase("command forwarded A -> C (mutual TLS)");
+    // A forwarded call must come with the cluster's client certificate:
+    // signed but without one, it is refused...
+    let body = serde_json::to_vec(&json!({"agent_id": target, "command": {"task": {
+        "data_type": 1051, "name": "elkeid-agent", "data": "{\"idc\":\"forged\"}"}}}))
+    .unwrap();
+    let (ak, sk) = c.api_key();
+    let mut h = signed_headers(&ak, &sk, "POST", "/command/", &body, unix_now());
+    h.push(("x-elkeid-forwarded-by".into(), "center-x".into()));
+    let v = http(c.api_target(), "POST", "/command/", &h, &body)
+        .await
+        .json();
+    assert_eq!(
+        v["code"], 1,
+        "forwarded call without a client certificate: {v}"
+    );
+    assert!(
+        v["data"]
+            .as_str()
+            .unwrap_or("")
+            .contains("client certificate"),
+        "{v}"
+    );
+    // ...and a client certificate of another CA fails the TLS handshake.
+    let (fcert, fkey, _fca) = foreign_client();
+    let mut h = signed_headers(&ak, &sk, "POST", "/command/", &body, unix_now() + 1);
+    h.push(("x-elkeid-forwarded-by".into(), "center-x".into()));
+    let mut req = format!(
+        "POST /command/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\nContent-Type: application/json\r\n",
+        c.http,
+        body.len()
+    );
+    for (k, v) in &h {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut raw = req.into_bytes();
+    raw.extend_from_slice(&body);
+    let ca_pem = std::fs::read(pki.join("ca.crt")).unwrap();
+    let r = https_with_client_cert(c.http, &ca_pem, (fcert, fkey), &raw).await;
+    assert!(
+        r.is_err(),
+        "a client certificate of a foreign CA must not get an answer: {r:?}"
+    );
+    // The center's own certificate (what peers present) is accepted.
+    let own = (
+        std::fs::read(pki.join("server.crt")).unwrap(),
+        std::fs::read(pki.join("server.key")).unwrap(),
+    );
+    let get_req = format!(
+        "GET /ping HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        c.http
+    );
+    let r = https_with_client_cert(c.http, &ca_pem, own, get_req.as_bytes()).await;
+    assert!(
+        r.as_deref().is_ok_and(|t| t.starts_with("HTTP/1.1 200")),
+        "{r:?}"
+    );
+    assert!(
+        !std::fs::read_to_string(agent.work.path().join("specified_env"))
+            .unwrap_or_default()
+            .contains("forged"),
+        "the refused calls did not reach the agent"
+    );
+    phase("mTLS: forwarded calls without/with a foreign client certificate refused");
     // Kill B: its agents land on A and C, and keep reporting.
     let (b_dir, b_grpc) = (b.data_dir.clone(), b.grpc);
     let killed_at = Instant::now();
@@ -440,10 +596,9 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
         })
         .unwrap_or_else(|| panic!("{id}'s records arrive at A/C after B died"));
     }
-    let _ = b_dir;
     // B's lease expires: SD stops naming it; the cluster count is 6 again.
     let want2: BTreeSet<String> = [a.grpc.to_string(), c.grpc.to_string()].into();
-    let (ah, w2) = (a.http, want2.clone());
+    let (ah, w2) = (sd(&a), want2.clone());
     eventually(T, || {
         let w2 = w2.clone();
         async move {
@@ -453,7 +608,7 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
     .await
     .expect("B left SD after its lease expired");
     assert!(
-        !sd_names(&get(a.http, "/registry/detail?name=hids_svr_grpc").await)
+        !sd_names(&get(sd(&a), "/registry/detail?name=hids_svr_grpc").await)
             .contains(&b_grpc.to_string())
     );
     if let Some(broker) = &kafka {
@@ -556,18 +711,71 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
     .await
     .expect("the reset agent reconnected");
     phase("strict reset forwarded C -> A");
-    // Drain C (SIGTERM): it leaves etcd at once; its agents move to A.
+    // Drain C by the API in the middle of a flood from a plugin of one of
+    // its agents: C leaves etcd and SD, refuses new streams, ends its
+    // streams; the agents land on A, and every flood record arrives once
+    // (acknowledged delivery re-sends what C had not acknowledged).
+    const N: u64 = 200_000;
     let on_c = local_ids(&c).await;
-    let pid = c.child.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let flooder = on_c.iter().next().expect("C holds agents").clone();
+    let files = FileServer::start();
+    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
+    let url = files.put("/flood", flood.clone());
+    push_configs(
+        &c,
+        &flooder,
+        vec![component(
+            "flood",
+            "1",
+            "",
+            &sha256_hex(&flood),
+            "",
+            &[url],
+            &format!("count={N},size=120"),
+        )],
+    )
+    .await;
+    let cdir = c.data_dir.clone();
+    let pat = "\"data_type\":7000";
+    elkeid_tests::wait_for_every(Duration::from_secs(120), Duration::from_millis(200), || {
+        (count_in_records(&cdir, pat) >= N as usize / 20).then_some(())
+    })
+    .expect("the flood reaches C");
+    let on_c = local_ids(&c).await;
+    assert!(on_c.contains(&flooder), "the flooding agent is still on C");
     let drained_at = Instant::now();
-    let moved = on_c.clone();
+    let drained_unix = unix_now();
+    let (st, v) = c.api("POST", "/cluster/drain", b"").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["code"], 0, "{v}");
+    assert_eq!(v["data"]["left_etcd"], true, "{v}");
+    assert_eq!(v["data"]["was_draining"], false, "{v}");
+    // (an agent may have reconnected to C between the snapshot and the drain)
+    assert!(
+        v["data"]["streams_closed"].as_u64() >= Some(on_c.len() as u64),
+        "{v}"
+    );
+    let at_drain = count_in_records(&cdir, pat);
+    eprintln!(
+        "drain answered after {:?}; {at_drain} flood records at C by then",
+        drained_at.elapsed()
+    );
+    // Gone from SD: A's answer and C's own (C still answers SD, without itself).
+    let only_a: BTreeSet<String> = [a.grpc.to_string()].into();
+    for h in [sd(&a), sd(&c)] {
+        let only_a = only_a.clone();
+        eventually(Duration::from_secs(5), || {
+            let only_a = only_a.clone();
+            async move {
+                (sd_names(&get(h, "/registry/detail?name=hids_svr_grpc").await) == only_a)
+                    .then_some(())
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("{h} names only A within 5 s of the drain"));
+    }
+    // All agents land on A (C's included).
+    let moved = ids.clone();
     let took = eventually(RECONNECT_BOUND, || {
         let moved = moved.clone();
         async move {
@@ -579,17 +787,53 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
     .await
     .unwrap_or_else(|| panic!("C's agents {on_c:?} moved to A within {RECONNECT_BOUND:?}"));
     eprintln!("C drained: its {} agents on A in {took:?}", on_c.len());
-    // C revoked its lease: A's view (refreshed every 2 s) drops it.
-    let only_a: BTreeSet<String> = [a.grpc.to_string()].into();
-    eventually(Duration::from_secs(5), || {
-        let only_a = only_a.clone();
-        async move {
-            (sd_names(&get(ah, "/registry/detail?name=hids_svr_grpc").await) == only_a)
-                .then_some(())
-        }
+    assert_eq!(c.api("GET", "/conn/count", b"").await.1["data"], 0);
+    // C refuses new streams (UNAVAILABLE) and says it is draining.
+    // (C runs on A's PKI: its own data dir has none)
+    let transport = agent_transport(c.grpc, &a.agent_pki())
+        .await
+        .expect("TLS to the drained center still works");
+    let refused = AgentStream::open(transport, packet("late-agent", vec![])).await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().code(),
+        tonic::Code::Unavailable,
+        "a drained center refuses new streams"
+    );
+    let m = metrics(&c).await;
+    assert!(m.contains("elkeid_center_draining 1\n"), "{m}");
+    assert!(
+        metric(&c, "elkeid_center_conn_refused_draining_total").await >= 1,
+        "{m}"
+    );
+    // Records keep flowing: every moved agent's heartbeats reach A.
+    for id in &on_c {
+        elkeid_tests::wait_for(T, || {
+            (heartbeats_since(&[a.data_dir.as_path()], id, drained_unix + 1) > 0).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{id}'s records arrive at A after C was drained"));
+    }
+    // The whole flood arrives: its end marker at A, and every sequence number.
+    let adir = a.data_dir.clone();
+    elkeid_tests::wait_for_every(Duration::from_secs(300), Duration::from_millis(300), || {
+        (count_in_records(&adir, "\"data_type\":7001") > 0).then_some(())
     })
-    .await
-    .expect("C left SD within 5 s of SIGTERM");
+    .expect("the flood's end marker reaches A");
+    let dirs = [a.data_dir.as_path(), c.data_dir.as_path(), b_dir.as_path()];
+    let seqs = flood_seqs(&dirs, &flooder);
+    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+    let at_a = flood_seqs(&[a.data_dir.as_path()], &flooder).len();
+    eprintln!(
+        "flood of {N}: {} records written ({} at A after the drain), {} distinct",
+        seqs.len(),
+        at_a,
+        distinct.len()
+    );
+    assert!(at_a > 0, "part of the flood went to A after the drain");
+    assert_eq!(
+        distinct.len() as u64,
+        N,
+        "0 flood records lost across the drain"
+    );
     phase("C drained");
     drop(c);
     drop(agents);

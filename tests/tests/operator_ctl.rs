@@ -217,6 +217,22 @@ fn ctl_drives_a_real_agent_over_https() {
         .is_some(),
         "agent did not reconnect after ctl reset"
     );
+
+    // drain: refused without --yes; then the agent's stream ends and it
+    // cannot come back (a drained center refuses new streams).
+    let o = ctl(&dir, &["drain"]);
+    assert_eq!(o.code, 64, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("--yes"), "{}", o.stderr);
+    assert!(connected(&dir, id), "nothing happened without --yes");
+    let out = ok(&dir, &["drain", "--yes"]);
+    assert_eq!(
+        out, "draining: 1 agent stream(s) closed, not in etcd\n",
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!connected(&dir, id), "a drained center takes no agent back");
+    let v = json(&dir, &["drain", "--yes"]);
+    assert_eq!(v["was_draining"], true, "{v}");
     agent.terminate(Duration::from_secs(20));
     drop(center);
 }

@@ -77,6 +77,12 @@ pub(crate) async fn registry_detail(
         .into_response();
     };
     let mut centers = c.centers();
+    let draining = s.pool.is_draining();
+    if draining {
+        // A drained center sends agents to the others only.
+        let me = c.id();
+        centers.retain(|x| x.id != me);
+    }
     // Least loaded first (agents dial in order); equal loads in random
     // order so that a burst of agents does not all pick the same center.
     let mut ties = vec![0u8; centers.len()];
@@ -91,12 +97,58 @@ pub(crate) async fn registry_detail(
         .collect();
     keyed.sort_by_key(|(l, r, _)| (*l, *r));
     centers.extend(keyed.into_iter().map(|(_, _, c)| c));
-    if centers.is_empty() {
+    if centers.is_empty() && !draining {
         let mut me = c.me.lock().unwrap_or_else(|e| e.into_inner()).clone();
         me.weight = s.pool.count() as u64;
         centers.push(me);
     }
     ok(detail(&centers, &q.name)).into_response()
+}
+
+/// How long a drain waits between leaving etcd and closing its streams:
+/// the other centers refresh their view of live centers every 2 s, so the
+/// agents told to reconnect are no longer sent back here.
+const DRAIN_SETTLE: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// `POST /cluster/drain` (signed): take this center out of service without
+/// stopping it. New agent streams are refused from now on (`UNAVAILABLE`);
+/// the center leaves etcd (lease revoked: gone from every center's SD
+/// answer within 2 s) and the Elkeid SD (`/registry/evict`), waits for the
+/// other centers to notice, then ends every agent stream cleanly (status
+/// OK), so the agents reconnect to the others and re-send whatever was not
+/// acknowledged. The API keeps serving. Idempotent; `data`:
+/// `{"draining":true,"was_draining":bool,"left_etcd":bool,"streams_closed":n}`.
+pub(crate) async fn drain(State(s): State<AppState>) -> Response {
+    let first = s.pool.start_draining();
+    if first {
+        tracing::warn!(
+            "drain requested: refusing new agents, leaving the cluster, closing agent streams"
+        );
+    }
+    let mut left_etcd = false;
+    if let Some(c) = &s.cluster {
+        match c.drain().await {
+            Ok(()) => left_etcd = true,
+            Err(e) => {
+                tracing::warn!(error = %e, "drain: could not revoke the etcd lease; it expires by itself")
+            }
+        }
+    }
+    if let Some(sd) = &s.elkeid_sd {
+        sd.leave().await;
+    }
+    if first && (s.cluster.is_some() || s.elkeid_sd.is_some()) {
+        tokio::time::sleep(DRAIN_SETTLE).await;
+    }
+    let closed = s.pool.close_all();
+    tracing::info!(streams = closed, "drain: agent streams closed");
+    ok(json!({
+        "draining": true,
+        "was_draining": !first,
+        "left_etcd": left_etcd,
+        "streams_closed": closed,
+    }))
+    .into_response()
 }
 
 fn forwarded(headers: &HeaderMap) -> bool {

@@ -36,11 +36,12 @@ use tokio_util::sync::CancellationToken;
 use crate::pool::Pool;
 
 pub(crate) mod config;
+pub(crate) mod elkeid_sd;
 pub(crate) mod etcd;
 pub(crate) mod http;
 pub(crate) mod peer;
 
-pub use config::{ClusterArgs, ClusterConfig};
+pub use config::{ClusterArgs, ClusterConfig, ElkeidSdConfig};
 use etcd::{Etcd, EtcdError};
 use peer::PeerClient;
 
@@ -223,6 +224,25 @@ impl Cluster {
                 return;
             }
             let step = async {
+                if self.pool.is_draining() {
+                    // Drained: out of etcd for good; keep the view fresh
+                    // for the SD answers this center still gives.
+                    if lease != 0 {
+                        match self.etcd.lease_revoke(lease).await {
+                            // Revoked here or already by `drain`.
+                            Ok(()) | Err(EtcdError::Server(_)) => {}
+                            Err(e) => return Err(e),
+                        }
+                        lease = 0;
+                        self.lease.store(0, Ordering::Relaxed);
+                        published.clear();
+                    }
+                    if last_refresh.elapsed() >= REFRESH {
+                        self.refresh_centers().await?;
+                        last_refresh = Instant::now();
+                    }
+                    return Ok(false);
+                }
                 if lease == 0 {
                     lease = self.etcd.lease_grant(ttl.as_secs()).await?;
                     self.lease.store(lease as u64, Ordering::Relaxed);
@@ -389,6 +409,26 @@ impl Cluster {
             }
         };
         r
+    }
+
+    /// Drain (`POST /cluster/drain`; the pool is already draining): revokes
+    /// the lease so this center and its agent keys leave etcd at once, and
+    /// drops this center from its own view. The task keeps refreshing the
+    /// view (this center's SD answers name the others) but no longer
+    /// registers. Errors when etcd could not be told (the lease then
+    /// expires by itself within the TTL).
+    pub(crate) async fn drain(&self) -> Result<(), EtcdError> {
+        let me = self.id();
+        self.centers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| c.id != me);
+        let lease = self.lease.swap(0, Ordering::Relaxed) as i64;
+        if lease != 0 {
+            self.etcd.lease_revoke(lease).await?;
+            tracing::info!("cluster: draining: left etcd (lease revoked)");
+        }
+        Ok(())
     }
 
     /// Leaves the cluster: stops the task and revokes the lease, so this

@@ -7,8 +7,11 @@
 //! [`FORWARDED_HEADER`] so the peer answers from its own pool only (no
 //! forwarding loops). When the peer serves HTTPS (`--http-tls true`) the
 //! connection is TLS, verified against the cluster CA with the name
-//! `elkeid.com`; this center's certificate is offered as a client
-//! certificate (the API listener does not ask for one yet).
+//! `elkeid.com`, and this center presents its own certificate (the server
+//! certificate, which must allow client authentication: no extended key
+//! usage, or one listing clientAuth, as the generated one does). The
+//! receiving center verifies it against the same CA and refuses a
+//! forwarded call without one (mutual TLS on top of the AK/SK signature).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -36,6 +36,7 @@ Examples (run where the center's data dir is):
   elkeid-center ctl task AGENT_ID --plugin elkeid-example-plugin --data-type 8001 --data hello
   elkeid-center ctl config AGENT_ID --file plugins.json
   elkeid-center ctl reset AGENT_ID          # or: --random 10
+  elkeid-center ctl drain --yes             # take this center out of service
   elkeid-center ctl --json list             # machine-readable";
 
 /// Operator commands against a running center's HTTP API.
@@ -129,6 +130,14 @@ pub enum CtlCommand {
         /// Disconnect this many agents, chosen by the center.
         #[arg(long)]
         random: Option<usize>,
+    },
+    /// Take the center out of service (`POST /cluster/drain`): refuse new
+    /// agents, leave etcd / the Elkeid SD, end every agent stream so the
+    /// agents move to the other centers. The center keeps running.
+    Drain {
+        /// Confirm (every agent of this center disconnects).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -242,6 +251,13 @@ pub async fn run(cli: &CtlCli, out: &mut dyn std::io::Write) -> Result<(), CtlEr
             Some(n) => json!({"type": "random", "count": n}),
             None => json!({"type": "strict", "id_list": agent_ids}),
         }),
+        CtlCommand::Drain { yes: false } => {
+            return Err(CtlError::Usage(
+                "drain disconnects every agent of this center and refuses new ones \
+                 until it is restarted: add --yes"
+                    .into(),
+            ));
+        }
         _ => None,
     };
     let mut client = connect(cli)?;
@@ -337,6 +353,30 @@ pub async fn run(cli: &CtlCli, out: &mut dyn std::io::Write) -> Result<(), CtlEr
                 }
                 let n = rows.len() - 1;
                 w(out, format!("{}{n} connection(s) reset\n", table(&rows)));
+            }
+        }
+        CtlCommand::Drain { .. } => {
+            let data = post(&mut client, "/cluster/drain", &json!({})).await?;
+            if cli.json {
+                w(out, format!("{data}\n"));
+            } else {
+                w(
+                    out,
+                    format!(
+                        "draining{}: {} agent stream(s) closed, {}\n",
+                        if data["was_draining"] == true {
+                            " (already)"
+                        } else {
+                            ""
+                        },
+                        data["streams_closed"],
+                        if data["left_etcd"] == true {
+                            "left etcd"
+                        } else {
+                            "not in etcd"
+                        }
+                    ),
+                );
             }
         }
     }

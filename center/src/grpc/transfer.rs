@@ -212,6 +212,15 @@ impl Transfer for TransferSvc {
     ) -> Result<Response<CommandStream>, Status> {
         let m = &self.ctx.metrics;
         let addr = super::peer(req.remote_addr());
+        if self.pool.is_draining() {
+            self.pool
+                .refused_draining
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(peer = %addr, "stream refused: this center is draining");
+            return Err(Status::unavailable(
+                "this center is draining: connect to another center",
+            ));
+        }
         let (waiting, evicted) = self.unidentified.join();
         if evicted {
             inc(&m.refused_unidentified);

@@ -157,6 +157,25 @@ pub(crate) async fn middleware(
     req: Request,
     next: Next,
 ) -> Response {
+    // Center-to-center calls: mutual TLS with the cluster CA (on top of
+    // the AK/SK signature below).
+    if state.peer_mtls
+        && req
+            .headers()
+            .contains_key(crate::cluster::peer::FORWARDED_HEADER)
+        && req.extensions().get::<super::ClientCert>().is_none()
+    {
+        inc(&state.metrics.auth_failures);
+        tracing::warn!("http api: forwarded request without a cluster client certificate refused");
+        return envelope(
+            1,
+            "auth failed",
+            serde_json::Value::String(
+                "forwarded request without a client certificate of the cluster CA".into(),
+            ),
+        )
+        .into_response();
+    }
     if !state.auth {
         return next.run(req).await;
     }

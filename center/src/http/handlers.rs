@@ -27,6 +27,23 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
     if let Some(c) = &s.cluster {
         c.render_metrics(&mut body);
     }
+    if let Some(sd) = &s.elkeid_sd {
+        sd.render_metrics(&mut body);
+    }
+    if s.pool.is_draining() {
+        use std::fmt::Write as _;
+        let _ = write!(
+            body,
+            "# HELP elkeid_center_draining 1 after POST /cluster/drain: new agent streams are refused.\n\
+             # TYPE elkeid_center_draining gauge\nelkeid_center_draining 1\n\
+             # HELP elkeid_center_conn_refused_draining_total Agent streams refused while draining.\n\
+             # TYPE elkeid_center_conn_refused_draining_total counter\n\
+             elkeid_center_conn_refused_draining_total {}\n",
+            s.pool
+                .refused_draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

@@ -5,6 +5,8 @@
 //! - this file: router, shared state, the `{"code","msg","data"}` envelope.
 //! - `auth.rs`: AK/SK HMAC-SHA256 signing and the middleware.
 //! - `handlers.rs`: `/command/`, `/conn/*`, `/ping`, `/metrics`.
+//! - `cluster/http.rs` also has `POST /cluster/drain` (signed; any center,
+//!   clustered or not) and the `--sd-listen` router ([`sd_router`]).
 //! - `limits.rs`: request body size cap and receive deadline.
 //! - `cluster/http.rs` (in the cluster module): `/registry/detail` and the
 //!   cluster side of `/command/` and `/conn/*` (only with `--etcd`).
@@ -48,7 +50,18 @@ pub(crate) struct AppState {
     pub(crate) replays: Arc<auth::ReplayGuard>,
     /// Cluster membership (`--etcd`); `None` for a single center.
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Registration into an Elkeid SD (`--elkeid-sd`).
+    pub(crate) elkeid_sd: Option<Arc<crate::cluster::elkeid_sd::ElkeidSd>>,
+    /// Forwarded (center-to-center) requests must come over a connection
+    /// that presented a client certificate of the cluster CA (HTTPS API
+    /// in a cluster).
+    pub(crate) peer_mtls: bool,
 }
+
+/// Request extension set by the accept loop: the TLS connection presented
+/// a client certificate that verified against the cluster CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientCert;
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,6 +109,18 @@ pub(crate) fn bad_request(msg: String) -> (StatusCode, Json<Envelope>) {
     )
 }
 
+/// The router of the plain-HTTP service-discovery listener
+/// (`--sd-listen`): `GET /registry/detail` and nothing else (read-only,
+/// unauthenticated, as Elkeid's SD).
+pub(crate) fn sd_router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/registry/detail",
+            get(crate::cluster::http::registry_detail),
+        )
+        .with_state(state)
+}
+
 /// The router.
 pub(crate) fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -104,6 +129,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/conn/count", get(handlers::conn_count))
         .route("/conn/stat", get(handlers::conn_stat))
         .route("/conn/reset", post(handlers::conn_reset))
+        .route("/cluster/drain", post(crate::cluster::http::drain))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::middleware,
@@ -163,6 +189,8 @@ mod tests {
             acks: Default::default(),
             replays: Default::default(),
             cluster: None,
+            elkeid_sd: None,
+            peer_mtls: false,
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();

@@ -59,6 +59,9 @@ pub(crate) async fn serve(
                 }
             },
         };
+        // Small answers, written as soon as they are ready (TLS session
+        // tickets and the response go out in separate writes).
+        let _ = tcp.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "http api: too many connections");
             continue;
@@ -73,7 +76,22 @@ pub(crate) async fn serve(
                 return;
             };
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => serve_conn(tls, router, peer).await,
+                Ok(Ok(tls)) => {
+                    // A client certificate is only ever present here when
+                    // it verified (the verifier refuses the handshake
+                    // otherwise); requests on this connection carry that.
+                    let router = if tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty())
+                    {
+                        router.layer(axum::Extension(super::ClientCert))
+                    } else {
+                        router
+                    };
+                    serve_conn(tls, router, peer).await
+                }
                 Ok(Err(error)) => {
                     metrics.tls_refused("http", false);
                     tracing::debug!(%peer, %error, "http api: TLS handshake failed");

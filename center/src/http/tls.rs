@@ -1,7 +1,9 @@
 //! HTTPS for the API (`http.tls = true`, the default), as Elkeid's
 //! `server.http.ssl.enable`: an Elkeid manager calls
 //! `https://<center>:<http port>/command/`. The server certificate is the
-//! gRPC one; no client certificate is asked for (requests are signed).
+//! gRPC one. A single center asks for no client certificate (requests are
+//! signed); a clustered one asks for an optional one, required (by
+//! `auth.rs`) on center-to-center calls.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,9 +14,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::tls::TlsError;
 
 /// rustls server config (ring, TLS 1.2/1.3, ALPN http/1.1) from PEM files.
+///
+/// With `client_ca` (a clustered center), a client certificate is asked
+/// for but optional: one that is presented must verify against that CA
+/// (else the handshake fails); API callers without one are served as
+/// before. Centers present theirs when forwarding (see `auth.rs`).
 pub(crate) fn server_config(
     cert: &Path,
     key: &Path,
+    client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let read = |k: &'static str, p: &Path| {
         std::fs::read(p).map_err(|source| TlsError::Read {
@@ -39,14 +47,31 @@ pub(crate) fn server_config(
             format!("no usable PEM private key: {e}"),
         )
     })?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| pem_err("grpc.cert_file", cert, e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key_der)
-    .map_err(|e| {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem_err("grpc.cert_file", cert, e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read("grpc.ca_file", ca)?) {
+                let c = c.map_err(|e| pem_err("grpc.ca_file", ca, format!("bad PEM: {e}")))?;
+                roots
+                    .add(c)
+                    .map_err(|e| pem_err("grpc.ca_file", ca, e.to_string()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| pem_err("grpc.ca_file", ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_single_cert(certs, key_der).map_err(|e| {
         pem_err(
             "grpc.key_file",
             key,

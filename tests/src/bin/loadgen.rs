@@ -14,6 +14,13 @@
 //! loadgen --data-dir /tmp/lg --grpc 127.0.0.1:6751 --http 127.0.0.1:6752 \
 //!     --center-pid $! --agents 1000 --packets-per-sec 1 --records-per-packet 10 --duration 30
 //! ```
+//!
+//! Several centers of one cluster (same PKI and API keys): repeat `--grpc`,
+//! `--http` and `--center-pid` (same order); agent `i` connects to the
+//! `i mod n`-th center; with `--cross-center` each command is posted to the
+//! NEXT center's API, which does not hold the agent and forwards it (the
+//! round trip then includes the etcd lookup and the center-to-center call).
+//! Records and RSS/CPU are summed over the centers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -44,18 +51,23 @@ struct Args {
     /// The center's data dir (reads `pki/` and `api-keys.toml`).
     #[arg(long)]
     data_dir: PathBuf,
-    /// Center gRPC address.
+    /// Center gRPC address (repeat for several centers).
+    #[arg(long, required = true)]
+    grpc: Vec<SocketAddr>,
+    /// Center HTTP API address (HTTPS, verified with `pki/ca.crt`; repeat,
+    /// in the order of --grpc).
+    #[arg(long, required = true)]
+    http: Vec<SocketAddr>,
+    /// Post each command to the API of the center after the agent's own
+    /// (needs as many --http as --grpc): cross-center round trips.
     #[arg(long)]
-    grpc: SocketAddr,
-    /// Center HTTP API address (HTTPS, verified with `pki/ca.crt`).
-    #[arg(long)]
-    http: SocketAddr,
+    cross_center: bool,
     /// The center's API is plain HTTP (`--http-tls false`).
     #[arg(long)]
     http_plain: bool,
-    /// Center pid, for RSS.
+    /// Center pid, for RSS and CPU (repeat for several centers; summed).
     #[arg(long)]
-    center_pid: Option<u32>,
+    center_pid: Vec<u32>,
     /// Simulated agents (one TLS connection each).
     #[arg(long, default_value_t = 100)]
     agents: usize,
@@ -136,12 +148,25 @@ fn self_rss_kib() -> Option<u64> {
     rss_kib(std::process::id())
 }
 
-async fn metric(addr: HttpTarget, name: &str) -> Option<f64> {
-    let r = http(addr, "GET", "/metrics", &[], b"").await;
-    let text = String::from_utf8(r.body).ok()?;
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+/// Sum of `f` over the center pids (`None` without pids or on a failure).
+fn sum_pids(pids: &[u32], f: fn(u32) -> Option<u64>) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| f(p)).sum()
+}
+
+async fn metric(addrs: Vec<HttpTarget>, name: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for addr in addrs {
+        let r = http(addr, "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8(r.body).ok()?;
+        total += text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())?;
+    }
+    Some(total)
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -179,12 +204,15 @@ fn sample_record(i: usize) -> elkeid_proto::grpc::EncodedRecord {
     )
 }
 
-fn api_target(args: &Args) -> HttpTarget {
+fn api_targets(args: &Args) -> Vec<HttpTarget> {
     if args.http_plain {
-        return HttpTarget::from(args.http);
+        return args.http.iter().map(|&a| HttpTarget::from(a)).collect();
     }
     let ca = std::fs::read(args.data_dir.join("pki/ca.crt")).expect("read pki/ca.crt");
-    HttpTarget::https(args.http, &ca)
+    args.http
+        .iter()
+        .map(|&a| HttpTarget::https(a, &ca))
+        .collect()
 }
 
 async fn run(args: Args) {
@@ -215,11 +243,17 @@ async fn run(args: Args) {
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let connect_gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let records: Vec<_> = (0..args.records_per_packet).map(sample_record).collect();
-    let rss_before = args.center_pid.and_then(rss_kib);
+    let rss_before = sum_pids(&args.center_pid, rss_kib);
+    if args.cross_center {
+        assert!(
+            args.grpc.len() > 1 && args.http.len() == args.grpc.len(),
+            "--cross-center needs as many --http as --grpc, at least 2"
+        );
+    }
     let lg_rss_before = self_rss_kib();
 
     eprintln!(
-        "loadgen: connecting {} agents to {}",
+        "loadgen: connecting {} agents to {:?}",
         args.agents, args.grpc
     );
     let t0 = Instant::now();
@@ -230,7 +264,7 @@ async fn run(args: Args) {
         let body = Bytes::from(packet(&id, records.clone()).encode_to_vec());
         let ctx = AgentCtx {
             id,
-            url: format!("https://{}", args.grpc),
+            url: format!("https://{}", args.grpc[i % args.grpc.len()]),
             tls: tls.clone(),
             identity: args.identity,
             first,
@@ -261,24 +295,25 @@ async fn run(args: Args) {
     );
     // Let the first heartbeats settle, then measure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let listed = {
+    let mut listed = Some(0u64);
+    for t in api_targets(&args) {
         let h = signed_headers(&ak, &sk, "GET", "/conn/count", b"", unix_now());
-        http(api_target(&args), "GET", "/conn/count", &h, b"")
-            .await
-            .json()["data"]
-            .as_u64()
-    };
-    let rec0 = metric(api_target(&args), "elkeid_center_records_received_total").await;
+        let n = http(t, "GET", "/conn/count", &h, b"").await.json()["data"].as_u64();
+        listed = listed.zip(n).map(|(a, b)| a + b);
+    }
+    let rec0 = metric(api_targets(&args), "elkeid_center_records_received_total").await;
     let sent0 = stats.records.load(Ordering::Relaxed);
-    let cpu0 = args.center_pid.and_then(cpu_ticks);
+    let cpu0 = sum_pids(&args.center_pid, cpu_ticks);
     let lg_cpu0 = cpu_ticks(std::process::id());
     let w0 = Instant::now();
-    let mut rss_max = args.center_pid.and_then(rss_kib).unwrap_or(0);
+    let mut rss_max = sum_pids(&args.center_pid, rss_kib).unwrap_or(0);
 
     // Commands at a fixed rate to random agents.
     let cmd_task = {
         let stats = stats.clone();
-        let (ak, sk, http_addr) = (ak.clone(), sk.clone(), api_target(&args));
+        let (ak, sk, targets) = (ak.clone(), sk.clone(), api_targets(&args));
+        let centers = args.grpc.len();
+        let cross = args.cross_center;
         let n = args.agents;
         let rate = args.commands_per_sec;
         let dur = Duration::from_secs(args.duration);
@@ -295,7 +330,12 @@ async fn run(args: Args) {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                let target = format!("lg-{:06}", rng % n as u64);
+                let k = (rng % n as u64) as usize;
+                let target = format!("lg-{k:06}");
+                // The agent is on center k mod centers; cross-center: post to the next one.
+                let home = k % centers;
+                let api = if cross { (home + 1) % centers } else { home };
+                let http_addr = targets[api % targets.len()].clone();
                 seq += 1;
                 let token = format!("rtt-{seq}");
                 let body = serde_json::to_vec(&serde_json::json!({
@@ -304,7 +344,7 @@ async fn run(args: Args) {
                 }))
                 .unwrap();
                 let stats = stats.clone();
-                let (ak, sk, http_addr) = (ak.clone(), sk.clone(), http_addr.clone());
+                let (ak, sk) = (ak.clone(), sk.clone());
                 tokio::spawn(async move {
                     let h = signed_headers(&ak, &sk, "POST", "/command/", &body, unix_now());
                     stats
@@ -336,22 +376,22 @@ async fn run(args: Args) {
 
     while w0.elapsed() < Duration::from_secs(args.duration) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some(r) = args.center_pid.and_then(rss_kib) {
+        if let Some(r) = sum_pids(&args.center_pid, rss_kib) {
             rss_max = rss_max.max(r);
         }
     }
     let _ = cmd_task.await;
     let window = w0.elapsed().as_secs_f64();
-    let rec1 = metric(api_target(&args), "elkeid_center_records_received_total").await;
+    let rec1 = metric(api_targets(&args), "elkeid_center_records_received_total").await;
     let sent1 = stats.records.load(Ordering::Relaxed);
     let cpu_pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => ((b - a) as f64 / window).round(), // ticks/s at 100 Hz = % of one core
         _ => f64::NAN,
     };
-    let center_cpu = cpu_pct(cpu0, args.center_pid.and_then(cpu_ticks));
+    let center_cpu = cpu_pct(cpu0, sum_pids(&args.center_pid, cpu_ticks));
     let lg_cpu = cpu_pct(lg_cpu0, cpu_ticks(std::process::id()));
     tokio::time::sleep(Duration::from_secs(2)).await; // late command replies
-    let rss_end = args.center_pid.and_then(rss_kib);
+    let rss_end = sum_pids(&args.center_pid, rss_kib);
     let lg_rss = self_rss_kib();
     stopping.store(true, Ordering::Relaxed);
     stop.notify_waiters();
@@ -367,6 +407,8 @@ async fn run(args: Args) {
     };
     let report = serde_json::json!({
         "agents": args.agents,
+        "centers": args.grpc.len(),
+        "commands_cross_center": args.cross_center,
         "accepted_connections": connected,
         "failed_connections": stats.failed.load(Ordering::Relaxed),
         "listed_by_center": listed,
