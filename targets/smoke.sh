@@ -10,6 +10,8 @@
 #    and the example plugin (tests/src/bin/elkeid-example-plugin.rs);
 #    SMOKE_PROFILE=release-small uses the shipped profile for the agent
 #    (default: dev, which shares its build with targets/qemu-test.sh);
+#    SMOKE_AGENT=<path> runs that agent binary instead (e.g. the shipped
+#    target/ship/<target>/elkeid-agent from targets/build.sh);
 # 2. packs the plugin as example-1.0.0.tar.gz, served by a local HTTP server
 #    on 127.0.0.1, and lists it in the center's components file;
 # 3. starts the center (generated dev PKI, NDJSON sink) and the agent under
@@ -51,13 +53,14 @@ log "building elkeid-center (host) and elkeid-agent + elkeid-example-plugin ($t,
 # SMOKE_CENTER=<path>: use that host center binary instead of building one.
 [ -n "${SMOKE_CENTER:-}" ] || cargo build -q -p elkeid-center --bin elkeid-center
 cargo_env "$t"
-env "${CARGO_ENV[@]}" cargo build -q --profile "$profile" -p elkeid-agent --bin elkeid-agent --target "$t" "${CARGO_EXTRA[@]}"
+[ -n "${SMOKE_AGENT:-}" ] ||
+    env "${CARGO_ENV[@]}" cargo build -q --profile "$profile" -p elkeid-agent --bin elkeid-agent --target "$t" "${CARGO_EXTRA[@]}"
 env "${CARGO_ENV[@]}" cargo build -q -p elkeid-tests --bin elkeid-example-plugin --target "$t" "${CARGO_EXTRA[@]}"
 pdir=$profile
 [ "$profile" = dev ] && pdir=debug
 tdir=${CARGO_TARGET_DIR:-target}
 center=${SMOKE_CENTER:-$tdir/debug/elkeid-center}
-agent=$tdir/$t/$pdir/elkeid-agent
+agent=${SMOKE_AGENT:-$tdir/$t/$pdir/elkeid-agent}
 plugin=$tdir/$t/debug/elkeid-example-plugin
 check_static "$agent"
 check_static "$plugin"
