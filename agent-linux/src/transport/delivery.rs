@@ -203,14 +203,19 @@ impl Delivery {
     }
 
     /// The next packet to (re)send on this connection.
-    pub(crate) fn next_to_send(&self) -> Option<Bytes> {
-        self.window.borrow().next_to_send().map(|(_, p)| p.clone())
+    pub(crate) fn next_to_send(&self) -> Option<(PacketId, Bytes)> {
+        self.window
+            .borrow()
+            .next_to_send()
+            .map(|(id, p)| (id, p.clone()))
     }
 
-    /// The packet from [`Delivery::next_to_send`] went out.
-    pub(crate) fn sent(&self) {
+    /// The packet `id` from [`Delivery::next_to_send`] went out (an
+    /// acknowledgement that arrived meanwhile may have released it: see
+    /// `AckWindow::sent`).
+    pub(crate) fn sent(&self, id: PacketId) {
         let now = self.now();
-        let _ = self.window.borrow_mut().sent(now);
+        let _ = self.window.borrow_mut().sent(id, now);
     }
 
     /// Whether a new packet of up to `len` bytes can be taken from the ring
@@ -430,9 +435,9 @@ mod tests {
             let id = d.next_id();
             d.push(Bytes::from(format!("p{}", id.seq))).unwrap();
         }
-        while let Some(p) = d.next_to_send() {
+        while let Some((id, p)) = d.next_to_send() {
             sent.push(p);
-            d.sent();
+            d.sent(id);
         }
         let epoch = d.next_id().epoch;
         let cmd = Command {
@@ -450,9 +455,9 @@ mod tests {
         d.rewind();
         assert_eq!(d.refill_from_spool(), 3);
         let mut again = Vec::new();
-        while let Some(p) = d.next_to_send() {
+        while let Some((id, p)) = d.next_to_send() {
             again.push(p);
-            d.sent();
+            d.sent(id);
         }
         assert_eq!(again, ["p4", "p5", "p6"]);
         assert_eq!(d.next_id().seq, 7);
