@@ -83,6 +83,22 @@ pub fn decode_packet_id(msg: &[u8]) -> Result<Option<PacketId>, DecodeError> {
     Ok((id.epoch != 0).then_some(id))
 }
 
+/// Records (`PackagedData` field 1) in a complete encoded packet: what a
+/// packet dropped from a full spool held (the drop is counted in records).
+pub fn packet_records(msg: &[u8]) -> Result<usize, DecodeError> {
+    let mut pos = 0;
+    let mut n = 0;
+    while pos < msg.len() {
+        let ((field, wt), k) = pb::decode_key(&msg[pos..]).map_err(pb::complete)?;
+        pos += k;
+        if field == 1 && wt == WireType::Len {
+            n += 1;
+        }
+        pos += pb::skip_field(field, wt, &msg[pos..]).map_err(pb::complete)?;
+    }
+    Ok(n)
+}
+
 /// Whether the center on the current connection acknowledges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -396,6 +412,15 @@ mod tests {
         assert_eq!(decode_packet_id(&[0x12, 0x01, b'a']), Ok(None));
         assert!(decode_packet_id(&out[..n - 1]).is_err());
         assert!(encode_packet_id(id, &mut out[..3]).is_err());
+        // two records (field 1), agent_id, then the identity
+        let pkt = [
+            &[0x0a, 0x02, 0x08, 0x01, 0x0a, 0x00, 0x12, 0x01, b'a'][..],
+            &out[..n],
+        ]
+        .concat();
+        assert_eq!(packet_records(&pkt), Ok(2));
+        assert_eq!(packet_records(&[]), Ok(0));
+        assert!(packet_records(&pkt[..3]).is_err());
     }
 
     #[test]
