@@ -275,10 +275,15 @@ async fn record_identity_travels_as_kafka_headers() {
         assert_eq!(m.headers.len(), 3, "{:?}", m.headers);
         assert_eq!(h("elkeid-agent-epoch"), EPOCH);
         let (seq, idx) = (h("elkeid-agent-seq"), h("elkeid-record-idx"));
-        // the value is the record, unchanged, with no identity inside
-        let want = &recs(seq, 3)[usize::try_from(idx).unwrap()];
-        assert_eq!(m.value.body, want.data, "MQData body unchanged");
+        // the value is the record, unchanged (its Payload names the same
+        // packet and index as the headers), with no identity inside
+        let body = <elkeid_proto::grpc::Payload as prost::Message>::decode(&m.value.body[..])
+            .expect("MQData body is the record's Payload");
+        assert_eq!(body.fields.len(), 2, "{body:?}");
+        assert_eq!(body.fields["seq"], seq.to_string());
+        assert_eq!(body.fields["i"], idx.to_string());
         assert_eq!(m.value.data_type, 4242);
+        assert_eq!(m.value.agent_time, now);
         ids.push((seq, idx));
     }
     ids.sort_unstable();
