@@ -249,6 +249,7 @@ level|option log_level 'verbose'|log_level
 ring-small|option ring_bytes '4096'|ring_bytes
 log-huge|option log_max_bytes '99999999999999999999'|log_max_bytes
 heartbeat|option heartbeat_secs '-1'|heartbeat_secs
+spool-full|option spool_full 'drop-newest'|spool_full
 no-server|#|no 'server'
 EOF
 

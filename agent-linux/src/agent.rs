@@ -64,6 +64,7 @@ impl Agent {
             cfg.failover,
             &cfg.spool_dir(),
             cfg.spool_max_bytes,
+            cfg.spool_full,
         ));
         let stop = Rc::new(StopSignal::new());
         let heartbeat = Rc::new(Heartbeat::new(

@@ -53,6 +53,9 @@ Usage: elkeid-agent [OPTIONS]
                          else the previous one is restored (default 120)
   --update-max-starts N  starts of a self-updated binary before it has connected
                          and stayed up; one more rolls it back (default 3)
+  --spool-full POLICY    when the spool is full: block (back-pressure on the plugins)
+                         or drop-oldest (oldest spooled packets dropped, counted)
+                         (default block)
   --foreground           also log to stderr
   --empty-config-removes-all[=true|false]
                          an empty plugin config list removes every plugin
@@ -180,6 +183,41 @@ impl LogLevel {
     }
 }
 
+/// What happens when the disk spool is full and no center takes data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpoolFull {
+    /// Nothing more is spooled: the ring fills and plugins block (no loss).
+    #[default]
+    Block,
+    /// The oldest spooled packets are dropped to make room (a segment at a
+    /// time), counted in the heartbeat (`spool_dropped_packets`,
+    /// `spool_dropped_records`) and in `status.json`.
+    DropOldest,
+}
+
+impl SpoolFull {
+    fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "block" => SpoolFull::Block,
+            "drop-oldest" | "drop_oldest" => SpoolFull::DropOldest,
+            _ => {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{s:?} is not block or drop-oldest"),
+                ));
+            }
+        })
+    }
+
+    /// The value as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpoolFull::Block => "block",
+            SpoolFull::DropOldest => "drop-oldest",
+        }
+    }
+}
+
 /// The whole agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -229,6 +267,8 @@ pub struct Config {
     pub spool_dir: Option<PathBuf>,
     /// Disk spool byte cap; 0 disables the spool.
     pub spool_max_bytes: u64,
+    /// Policy when the spool is full.
+    pub spool_full: SpoolFull,
     /// An empty plugin config list stops and deletes every plugin (Elkeid's
     /// behaviour); off: an empty list keeps the running plugins.
     pub empty_config_removes_all: bool,
@@ -281,6 +321,7 @@ impl Config {
             unacked_bytes: 16 * 1024 * 1024,
             spool_dir: None,
             spool_max_bytes: 256 * 1024 * 1024,
+            spool_full: SpoolFull::Block,
             empty_config_removes_all: false,
             update_rollback: Duration::from_secs(120),
             update_max_starts: 3,
@@ -325,6 +366,7 @@ struct FileConfig {
     unacked_bytes: Option<i64>,
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<i64>,
+    spool_full: Option<String>,
     empty_config_removes_all: Option<bool>,
     update_rollback_secs: Option<i64>,
     update_max_starts: Option<i64>,
@@ -441,6 +483,9 @@ fn apply_file(cfg: &mut Config, f: FileConfig) -> Result<(), ConfigError> {
     if let Some(v) = f.spool_max_bytes {
         cfg.spool_max_bytes = range("spool_max_bytes", v, 0, MAX_SPOOL)? as u64;
     }
+    if let Some(v) = f.spool_full {
+        cfg.spool_full = SpoolFull::parse("spool_full", &v)?;
+    }
     if let Some(v) = f.empty_config_removes_all {
         cfg.empty_config_removes_all = v;
     }
@@ -524,7 +569,8 @@ where
             | "--spool-dir"
             | "--spool-max-bytes"
             | "--update-rollback-secs"
-            | "--update-max-starts" => {
+            | "--update-max-starts"
+            | "--spool-full" => {
                 let v = match inline {
                     Some(v) => v,
                     None => it
@@ -625,6 +671,7 @@ where
             }
             "--update-max-starts" => cfg.update_max_starts = parse_num(key, &v, 1, 100)? as u32,
             "--spool-max-bytes" => cfg.spool_max_bytes = parse_num(key, &v, 0, MAX_SPOOL)? as u64,
+            "--spool-full" => cfg.spool_full = SpoolFull::parse(key, &v)?,
             _ => {} // --config / --work-dir already applied
         }
     }
@@ -837,6 +884,35 @@ private = ["10.1.0.1:6751"]
         std::fs::write(&f, "empty_config_removes_all = \"yes\"\n").unwrap();
         let e = run(&["--config", file], &[]).unwrap_err().to_string();
         assert!(e.contains("empty_config_removes_all"), "{e}");
+    }
+
+    #[test]
+    fn spool_full_policy_from_file_and_flag() {
+        assert_eq!(run(&[], &[]).unwrap().spool_full, SpoolFull::Block);
+        assert_eq!(
+            run(&["--spool-full", "drop-oldest"], &[])
+                .unwrap()
+                .spool_full,
+            SpoolFull::DropOldest
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("a.toml");
+        std::fs::write(&f, "spool_full = \"drop-oldest\"\n").unwrap();
+        let file = f.to_str().unwrap();
+        assert_eq!(
+            run(&["--config", file], &[]).unwrap().spool_full,
+            SpoolFull::DropOldest
+        );
+        assert_eq!(
+            run(&["--config", file, "--spool-full=block"], &[])
+                .unwrap()
+                .spool_full,
+            SpoolFull::Block
+        );
+        let e = run(&["--spool-full", "drop-newest"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("spool-full"), "{e}");
     }
 
     #[test]

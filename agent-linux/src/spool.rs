@@ -164,6 +164,11 @@ impl Spool {
         self.stats().bytes + codec::entry_len(len) as u64 + codec::MAGIC.len() as u64 <= self.cap
     }
 
+    /// Whether a packet of `len` bytes would fit in an empty spool.
+    pub(crate) fn fits_alone(&self, len: usize) -> bool {
+        codec::entry_len(len) as u64 + codec::MAGIC.len() as u64 <= self.cap
+    }
+
     fn check_room(&self, len: usize) -> Result<(), SpoolIoError> {
         if self.has_room(len) {
             Ok(())

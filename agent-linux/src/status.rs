@@ -59,6 +59,24 @@ pub struct Status {
     pub ring: Ring,
     /// `state_detail` of the heartbeat (empty = healthy).
     pub abnormal: Vec<String>,
+    /// The disk spool (absent in files of older agents).
+    #[serde(default)]
+    pub spool: SpoolStatus,
+}
+
+/// The disk spool and its full policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SpoolStatus {
+    /// Packets waiting.
+    pub entries: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// `block` or `drop-oldest`.
+    pub full_policy: String,
+    /// Packets dropped from the full spool (drop-oldest) since start.
+    pub dropped_packets: u64,
+    /// Records in them.
+    pub dropped_records: u64,
 }
 
 /// The connection to the center.
@@ -203,6 +221,16 @@ fn snapshot(agent: &Agent, started_at: i64, state: &str) -> Status {
             drops: agent.buffer.drops(),
         },
         abnormal,
+        spool: {
+            let d = agent.delivery.stats();
+            SpoolStatus {
+                entries: d.spool.entries,
+                bytes: d.spool.bytes,
+                full_policy: d.spool_full.to_string(),
+                dropped_packets: d.spool_dropped_packets,
+                dropped_records: d.spool_dropped_records,
+            }
+        },
     }
 }
 
@@ -421,6 +449,13 @@ pub fn render(s: &Status, live: Liveness, errors: &[String], now: i64) -> String
         pct(s.ring.bytes, s.ring.capacity_bytes),
         s.ring.drops
     ));
+    let sp = &s.spool;
+    if sp.entries > 0 || sp.dropped_packets > 0 {
+        o.push_str(&format!(
+            "  spool       {} packets, {} bytes; full: {}, {} packets ({} records) dropped\n",
+            sp.entries, sp.bytes, sp.full_policy, sp.dropped_packets, sp.dropped_records
+        ));
+    }
     if s.plugins.is_empty() {
         o.push_str("  plugins     none\n");
     } else {
@@ -565,7 +600,30 @@ mod tests {
                 drops: 3,
             },
             abnormal: vec!["plugin collector exited with code 3 unexpectedly".into()],
+            spool: SpoolStatus::default(),
         }
+    }
+
+    #[test]
+    fn spool_drops_are_shown_and_old_files_still_parse() {
+        let mut s = sample();
+        s.spool = SpoolStatus {
+            entries: 3,
+            bytes: 4096,
+            full_policy: "drop-oldest".into(),
+            dropped_packets: 2,
+            dropped_records: 40,
+        };
+        let text = render(&s, Liveness::Running, &[], s.updated_at);
+        assert!(
+            text.contains("spool       3 packets, 4096 bytes; full: drop-oldest, 2 packets (40 records) dropped"),
+            "{text}"
+        );
+        // a status.json of an agent without the spool field
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v.as_object_mut().unwrap().remove("spool");
+        let old: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(old.spool, SpoolStatus::default());
     }
 
     #[test]

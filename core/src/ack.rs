@@ -83,6 +83,22 @@ pub fn decode_packet_id(msg: &[u8]) -> Result<Option<PacketId>, DecodeError> {
     Ok((id.epoch != 0).then_some(id))
 }
 
+/// Records (`PackagedData` field 1) in a complete encoded packet: what a
+/// packet dropped from a full spool held (the drop is counted in records).
+pub fn packet_records(msg: &[u8]) -> Result<usize, DecodeError> {
+    let mut pos = 0;
+    let mut n = 0;
+    while pos < msg.len() {
+        let ((field, wt), k) = pb::decode_key(&msg[pos..]).map_err(pb::complete)?;
+        pos += k;
+        if field == 1 && wt == WireType::Len {
+            n += 1;
+        }
+        pos += pb::skip_field(field, wt, &msg[pos..]).map_err(pb::complete)?;
+    }
+    Ok(n)
+}
+
 /// Whether the center on the current connection acknowledges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -228,11 +244,20 @@ mod window {
             self.entries.get(self.cursor).map(|e| (e.id, &e.packet))
         }
 
-        /// The packet from [`AckWindow::next_to_send`] was handed to the
-        /// connection at `now_ms`. Against a non-acking center it leaves the
-        /// window at once (returned, so the caller can count it).
-        pub fn sent(&mut self, now_ms: u64) -> Option<P> {
-            if self.cursor >= self.entries.len() {
+        /// The packet `id` from [`AckWindow::next_to_send`] was handed to
+        /// the connection at `now_ms`. Against a non-acking center it leaves
+        /// the window at once (returned, so the caller can count it).
+        ///
+        /// Handing a packet over takes time (the caller awaits the
+        /// connection), and an acknowledgement may arrive meanwhile. When it
+        /// released `id` (and perhaps packets never sent on this connection:
+        /// a center's first ack after a reconnect reports what an earlier
+        /// connection delivered), the send position already points past the
+        /// released prefix and must not move: advancing it would mark the
+        /// next, unsent packet as sent and a later cumulative ack would
+        /// release it without the center ever having it.
+        pub fn sent(&mut self, id: PacketId, now_ms: u64) -> Option<P> {
+            if self.entries.get(self.cursor).is_none_or(|e| e.id != id) {
                 return None;
             }
             if self.first_sent_ms.is_none() {
@@ -387,6 +412,15 @@ mod tests {
         assert_eq!(decode_packet_id(&[0x12, 0x01, b'a']), Ok(None));
         assert!(decode_packet_id(&out[..n - 1]).is_err());
         assert!(encode_packet_id(id, &mut out[..3]).is_err());
+        // two records (field 1), agent_id, then the identity
+        let pkt = [
+            &[0x0a, 0x02, 0x08, 0x01, 0x0a, 0x00, 0x12, 0x01, b'a'][..],
+            &out[..n],
+        ]
+        .concat();
+        assert_eq!(packet_records(&pkt), Ok(2));
+        assert_eq!(packet_records(&[]), Ok(0));
+        assert!(packet_records(&pkt[..3]).is_err());
     }
 
     #[test]
@@ -396,11 +430,9 @@ mod tests {
             assert_eq!(w.push(10, i).unwrap().seq, u64::from(i) + 1);
         }
         for _ in 0..3 {
-            assert_eq!(
-                w.next_to_send().map(|(_, p)| *p),
-                Some(w.in_flight() as u32)
-            );
-            assert_eq!(w.sent(0), None);
+            let (id, p) = w.next_to_send().unwrap();
+            assert_eq!(*p, w.in_flight() as u32);
+            assert_eq!(w.sent(id, 0), None);
         }
         assert_eq!(w.ack(PacketId { epoch: 9, seq: 2 }, 1), 2);
         assert_eq!(w.mode(), Mode::Acking);
@@ -411,12 +443,48 @@ mod tests {
         w.rewind();
         assert_eq!(w.resent(), 1);
         let order: Vec<u32> = core::iter::from_fn(|| {
-            let p = w.next_to_send().map(|(_, p)| *p);
-            w.sent(2);
-            p
+            let (id, p) = w.next_to_send().map(|(id, p)| (id, *p))?;
+            w.sent(id, 2);
+            Some(p)
         })
         .collect();
         assert_eq!(order, [2, 3, 4]);
+    }
+
+    /// The bug behind lost packets after a center restart: a packet was
+    /// being handed to the connection when the center's first ack (what an
+    /// earlier connection delivered) released it and packets never sent on
+    /// this connection. Finishing that send must not mark the next, unsent
+    /// packet as sent.
+    #[test]
+    fn ack_during_a_send_does_not_skip_the_next_packet() {
+        let mut w: AckWindow<u32> = AckWindow::new(9, 1000, T);
+        for i in 1..=6 {
+            w.push(10, i).unwrap();
+        }
+        // packets 1 and 2 go out; 3 is being handed over
+        for _ in 0..2 {
+            let (id, _) = w.next_to_send().unwrap();
+            w.sent(id, 0);
+        }
+        let (in_flight, p) = w.next_to_send().map(|(id, p)| (id, *p)).unwrap();
+        assert_eq!(p, 3);
+        // meanwhile: the center already has 1..=4 (from before a restart)
+        assert_eq!(w.ack(PacketId { epoch: 9, seq: 4 }, 1), 4);
+        assert_eq!(w.in_flight(), 0);
+        assert_eq!(w.sent(in_flight, 2), None);
+        // 5 is next, not skipped
+        assert_eq!(w.next_to_send().map(|(id, p)| (id.seq, *p)), Some((5, 5)));
+        assert_eq!(w.in_flight(), 0);
+        // an ack that releases only packets already sent keeps the one
+        // being handed over in place
+        let (id5, _) = w.next_to_send().unwrap();
+        w.sent(id5, 3);
+        let (id6, _) = w.next_to_send().unwrap();
+        assert_eq!(w.ack(PacketId { epoch: 9, seq: 5 }, 4), 1);
+        w.sent(id6, 5);
+        assert_eq!(w.in_flight(), 1);
+        assert!(w.next_to_send().is_none());
     }
 
     #[test]
@@ -436,13 +504,15 @@ mod tests {
         let mut w: AckWindow<u8> = AckWindow::new(1, 1000, T);
         w.push(1, 1).unwrap();
         w.push(1, 2).unwrap();
-        w.sent(100);
+        let (id, _) = w.next_to_send().unwrap();
+        w.sent(id, 100);
         assert_eq!(w.poll(5_099), 0);
         assert_eq!(w.mode(), Mode::Unknown);
         assert_eq!(w.poll(5_100), 1);
         assert_eq!(w.mode(), Mode::NonAcking);
         // from now on a sent packet leaves at once
-        assert_eq!(w.sent(5_200), Some(2));
+        let (id, _) = w.next_to_send().unwrap();
+        assert_eq!(w.sent(id, 5_200), Some(2));
         assert!(w.is_empty());
         // a new connection detects again
         w.rewind();
@@ -453,11 +523,13 @@ mod tests {
     fn stall_detection() {
         let mut w: AckWindow<u8> = AckWindow::new(1, 1000, T);
         w.push(1, 1).unwrap();
-        w.sent(0);
+        let (id, _) = w.next_to_send().unwrap();
+        w.sent(id, 0);
         w.ack(PacketId { epoch: 1, seq: 1 }, 10);
         assert!(!w.stalled(100_000), "nothing pending");
         w.push(1, 2).unwrap();
-        w.sent(50_000);
+        let (id, _) = w.next_to_send().unwrap();
+        w.sent(id, 50_000);
         assert!(!w.stalled(59_999));
         assert!(w.stalled(60_000));
         w.ack(PacketId { epoch: 1, seq: 2 }, 60_001);
@@ -465,14 +537,19 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Model: whatever the interleaving of pushes, sends, acks and
-        /// rewinds, released packets are exactly an in-order prefix, and
-        /// every unreleased packet is sent again after a rewind.
+        /// Model: whatever the interleaving of pushes, sends (handing a
+        /// packet over is split in two, so acks can arrive in between),
+        /// cumulative acks of what the center has and reconnects: a packet
+        /// is released only once the center has it, released packets are
+        /// an in-order prefix, and every unreleased packet is sent again
+        /// after a rewind.
         #[test]
-        fn model(ops in proptest::collection::vec((0u8..4, 0u64..8), 0..200)) {
+        fn model(ops in proptest::collection::vec((0u8..5, 0usize..8), 0..300)) {
             let mut w: AckWindow<u64> = AckWindow::new(3, 64, T);
             let mut held: std::collections::VecDeque<u64> = Default::default();
-            let mut sent_max = 0u64;
+            // what the center stored (over all connections)
+            let mut center: std::collections::BTreeSet<u64> = Default::default();
+            let mut handing: Option<PacketId> = None;
             for (op, arg) in ops {
                 match op {
                     0 => {
@@ -480,19 +557,35 @@ mod tests {
                         if w.push(8, seq).is_ok() { held.push_back(seq); }
                     }
                     1 => {
-                        if let Some((id, p)) = w.next_to_send() {
+                        if handing.is_none()
+                            && let Some((id, p)) = w.next_to_send()
+                        {
                             proptest::prop_assert_eq!(id.seq, *p);
-                            sent_max = sent_max.max(id.seq);
-                            w.sent(0);
+                            handing = Some(id);
                         }
                     }
                     2 => {
-                        // the center acks only what it got
-                        let upto = held.front().map_or(0, |f| f + arg).min(sent_max);
-                        let n = w.ack(PacketId { epoch: 3, seq: upto }, 0);
-                        for _ in 0..n { held.pop_front(); }
+                        if let Some(id) = handing.take() {
+                            center.insert(id.seq);
+                            w.sent(id, 0);
+                        }
                     }
-                    _ => w.rewind(),
+                    3 => {
+                        // a cumulative ack of the center's highest seq,
+                        // possibly lagging
+                        if let Some(&upto) = center.iter().rev().nth(arg) {
+                            let n = w.ack(PacketId { epoch: 3, seq: upto }, 0);
+                            for _ in 0..n {
+                                let seq = held.pop_front().unwrap_or(0);
+                                proptest::prop_assert!(center.contains(&seq), "{} released unsent", seq);
+                            }
+                        }
+                    }
+                    _ => {
+                        // reconnect: a packet being handed over is lost
+                        handing = None;
+                        w.rewind();
+                    }
                 }
                 proptest::prop_assert_eq!(w.len(), held.len());
                 proptest::prop_assert_eq!(w.bytes(), held.len() * 8);
@@ -500,7 +593,7 @@ mod tests {
             }
             w.rewind();
             let mut again = Vec::new();
-            while let Some((_, p)) = w.next_to_send() { again.push(*p); w.sent(0); }
+            while let Some((id, p)) = w.next_to_send() { again.push(*p); w.sent(id, 0); }
             proptest::prop_assert_eq!(again, held.into_iter().collect::<Vec<_>>());
         }
     }

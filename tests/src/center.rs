@@ -644,6 +644,28 @@ pub fn kafka_broker() -> String {
 /// Every message of `topic` (all partitions, offset order per partition):
 /// `(partition, key, decoded MQData)`.
 pub async fn kafka_read(broker: &str, topic: &str) -> Vec<(i32, Vec<u8>, MqData)> {
+    kafka_read_with_headers(broker, topic)
+        .await
+        .into_iter()
+        .map(|m| (m.partition, m.key, m.value))
+        .collect()
+}
+
+/// One message read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaMessage {
+    /// Partition it was read from.
+    pub partition: i32,
+    /// The record key.
+    pub key: Vec<u8>,
+    /// The record headers.
+    pub headers: std::collections::BTreeMap<String, Vec<u8>>,
+    /// The decoded value.
+    pub value: MqData,
+}
+
+/// [`kafka_read`] with each record's headers.
+pub async fn kafka_read_with_headers(broker: &str, topic: &str) -> Vec<KafkaMessage> {
     use rskafka::client::ClientBuilder;
     use rskafka::client::partition::{OffsetAt, UnknownTopicHandling};
     let client = ClientBuilder::new(vec![broker.to_string()])
@@ -686,7 +708,12 @@ pub async fn kafka_read(broker: &str, topic: &str) -> Vec<(i32, Vec<u8>, MqData)
                 offset = r.offset + 1;
                 let value = r.record.value.expect("message value");
                 let m = MqData::decode(value.as_slice()).expect("value is MQData");
-                out.push((p, r.record.key.unwrap_or_default(), m));
+                out.push(KafkaMessage {
+                    partition: p,
+                    key: r.record.key.unwrap_or_default(),
+                    headers: r.record.headers,
+                    value: m,
+                });
             }
         }
     }

@@ -89,10 +89,11 @@ fn signal(pid: u32, sig: &str) {
     assert!(st.success());
 }
 
+/// Regression: each restart used to lose one packet. The restarted
+/// center's first ack (what it already had) released packets while one was
+/// being handed to the connection; finishing that send then marked the next,
+/// never-sent packet as sent, and the next cumulative ack released it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, open: after each center kill -9 the first packet not yet durable (the \
-            oldest of the agent's unacknowledged window or spool) goes missing (1920 of 120000 \
-            records per kill in the last run); run with --ignored"]
 async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
     const N: u64 = 120_000;
     let tmp = tempfile::tempdir().unwrap();
@@ -105,14 +106,27 @@ async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
     wait_connected(&center, &id, Duration::from_secs(60)).await;
     start_flood(&center, &id, &files, N).await;
 
+    // the flood's rate, measured on the center's disk from the config push
+    // (round 1) or the restart (round 2) to the poll that saw the kill
+    // point: a lower bound (plugin start-up, reconnect and the 300 ms poll
+    // are included)
+    let (mut t0, mut n0) = (Instant::now(), 0);
     for (round, at) in [(1, N as usize / 5), (2, N as usize / 2)] {
         poll(Duration::from_secs(240), || {
             (flood_lines(&cdir) >= at).then_some(())
         })
         .unwrap_or_else(|| panic!("round {round}: flood progressed to {at}"));
+        let n1 = flood_lines(&cdir);
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "round {round}: {} records stored in {secs:.2} s before the kill: at least {:.0} records/s",
+            n1 - n0,
+            (n1 - n0) as f64 / secs
+        );
         drop(center); // SIGKILL mid-flood
         std::thread::sleep(Duration::from_secs(2));
         center = Center::start_at(&cdir, &grpc, &[]);
+        (t0, n0) = (Instant::now(), flood_lines(&cdir));
     }
     poll(Duration::from_secs(300), || has_marker(&cdir).then_some(()))
         .expect("end marker delivered");
@@ -359,5 +373,121 @@ async fn center_outage_spools_keeps_the_plugin_running_and_survives_agent_restar
     let distinct: HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
     assert_eq!(distinct.len() as u64, N, "0 lost");
     assert_eq!(got.len() as u64, N, "0 duplicates");
+    drop(agent);
+}
+
+/// The issue's outage figure: the center is down for 60 s while a plugin
+/// floods 50 000 records/s; the spool has room, so the agent keeps reading
+/// the plugin (its achieved rate stays >= 90 % of the offered rate: it never
+/// blocked) and, once the center is back, every record arrives exactly once.
+/// The center runs the null sink and counts received records per data_type
+/// (re-sends it already had are dropped before that count), so 2.5 million
+/// records need no NDJSON files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn center_down_60_s_while_a_plugin_floods_50k_per_s_into_the_spool() {
+    const RATE: u64 = 50_000;
+    const N: u64 = RATE * 50;
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let tmp = tempfile::tempdir().unwrap();
+    let cdir = tmp.path().join("center");
+    let args = ["--sink", "null"];
+    let center = Center::start(&cdir, &args);
+    let grpc = center.grpc.to_string();
+    let files = FileServer::start();
+    let agent = Agent::start(&center, &tmp.path().join("agent"), "ack-outage", None, &[]);
+    let id = agent.id.clone();
+    wait_connected(&center, &id, Duration::from_secs(60)).await;
+    let report = tmp.path().join("flood-report.json");
+    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
+    let url = files.put("/flood", flood.clone());
+    let detail = format!(
+        "count={N},size=40,rate={RATE},delay=3,report={}",
+        report.display()
+    );
+    push_configs(
+        &center,
+        &id,
+        vec![component(
+            "flood",
+            "1",
+            "",
+            &sha256_hex(&flood),
+            "",
+            &[url],
+            &detail,
+        )],
+    )
+    .await;
+    // the plugin runs (and waits 3 s before flooding): the center goes down
+    poll(Duration::from_secs(120), || report.exists().then_some(()))
+        .expect("the flood plugin started");
+    drop(center);
+    let down = Instant::now();
+    let read_report = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_default())
+            .unwrap_or(Value::Null)
+    };
+    let done = poll(OUTAGE, || {
+        let r = read_report();
+        (r["state"] == "done").then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the plugin did not finish its {N} records within the {OUTAGE:?} outage (it blocked): {}",
+            read_report()
+        )
+    });
+    let rate = done["rate"].as_f64().unwrap();
+    println!(
+        "center down: the plugin wrote {N} records at {rate:.0} records/s (offered {RATE}), {:.2} s blocked in writes",
+        done["write_secs"].as_f64().unwrap()
+    );
+    assert!(
+        rate >= RATE as f64 * 0.9,
+        "the plugin's rate held during the outage: {rate:.0} of {RATE} records/s"
+    );
+    if let Some(rest) = OUTAGE.checked_sub(down.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let center = Center::start_at(&cdir, &grpc, &args);
+    let back = Instant::now();
+    let count = |dt: i32| {
+        let c = &center;
+        async move {
+            c.metric(&format!(
+                "elkeid_ac_output_data_type_count{{data_type=\"{dt}\"}}"
+            ))
+            .await
+        }
+    };
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while Instant::now() < deadline {
+        let r = elkeid_tests::center::http(center.api_target(), "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        if text.contains("elkeid_ac_output_data_type_count{data_type=\"7001\"} 1") {
+            break;
+        }
+        last = text
+            .lines()
+            .find_map(|l| l.strip_prefix("elkeid_ac_output_data_type_count{data_type=\"7000\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(last);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        count(7001).await,
+        1,
+        "end marker delivered ({last} of {N} records so far)"
+    );
+    println!(
+        "after the outage: {N} records replayed from the spool in {:.1} s",
+        back.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        count(7000).await,
+        N,
+        "every record exactly once: 0 lost, 0 duplicated"
+    );
     drop(agent);
 }

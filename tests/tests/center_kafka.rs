@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use elkeid_tests::Center;
 use elkeid_tests::center::{
-    eventually, heartbeat, kafka_broker, kafka_read, payload, record, unix_now,
+    AgentStream, eventually, heartbeat, kafka_broker, kafka_read, kafka_read_with_headers, packet,
+    payload, record, unix_now,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -189,4 +190,113 @@ async fn sigterm_flushes_records_still_lingering() {
         .map(|i| payload(&[("seq", &i.to_string())]))
         .collect();
     assert_eq!(seqs, want, "in order");
+}
+
+/// Acknowledged delivery: every record of a packet with an identity carries
+/// it as Kafka record headers (`elkeid-agent-epoch`, `elkeid-agent-seq`,
+/// `elkeid-record-idx`, decimal text) while the `MQData` value stays
+/// Elkeid's; a packet without identity (an Elkeid agent) gets no headers.
+/// The ack arrives only once the broker acknowledged the records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(elkeid_test_kafka),
+    ignore = "SKIPPED: no Kafka broker (ELKEID_TEST_KAFKA unset at build time; eval \"$(bash tests/kafka-broker.sh start)\")"
+)]
+async fn record_identity_travels_as_kafka_headers() {
+    const EPOCH: u64 = 0x00c0_ffee_0000_0001;
+    let broker = kafka_broker();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let topic = format!("e2e-headers-{}-{nanos}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(
+        dir.path(),
+        &[
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            &broker,
+            "--kafka-topic",
+            &topic,
+        ],
+    );
+    let now = unix_now();
+    let recs = |seq: u64, n: usize| -> Vec<_> {
+        (0..n)
+            .map(|i| {
+                record(
+                    4242,
+                    now,
+                    &[("seq", &seq.to_string()), ("i", &i.to_string())],
+                )
+            })
+            .collect()
+    };
+    let with_id = |seq: u64, n: usize| elkeid_proto::grpc::PackagedData {
+        ack_epoch: EPOCH,
+        ack_seq: seq,
+        ..packet("kafka-hdr-agent", recs(seq, n))
+    };
+    let mut s = AgentStream::open(center.agent().await, with_id(1, 2))
+        .await
+        .unwrap();
+    s.send_packet(with_id(2, 3)).await;
+    // acknowledged (durable in Kafka) up to 2
+    loop {
+        let c = s.expect_command(T).await;
+        assert!(c.task.is_none() && c.configs.is_empty(), "{c:?}");
+        assert_eq!(c.ack_epoch, EPOCH);
+        if c.ack_seq >= 2 {
+            break;
+        }
+    }
+    let plain = center
+        .open_stream("kafka-plain-agent", vec![record(4242, now, &[("x", "1")])])
+        .await;
+    let (broker_ref, topic_ref) = (&broker, &topic);
+    let got = eventually(T, || async move {
+        let got = kafka_read_with_headers(broker_ref, topic_ref).await;
+        (got.len() >= 6).then_some(got)
+    })
+    .await
+    .expect("6 messages in Kafka");
+    assert_eq!(got.len(), 6, "one message per record");
+    let mut ids = Vec::new();
+    for m in got.iter().filter(|m| m.key == b"kafka-hdr-agent") {
+        let h = |k: &str| -> u64 {
+            let v = m
+                .headers
+                .get(k)
+                .unwrap_or_else(|| panic!("header {k}: {m:?}"));
+            std::str::from_utf8(v).unwrap().parse().unwrap()
+        };
+        assert_eq!(m.headers.len(), 3, "{:?}", m.headers);
+        assert_eq!(h("elkeid-agent-epoch"), EPOCH);
+        let (seq, idx) = (h("elkeid-agent-seq"), h("elkeid-record-idx"));
+        // the value is the record, unchanged (its Payload names the same
+        // packet and index as the headers), with no identity inside
+        let body = <elkeid_proto::grpc::Payload as prost::Message>::decode(&m.value.body[..])
+            .expect("MQData body is the record's Payload");
+        assert_eq!(body.fields.len(), 2, "{body:?}");
+        assert_eq!(body.fields["seq"], seq.to_string());
+        assert_eq!(body.fields["i"], idx.to_string());
+        assert_eq!(m.value.data_type, 4242);
+        assert_eq!(m.value.agent_time, now);
+        ids.push((seq, idx));
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]);
+    let plain_msgs: Vec<_> = got
+        .iter()
+        .filter(|m| m.key == b"kafka-plain-agent")
+        .collect();
+    assert_eq!(plain_msgs.len(), 1);
+    assert!(
+        plain_msgs[0].headers.is_empty(),
+        "no identity, no headers: {:?}",
+        plain_msgs[0].headers
+    );
+    drop(plain);
 }

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use elkeid_core::ack::{self, AckWindow, Mode, PacketId, Timing};
 use elkeid_proto::grpc::Command;
 
+use crate::config::SpoolFull;
 use crate::spool::{Spool, SpoolStats};
 
 /// A connection that sent packets and got no acknowledgement at all within
@@ -38,6 +39,11 @@ pub(crate) struct Delivery {
     /// Packets the spool refused (full / I/O error) and that stayed in the
     /// ring (back-pressure) — not lost.
     spool_refused: Cell<u64>,
+    /// Policy when the spool is full.
+    spool_full: SpoolFull,
+    /// Packets / records dropped from a full spool (`SpoolFull::DropOldest`).
+    spool_dropped_packets: Cell<u64>,
+    spool_dropped_records: Cell<u64>,
     /// Kicked when an acknowledgement released packets.
     pub(crate) acked: tokio::sync::Notify,
 }
@@ -53,6 +59,9 @@ impl Default for DeliveryStats {
             spool: SpoolStats::default(),
             spooled: 0,
             spool_refused: 0,
+            spool_dropped_packets: 0,
+            spool_dropped_records: 0,
+            spool_full: "block",
         }
     }
 }
@@ -92,16 +101,21 @@ pub(crate) struct DeliveryStats {
     pub(crate) spool: SpoolStats,
     pub(crate) spooled: u64,
     pub(crate) spool_refused: u64,
+    pub(crate) spool_dropped_packets: u64,
+    pub(crate) spool_dropped_records: u64,
+    pub(crate) spool_full: &'static str,
 }
 
 impl Delivery {
     /// A window of `unacked_bytes` with `failover` as the stall bound, and
-    /// the spool in `spool_dir` when `spool_max_bytes` > 0.
+    /// the spool in `spool_dir` when `spool_max_bytes` > 0 (`spool_full`:
+    /// what to do when it is full).
     pub(crate) fn new(
         unacked_bytes: usize,
         failover: Duration,
         spool_dir: &Path,
         spool_max_bytes: u64,
+        spool_full: SpoolFull,
     ) -> Delivery {
         let timing = Timing {
             detect_ms: DETECT.as_millis() as u64,
@@ -132,6 +146,9 @@ impl Delivery {
             start: Instant::now(),
             spooled: Cell::new(0),
             spool_refused: Cell::new(0),
+            spool_full,
+            spool_dropped_packets: Cell::new(0),
+            spool_dropped_records: Cell::new(0),
             acked: tokio::sync::Notify::new(),
         }
     }
@@ -161,6 +178,9 @@ impl Delivery {
                 .unwrap_or_default(),
             spooled: self.spooled.get(),
             spool_refused: self.spool_refused.get(),
+            spool_dropped_packets: self.spool_dropped_packets.get(),
+            spool_dropped_records: self.spool_dropped_records.get(),
+            spool_full: self.spool_full.as_str(),
         }
     }
 
@@ -203,14 +223,19 @@ impl Delivery {
     }
 
     /// The next packet to (re)send on this connection.
-    pub(crate) fn next_to_send(&self) -> Option<Bytes> {
-        self.window.borrow().next_to_send().map(|(_, p)| p.clone())
+    pub(crate) fn next_to_send(&self) -> Option<(PacketId, Bytes)> {
+        self.window
+            .borrow()
+            .next_to_send()
+            .map(|(id, p)| (id, p.clone()))
     }
 
-    /// The packet from [`Delivery::next_to_send`] went out.
-    pub(crate) fn sent(&self) {
+    /// The packet `id` from [`Delivery::next_to_send`] went out (an
+    /// acknowledgement that arrived meanwhile may have released it: see
+    /// `AckWindow::sent`).
+    pub(crate) fn sent(&self, id: PacketId) {
         let now = self.now();
-        let _ = self.window.borrow_mut().sent(now);
+        let _ = self.window.borrow_mut().sent(id, now);
     }
 
     /// Whether a new packet of up to `len` bytes can be taken from the ring
@@ -306,6 +331,9 @@ impl Delivery {
         let Some(s) = spool.as_mut() else {
             return false;
         };
+        if self.spool_full == SpoolFull::DropOldest {
+            self.make_room(s, packet.len());
+        }
         match s.push_back(id, unix_ms(), packet) {
             Ok(()) => {
                 self.spooled.set(self.spooled.get() + 1);
@@ -319,12 +347,49 @@ impl Delivery {
         }
     }
 
-    /// Whether a spool exists and has room for `len` more bytes.
+    /// Whether a spool exists and can take `len` more bytes: it has room,
+    /// or (drop-oldest) room can be made by dropping its oldest packets.
     pub(crate) fn spool_has_room(&self, len: usize) -> bool {
         self.spool
             .borrow()
             .as_ref()
-            .is_some_and(|s| s.has_room(len))
+            .is_some_and(|s| match self.spool_full {
+                SpoolFull::Block => s.has_room(len),
+                SpoolFull::DropOldest => s.fits_alone(len),
+            })
+    }
+
+    /// Drop-oldest: removes the oldest spooled packets until `len` bytes
+    /// fit (space comes back a whole segment at a time, so up to a segment
+    /// of the oldest packets goes); every dropped packet and its records
+    /// are counted, and each drop is logged.
+    fn make_room(&self, s: &mut Spool, len: usize) {
+        let (mut packets, mut records) = (0u64, 0u64);
+        while !s.has_room(len) {
+            match s.pop_front() {
+                Ok(Some((_, p))) => {
+                    packets += 1;
+                    // an undecodable packet still held at least one record
+                    records += ack::packet_records(&p).map_or(1, |n| n as u64);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::error!(%error, "spool read failed while dropping its oldest packets");
+                    break;
+                }
+            }
+        }
+        if packets > 0 {
+            self.spool_dropped_packets
+                .set(self.spool_dropped_packets.get() + packets);
+            self.spool_dropped_records
+                .set(self.spool_dropped_records.get() + records);
+            tracing::warn!(
+                packets,
+                records,
+                "spool full: oldest spooled packets dropped (spool_full = drop-oldest)"
+            );
+        }
     }
 
     /// Shutdown without a center: the unacknowledged window goes before
@@ -387,7 +452,8 @@ impl Delivery {
 /// (`acking`/`none`/`unknown`), `unacked_packets`, `unacked_bytes`,
 /// `resent_packets`, `acked_packets`, `spool_bytes`, `spool_entries`,
 /// `spool_oldest_age` (seconds), `spool_corrupt`, `spooled_packets`,
-/// `spool_refused`.
+/// `spool_refused`, `spool_full` (`block`/`drop-oldest`),
+/// `spool_dropped_packets`, `spool_dropped_records`.
 pub(crate) fn heartbeat_fields(p: &mut elkeid_core::payload::PayloadBuf) {
     let s = PUBLISHED.with(Cell::get);
     let age = if s.spool.oldest_ms == 0 {
@@ -405,7 +471,10 @@ pub(crate) fn heartbeat_fields(p: &mut elkeid_core::payload::PayloadBuf) {
         .field_u64("spool_oldest_age", age)
         .field_u64("spool_corrupt", s.spool.corrupt)
         .field_u64("spooled_packets", s.spooled)
-        .field_u64("spool_refused", s.spool_refused);
+        .field_u64("spool_refused", s.spool_refused)
+        .field("spool_full", s.spool_full)
+        .field_u64("spool_dropped_packets", s.spool_dropped_packets)
+        .field_u64("spool_dropped_records", s.spool_dropped_records);
 }
 
 /// Appends the identity fields to an encoded packet.
@@ -423,16 +492,22 @@ mod tests {
     #[test]
     fn spilled_packets_replay_first_and_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Delivery::new(16 << 20, Duration::from_secs(15), dir.path(), 1 << 30);
+        let d = Delivery::new(
+            16 << 20,
+            Duration::from_secs(15),
+            dir.path(),
+            1 << 30,
+            SpoolFull::Block,
+        );
         let mut sent = Vec::new();
         // connected: 3 packets into the window, all acked
         for _ in 0..3 {
             let id = d.next_id();
             d.push(Bytes::from(format!("p{}", id.seq))).unwrap();
         }
-        while let Some(p) = d.next_to_send() {
+        while let Some((id, p)) = d.next_to_send() {
             sent.push(p);
-            d.sent();
+            d.sent(id);
         }
         let epoch = d.next_id().epoch;
         let cmd = Command {
@@ -450,11 +525,93 @@ mod tests {
         d.rewind();
         assert_eq!(d.refill_from_spool(), 3);
         let mut again = Vec::new();
-        while let Some(p) = d.next_to_send() {
+        while let Some((id, p)) = d.next_to_send() {
             again.push(p);
-            d.sent();
+            d.sent(id);
         }
         assert_eq!(again, ["p4", "p5", "p6"]);
         assert_eq!(d.next_id().seq, 7);
+    }
+
+    /// A packet of `records` records of `each` bytes, as the agent encodes it.
+    fn packet(records: usize, each: usize) -> Vec<u8> {
+        use prost::Message;
+        elkeid_proto::grpc::PackagedData {
+            records: (0..records)
+                .map(|i| elkeid_proto::grpc::EncodedRecord {
+                    data_type: 7000,
+                    timestamp: i as i64,
+                    data: vec![b'x'; each].into(),
+                })
+                .collect(),
+            agent_id: "a".into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn full_spool_drops_its_oldest_packets_and_counts_them_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 8 << 20;
+        let d = Delivery::new(
+            16 << 20,
+            Duration::from_secs(15),
+            dir.path(),
+            cap,
+            SpoolFull::DropOldest,
+        );
+        let p = packet(3, 170 * 1024);
+        let mut ids = Vec::new();
+        for _ in 0..40 {
+            ids.push(d.next_id().seq);
+            assert!(d.spool_has_room(p.len()));
+            assert!(d.spool_new(&p), "drop-oldest always takes the new packet");
+        }
+        let st = d.stats();
+        assert!(st.spool.bytes <= cap, "{} > {cap}", st.spool.bytes);
+        assert!(st.spool_dropped_packets > 0);
+        assert_eq!(st.spool_dropped_records, 3 * st.spool_dropped_packets);
+        assert_eq!(st.spool.entries + st.spool_dropped_packets, 40);
+        assert_eq!(st.spool_refused, 0);
+        assert_eq!(st.spool_full, "drop-oldest");
+        // what is left are the newest packets, in order
+        d.rewind();
+        let mut left = Vec::new();
+        while d.refill_from_spool() > 0 {
+            while let Some((id, _)) = d.next_to_send() {
+                left.push(id.seq);
+                d.sent(id);
+            }
+        }
+        assert_eq!(left, ids[ids.len() - left.len()..]);
+        assert_eq!(left.len() as u64, st.spool.entries);
+    }
+
+    #[test]
+    fn full_spool_blocks_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 8 << 20;
+        let d = Delivery::new(
+            16 << 20,
+            Duration::from_secs(15),
+            dir.path(),
+            cap,
+            SpoolFull::Block,
+        );
+        let p = packet(3, 170 * 1024);
+        let mut taken = 0;
+        for _ in 0..40 {
+            if d.spool_has_room(p.len()) && d.spool_new(&p) {
+                taken += 1;
+            }
+        }
+        assert!(taken < 40 && taken > 0);
+        assert!(!d.spool_has_room(p.len()));
+        assert!(!d.spool_new(&p), "refused: the records stay in the ring");
+        let st = d.stats();
+        assert_eq!((st.spool_dropped_packets, st.spool_dropped_records), (0, 0));
+        assert_eq!(st.spool.entries, taken);
+        assert!(st.spool_refused >= 1);
     }
 }

@@ -418,9 +418,10 @@ async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), Ses
             buf = Vec::new();
         }
         loop {
-            while let Some(pkt) = delivery.next_to_send() {
+            while let Some((id, pkt)) = delivery.next_to_send() {
                 send_one(&tx, pkt).await?;
-                delivery.sent();
+                // by identity: an ack may have moved the window meanwhile
+                delivery.sent(id);
             }
             if delivery.refill_from_spool() > 0 {
                 continue;

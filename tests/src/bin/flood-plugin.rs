@@ -6,6 +6,12 @@
 //!   field `s` = sequence number zero-padded so the frame body is `size`
 //!   bytes (default 200, at least about 30), written as fast as the pipe takes them in 256 KiB
 //!   batches; then one marker record data_type 7001 `{done: N}`.
+//! - `rate=R`: at most R records/s (paced in 10 ms steps) instead of as
+//!   fast as the pipe takes them; `delay=S`: wait S seconds before the
+//!   first record; `report=PATH`: write `PATH` (JSON) at start
+//!   (`{"state":"waiting"}`) and after the last record: `records`, `secs`
+//!   (first to last write), `rate` (achieved records/s) and `write_secs`
+//!   (time spent inside pipe writes, i.e. blocked by the agent).
 //! - `hostile=1`: instead, write one frame declaring a 4 GiB body.
 //! - `crash=1`: instead, write one marker record (data_type 7002) and exit 1.
 //!
@@ -94,19 +100,58 @@ fn main() {
                 width + (size - body)
             };
         }
+        let rate: Option<u64> = detail("rate")
+            .and_then(|v| v.parse().ok())
+            .filter(|r| *r > 0);
+        let report = detail("report");
+        if let Some(path) = &report {
+            let _ = std::fs::write(path, "{\"state\":\"waiting\"}");
+        }
+        if let Some(secs) = detail("delay").and_then(|v| v.parse::<f64>().ok()) {
+            std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        }
+        // records per write: 10 ms worth when paced
+        let step = rate.map_or(u64::MAX, |r| (r / 100).max(1));
+        let started = std::time::Instant::now();
+        let mut blocked = std::time::Duration::ZERO;
+        let mut write = |buf: &[u8]| {
+            let t = std::time::Instant::now();
+            if out.write_all(buf).is_err() {
+                std::process::exit(0);
+            }
+            blocked += t.elapsed();
+        };
         let mut buf = Vec::with_capacity(300 * 1024);
+        let mut in_buf = 0u64;
         for seq in 0..count {
             push_frame(&mut buf, 7000, ts, "s", &format!("{seq:0width$}"));
-            if buf.len() >= 256 * 1024 {
-                if out.write_all(&buf).is_err() {
-                    std::process::exit(0);
+            in_buf += 1;
+            if buf.len() >= 256 * 1024 || in_buf >= step {
+                if let Some(r) = rate {
+                    // the records written so far are due by now
+                    let due =
+                        std::time::Duration::from_secs_f64((seq + 1 - in_buf) as f64 / r as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
                 }
+                write(&buf);
                 buf.clear();
+                in_buf = 0;
             }
         }
         push_frame(&mut buf, 7001, ts, "done", &count.to_string());
-        if out.write_all(&buf).is_err() {
-            std::process::exit(0);
+        write(&buf);
+        let secs = started.elapsed().as_secs_f64();
+        if let Some(path) = &report {
+            let _ = std::fs::write(
+                path,
+                format!(
+                    "{{\"state\":\"done\",\"records\":{count},\"secs\":{secs},\"rate\":{},\"write_secs\":{}}}",
+                    count as f64 / secs.max(1e-9),
+                    blocked.as_secs_f64()
+                ),
+            );
         }
     }
     // Wait for the agent to close fd 3.
