@@ -202,12 +202,70 @@ impl Agent {
                 move || a2.link.release_memory.set(true),
             )),
             tokio::task::spawn_local(crate::heartbeat::run(self.heartbeat.clone())),
-            tokio::task::spawn_local(crate::status::run(self.clone())),
+            tokio::task::spawn_local({
+                let a = self.clone();
+                crate::status::run(self.cfg.work_dir.clone(), move |t0| a.status(t0))
+            }),
         ];
         let a = self.clone();
         let on_command: crate::transport::OnCommand = Rc::new(move |cmd| a.on_command(cmd));
         let transport =
             tokio::task::spawn_local(crate::transport::run(self.transport(), tls, on_command));
         (tasks, transport)
+    }
+
+    /// The agent's state for `status.json` (`started_at`: when the
+    /// status writer started).
+    fn status(&self, started_at: i64) -> crate::status::Status {
+        use crate::status::{PluginStatus, Ring, SpoolStatus, Status};
+        let state = if self.link.closing.get() {
+            "stopping"
+        } else {
+            "running"
+        };
+        let (connection, restarts) = crate::status::board(self.counters.reconnects.get());
+        let plugins = self
+            .plugins
+            .status()
+            .into_iter()
+            .map(|p| PluginStatus {
+                restarts: restarts.get(&p.name).copied().unwrap_or(0),
+                name: p.name,
+                version: p.version,
+                pid: p.pid,
+                started_at: p.start_time,
+                records_per_sec: p.records_per_sec,
+            })
+            .collect();
+        let mut abnormal = self.heartbeat.abnormal();
+        abnormal.extend(self.plugins.abnormal());
+        Status {
+            pid: std::process::id(),
+            agent_id: self.meta.id.clone(),
+            version: crate::config::VERSION.to_string(),
+            state: state.to_string(),
+            started_at,
+            updated_at: crate::clock::now_unix(),
+            connection,
+            plugins,
+            ring: Ring {
+                len: self.buffer.len() as u64,
+                capacity: crate::buffer::RING_SLOTS as u64,
+                bytes: self.buffer.bytes() as u64,
+                capacity_bytes: self.cfg.ring_bytes as u64,
+                drops: self.buffer.drops(),
+            },
+            abnormal,
+            spool: {
+                let d = self.delivery.stats();
+                SpoolStatus {
+                    entries: d.spool.entries,
+                    bytes: d.spool.bytes,
+                    full_policy: d.spool_full.to_string(),
+                    dropped_packets: d.spool_dropped_packets,
+                    dropped_records: d.spool_dropped_records,
+                }
+            },
+        }
     }
 }

@@ -182,6 +182,22 @@ impl Buffer {
     }
 }
 
+/// Pushes a 5100 task-failure record (`token`, `msg`, `status: failed`)
+/// and wakes the sender.
+pub(crate) fn task_failed(buffer: &Buffer, token: &str, msg: &str) {
+    tracing::warn!(token, msg, "task failed");
+    let mut p = elkeid_core::payload::PayloadBuf::new();
+    p.field("token", token)
+        .field("msg", msg)
+        .field("status", "failed");
+    buffer.push_agent(
+        elkeid_core::schema::data_type::TASK_RESULT,
+        crate::clock::now_unix(),
+        p.as_bytes(),
+    );
+    buffer.kick();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -245,7 +245,7 @@ pub(crate) async fn agent_payload(agent: &Heartbeat) -> PayloadBuf {
         .field_u64("ring_bytes", agent.buffer.bytes() as u64)
         .field_u64("reconnects", agent.counters.reconnects.get())
         .field_u64("hb_seq", seq);
-    crate::transport::delivery::heartbeat_fields(&mut p);
+    crate::delivery_stats::heartbeat_fields(&mut p);
     p
 }
 

@@ -36,6 +36,7 @@ mod buffer;
 mod clock;
 mod command;
 mod counters;
+mod delivery_stats;
 mod fetch;
 mod heartbeat;
 mod host;

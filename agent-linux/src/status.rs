@@ -17,12 +17,10 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::Agent;
 use crate::clock::now_unix;
 
 /// File name in the work dir.
@@ -174,64 +172,22 @@ pub(crate) fn plugin_restarted(name: &str) {
     });
 }
 
-/// The snapshot of `agent` now.
-fn snapshot(agent: &Agent, started_at: i64, state: &str) -> Status {
-    let (connection, restarts) = BOARD.with_borrow(|b| {
+/// What the transport and the supervisor told the board: the connection
+/// (`reconnects` from the agent's counters) and restarts per plugin.
+pub(crate) fn board(reconnects: u64) -> (Connection, BTreeMap<String, u64>) {
+    BOARD.with_borrow(|b| {
         (
             Connection {
                 connected: b.connected,
                 server: b.server.clone(),
                 since: b.since,
-                reconnects: agent.counters.reconnects.get(),
+                reconnects,
                 last_disconnect: b.last_disconnect.clone(),
                 last_disconnect_at: b.last_disconnect_at,
             },
             b.restarts.clone(),
         )
-    });
-    let plugins = agent
-        .plugins
-        .status()
-        .into_iter()
-        .map(|p| PluginStatus {
-            restarts: restarts.get(&p.name).copied().unwrap_or(0),
-            name: p.name,
-            version: p.version,
-            pid: p.pid,
-            started_at: p.start_time,
-            records_per_sec: p.records_per_sec,
-        })
-        .collect();
-    let mut abnormal = agent.heartbeat.abnormal();
-    abnormal.extend(agent.plugins.abnormal());
-    Status {
-        pid: std::process::id(),
-        agent_id: agent.meta.id.clone(),
-        version: crate::config::VERSION.to_string(),
-        state: state.to_string(),
-        started_at,
-        updated_at: now_unix(),
-        connection,
-        plugins,
-        ring: Ring {
-            len: agent.buffer.len() as u64,
-            capacity: crate::buffer::RING_SLOTS as u64,
-            bytes: agent.buffer.bytes() as u64,
-            capacity_bytes: agent.cfg.ring_bytes as u64,
-            drops: agent.buffer.drops(),
-        },
-        abnormal,
-        spool: {
-            let d = agent.delivery.stats();
-            SpoolStatus {
-                entries: d.spool.entries,
-                bytes: d.spool.bytes,
-                full_policy: d.spool_full.to_string(),
-                dropped_packets: d.spool_dropped_packets,
-                dropped_records: d.spool_dropped_records,
-            }
-        },
-    }
+    })
 }
 
 /// Writes `status` to `<dir>/status.json` via a 0600 temp file + rename.
@@ -250,18 +206,13 @@ pub(crate) fn write(dir: &Path, status: &Status) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(FILE))
 }
 
-/// Keeps the status file current until aborted (the agent's lifetime).
-pub(crate) async fn run(agent: Rc<Agent>) {
+/// Keeps `<dir>/status.json` current until aborted (the agent's
+/// lifetime); `snapshot(started_at)` is the agent's state now.
+pub(crate) async fn run(dir: PathBuf, snapshot: impl Fn(i64) -> Status) {
     let started_at = now_unix();
-    let dir = agent.cfg.work_dir.clone();
     let mut failed = false;
     loop {
-        let state = if agent.link.closing.get() {
-            "stopping"
-        } else {
-            "running"
-        };
-        let (d, status) = (dir.clone(), snapshot(&agent, started_at, state));
+        let (d, status) = (dir.clone(), snapshot(started_at));
         // File I/O on the blocking pool, not the runtime thread.
         let r = tokio::task::spawn_blocking(move || write(&d, &status))
             .await

@@ -21,9 +21,6 @@ use crate::meta::HostMeta;
 use crate::stop::{Exit, StopSignal};
 use crate::transport::Link;
 
-/// Data type of a task result / failure record.
-pub(crate) use elkeid_core::schema::data_type::TASK_RESULT as DT_TASK_RESULT;
-
 /// What agent tasks work with; owns the "an upload is running" flag.
 #[derive(Debug)]
 pub(crate) struct AgentTasks {
@@ -37,16 +34,7 @@ pub(crate) struct AgentTasks {
     pub(crate) upload_busy: Cell<bool>,
 }
 
-/// Pushes a 5100 task-failure record and wakes the sender.
-pub(crate) fn task_failed(buffer: &Buffer, token: &str, msg: &str) {
-    tracing::warn!(token, msg, "task failed");
-    let mut p = elkeid_core::payload::PayloadBuf::new();
-    p.field("token", token)
-        .field("msg", msg)
-        .field("status", "failed");
-    buffer.push_agent(DT_TASK_RESULT, crate::clock::now_unix(), p.as_bytes());
-    buffer.kick();
-}
+pub(crate) use crate::buffer::task_failed;
 
 /// Set idc / region.
 pub(crate) use elkeid_core::schema::data_type::TASK_SET_META as DT_SET_META;

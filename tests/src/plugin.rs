@@ -243,6 +243,20 @@ pub async fn push_configs(center: &Center, id: &str, configs: Vec<Value>) {
     assert_eq!(v["code"], 0, "{v}");
 }
 
+/// Serves the `flood-plugin` test binary from `files` and pushes it to agent
+/// `id` as plugin `flood` 1 with `detail` (e.g. `count=1000,size=120`).
+pub async fn push_flood(center: &Center, id: &str, files: &FileServer, detail: &str) {
+    let flood = std::fs::read(crate::bin("elkeid-tests", "flood-plugin")).unwrap();
+    let url = files.put("/flood", flood.clone());
+    let sha = sha256_hex(&flood);
+    push_configs(
+        center,
+        id,
+        vec![component("flood", "1", "", &sha, "", &[url], detail)],
+    )
+    .await;
+}
+
 /// Sends a task to plugin `name` of agent `id`.
 pub async fn send_task(
     center: &Center,

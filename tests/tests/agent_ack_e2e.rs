@@ -11,9 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use elkeid_tests::center::ndjson_records_in;
-use elkeid_tests::plugin::{
-    Agent, FileServer, component, field, push_configs, sha256_hex, wait_connected,
-};
+use elkeid_tests::plugin::{Agent, FileServer, field, push_flood, wait_connected};
 use elkeid_tests::{Center, KillOnDrop, bin, wait_for};
 use serde_json::Value;
 
@@ -61,23 +59,7 @@ fn flood_records(data_dir: &Path, id: &str) -> Vec<(u64, (u64, u64, u64))> {
 }
 
 async fn start_flood(center: &Center, id: &str, files: &FileServer, n: u64) {
-    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
-    let url = files.put("/flood", flood.clone());
-    let detail = format!("count={n},size=120");
-    push_configs(
-        center,
-        id,
-        vec![component(
-            "flood",
-            "1",
-            "",
-            &sha256_hex(&flood),
-            "",
-            &[url],
-            &detail,
-        )],
-    )
-    .await;
+    push_flood(center, id, files, &format!("count={n},size=120")).await;
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -404,26 +386,11 @@ async fn center_down_60_s_while_a_plugin_floods_50k_per_s_into_the_spool() {
     let id = agent.id.clone();
     wait_connected(&center, &id, Duration::from_secs(60)).await;
     let report = tmp.path().join("flood-report.json");
-    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
-    let url = files.put("/flood", flood.clone());
     let detail = format!(
         "count={N},size=40,rate={RATE},delay=3,report={}",
         report.display()
     );
-    push_configs(
-        &center,
-        &id,
-        vec![component(
-            "flood",
-            "1",
-            "",
-            &sha256_hex(&flood),
-            "",
-            &[url],
-            &detail,
-        )],
-    )
-    .await;
+    push_flood(&center, &id, &files, &detail).await;
     // the plugin runs (and waits 3 s before flooding): the center goes down
     poll(Duration::from_secs(120), || report.exists().then_some(()))
         .expect("the flood plugin started");

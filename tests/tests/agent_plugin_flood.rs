@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use elkeid_tests::plugin::{
-    Agent, FileServer, component, field, push_configs, records, sha256_hex, wait_connected,
-};
-use elkeid_tests::{Center, bin, wait_for};
+use elkeid_tests::plugin::{Agent, FileServer, field, push_flood, records, wait_connected};
+use elkeid_tests::{Center, wait_for};
 
 const N: u64 = 100_000;
 
@@ -18,8 +16,6 @@ async fn flood_is_delivered_without_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let center = Center::start(&tmp.path().join("center"), &[]);
     let files = FileServer::start();
-    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
-    let url = files.put("/flood", flood.clone());
     let agent = Agent::start(
         &center,
         &tmp.path().join("agent"),
@@ -30,21 +26,7 @@ async fn flood_is_delivered_without_loss() {
     let id = agent.id.clone();
     wait_connected(&center, &id, Duration::from_secs(60)).await;
 
-    let detail = format!("count={N},size=120");
-    push_configs(
-        &center,
-        &id,
-        vec![component(
-            "flood",
-            "1",
-            "",
-            &sha256_hex(&flood),
-            "",
-            &[url],
-            &detail,
-        )],
-    )
-    .await;
+    push_flood(&center, &id, &files, &format!("count={N},size=120")).await;
     let marker = wait_for(Duration::from_secs(240), || {
         records(&center, &id, 7001).into_iter().next()
     })

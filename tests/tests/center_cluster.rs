@@ -37,7 +37,7 @@ use elkeid_tests::center::{
     AgentStream, SERVER_NAME, agent_transport, eventually, foreign_client, http, kafka_broker,
     kafka_read, ndjson_records_in, packet, signed_headers, unix_now,
 };
-use elkeid_tests::plugin::{FileServer, component, field, push_configs, sha256_hex};
+use elkeid_tests::plugin::{FileServer, field, push_flood};
 use elkeid_tests::{Center, KillOnDrop, bin};
 use serde_json::{Value, json};
 
@@ -719,22 +719,7 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
     let on_c = local_ids(&c).await;
     let flooder = on_c.iter().next().expect("C holds agents").clone();
     let files = FileServer::start();
-    let flood = std::fs::read(bin("elkeid-tests", "flood-plugin")).unwrap();
-    let url = files.put("/flood", flood.clone());
-    push_configs(
-        &c,
-        &flooder,
-        vec![component(
-            "flood",
-            "1",
-            "",
-            &sha256_hex(&flood),
-            "",
-            &[url],
-            &format!("count={N},size=120"),
-        )],
-    )
-    .await;
+    push_flood(&c, &flooder, &files, &format!("count={N},size=120")).await;
     let cdir = c.data_dir.clone();
     let pat = "\"data_type\":7000";
     elkeid_tests::wait_for_every(Duration::from_secs(120), Duration::from_millis(200), || {

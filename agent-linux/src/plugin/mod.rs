@@ -17,7 +17,7 @@
 //! first, then the old process is stopped and the new files committed (so
 //! a failed download keeps the old version running); names no longer listed
 //! are stopped and their directories deleted. An entry named `elkeid-agent`
-//! is ignored here (self-update is `crate::update`). An **empty list keeps
+//! is ignored here (self-update is `update.rs`). An **empty list keeps
 //! every plugin** and logs a warning (Elkeid deletes them all, which one bad
 //! manager answer turns into a fleet-wide outage); set
 //! [`PluginContext::empty_config_removes_all`] for Elkeid's behaviour.

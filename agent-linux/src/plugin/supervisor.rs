@@ -103,7 +103,7 @@ pub(crate) async fn supervise(sh: Rc<Shared>, p: Rc<Plugin>, mut queue: mpsc::Re
                 Ok(Some((t, _))) => t.token.to_string(),
                 _ => String::new(),
             };
-            crate::tasks::task_failed(
+            crate::buffer::task_failed(
                 &sh.buffer,
                 &token,
                 &format!(

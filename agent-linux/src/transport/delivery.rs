@@ -19,7 +19,8 @@ use elkeid_core::ack::{self, AckWindow, Mode, PacketId, Timing};
 use elkeid_proto::grpc::Command;
 
 use crate::config::SpoolFull;
-use crate::spool::{Spool, SpoolStats};
+pub(crate) use crate::delivery_stats::DeliveryStats;
+use crate::spool::Spool;
 
 /// A connection that sent packets and got no acknowledgement at all within
 /// this long talks to a center without the extension (Elkeid's).
@@ -48,24 +49,6 @@ pub(crate) struct Delivery {
     pub(crate) acked: tokio::sync::Notify,
 }
 
-impl Default for DeliveryStats {
-    fn default() -> Self {
-        DeliveryStats {
-            unacked_packets: 0,
-            unacked_bytes: 0,
-            resent_packets: 0,
-            acked_packets: 0,
-            mode: "unknown",
-            spool: SpoolStats::default(),
-            spooled: 0,
-            spool_refused: 0,
-            spool_dropped_packets: 0,
-            spool_dropped_records: 0,
-            spool_full: "block",
-        }
-    }
-}
-
 /// A random non-zero boot epoch.
 pub(crate) fn new_epoch() -> u64 {
     let mut b = [0u8; 8];
@@ -81,29 +64,6 @@ pub(crate) fn new_epoch() -> u64 {
         e = t ^ (u64::from(std::process::id()) << 32) | 1;
     }
     e
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Heartbeat view of the delivery state.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct DeliveryStats {
-    pub(crate) unacked_packets: usize,
-    pub(crate) unacked_bytes: usize,
-    pub(crate) resent_packets: u64,
-    pub(crate) acked_packets: u64,
-    pub(crate) mode: &'static str,
-    pub(crate) spool: SpoolStats,
-    pub(crate) spooled: u64,
-    pub(crate) spool_refused: u64,
-    pub(crate) spool_dropped_packets: u64,
-    pub(crate) spool_dropped_records: u64,
-    pub(crate) spool_full: &'static str,
 }
 
 impl Delivery {
@@ -334,7 +294,7 @@ impl Delivery {
         if self.spool_full == SpoolFull::DropOldest {
             self.make_room(s, packet.len());
         }
-        match s.push_back(id, unix_ms(), packet) {
+        match s.push_back(id, crate::clock::unix_ms(), packet) {
             Ok(()) => {
                 self.spooled.set(self.spooled.get() + 1);
                 true
@@ -400,7 +360,10 @@ impl Delivery {
         let Some(s) = spool.as_mut() else { return 0 };
         let mut packets: Vec<(PacketId, Bytes)> = self.window.borrow_mut().drain().collect();
         packets.extend(self.stash.borrow_mut().take());
-        let moved = match s.push_front_all(unix_ms(), packets.iter().map(|(id, p)| (*id, &p[..]))) {
+        let moved = match s.push_front_all(
+            crate::clock::unix_ms(),
+            packets.iter().map(|(id, p)| (*id, &p[..])),
+        ) {
             Ok(n) => n,
             Err(error) => {
                 tracing::error!(%error, packets = packets.len(), "unacknowledged packets could not be spooled at shutdown");
@@ -434,47 +397,11 @@ impl Delivery {
     }
 }
 
-thread_local! {
-    /// The transport's latest [`DeliveryStats`] (the agent runs on one
-    /// thread; the heartbeat reads what the transport published).
-    static PUBLISHED: Cell<DeliveryStats> = Cell::new(DeliveryStats::default());
-}
-
 impl Delivery {
     /// Publishes the counters for the heartbeat.
     pub(crate) fn publish(&self) {
-        let s = self.stats();
-        PUBLISHED.with(|p| p.set(s));
+        crate::delivery_stats::publish(self.stats());
     }
-}
-
-/// Adds the delivery fields to a 1000 heartbeat: `ack_mode`
-/// (`acking`/`none`/`unknown`), `unacked_packets`, `unacked_bytes`,
-/// `resent_packets`, `acked_packets`, `spool_bytes`, `spool_entries`,
-/// `spool_oldest_age` (seconds), `spool_corrupt`, `spooled_packets`,
-/// `spool_refused`, `spool_full` (`block`/`drop-oldest`),
-/// `spool_dropped_packets`, `spool_dropped_records`.
-pub(crate) fn heartbeat_fields(p: &mut elkeid_core::payload::PayloadBuf) {
-    let s = PUBLISHED.with(Cell::get);
-    let age = if s.spool.oldest_ms == 0 {
-        0
-    } else {
-        unix_ms().saturating_sub(s.spool.oldest_ms) / 1000
-    };
-    p.field("ack_mode", s.mode)
-        .field_u64("unacked_packets", s.unacked_packets as u64)
-        .field_u64("unacked_bytes", s.unacked_bytes as u64)
-        .field_u64("resent_packets", s.resent_packets)
-        .field_u64("acked_packets", s.acked_packets)
-        .field_u64("spool_bytes", s.spool.bytes)
-        .field_u64("spool_entries", s.spool.entries)
-        .field_u64("spool_oldest_age", age)
-        .field_u64("spool_corrupt", s.spool.corrupt)
-        .field_u64("spooled_packets", s.spooled)
-        .field_u64("spool_refused", s.spool_refused)
-        .field("spool_full", s.spool_full)
-        .field_u64("spool_dropped_packets", s.spool_dropped_packets)
-        .field_u64("spool_dropped_records", s.spool_dropped_records);
 }
 
 /// Appends the identity fields to an encoded packet.
