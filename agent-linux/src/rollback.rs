@@ -560,8 +560,9 @@ mod tests {
         }
     }
 
-    /// `exe` = new binary, `<exe>.old` = old one, journal in trial.
-    fn installed() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    /// An update stopped just before the rename: `exe` = old binary, also
+    /// at `<exe>.old`, the new one staged, journal in trial.
+    fn journaled() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let d = tempfile::tempdir().unwrap();
         let exe = d.path().join("elkeid-agent");
         std::fs::write(&exe, b"OLD").unwrap();
@@ -569,6 +570,12 @@ mod tests {
         let new = d.path().join("staged");
         std::fs::write(&new, b"NEW").unwrap();
         write(d.path(), &journal(&exe, &new)).unwrap();
+        (d, exe, new)
+    }
+
+    /// `exe` = new binary, `<exe>.old` = old one, journal in trial.
+    fn installed() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let (d, exe, new) = journaled();
         std::fs::rename(&new, &exe).unwrap();
         let wd = d.path().to_path_buf();
         (d, wd, exe)
@@ -627,13 +634,7 @@ mod tests {
 
     #[test]
     fn interrupted_before_rename_keeps_old_and_clears() {
-        let d = tempfile::tempdir().unwrap();
-        let exe = d.path().join("elkeid-agent");
-        std::fs::write(&exe, b"OLD").unwrap();
-        std::fs::hard_link(&exe, old_path(&exe)).unwrap();
-        let new = d.path().join("staged");
-        std::fs::write(&new, b"NEW").unwrap();
-        write(d.path(), &journal(&exe, &new)).unwrap();
+        let (d, exe, _staged) = journaled();
         let running = std::fs::metadata(&exe).unwrap();
         let c = check_at_start(d.path(), Some(&running), 10);
         assert_eq!(c.action, StartAction::Normal);

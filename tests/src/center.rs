@@ -144,6 +144,18 @@ impl Center {
     }
 }
 
+/// Occurrences of `pat` in the NDJSON files of `data_dir` (std's optimized
+/// substring search over raw text: cheap enough to poll for progress).
+pub fn count_in_records(data_dir: &std::path::Path, pat: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir(data_dir.join("records")) else {
+        return 0;
+    };
+    rd.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|t| t.matches(pat).count())
+        .sum()
+}
+
 /// Every complete line of every `<data_dir>/records/*.ndjson` file, parsed,
 /// oldest file first (works on a stopped center's data dir too).
 pub fn ndjson_records_in(data_dir: &std::path::Path) -> Vec<serde_json::Value> {

@@ -51,13 +51,37 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        let server = center.grpc.to_string();
+        Agent::spawn(center, work_dir, id, exe, ["--server", &server], extra, env)
+    }
+
+    /// [`Agent::start`] that knows only the service discovery at `sd`
+    /// (`--sd`, no `--server`); `center` provides the PKI.
+    pub fn start_via_sd(
+        center: &Center,
+        work_dir: &Path,
+        id: &str,
+        sd: &str,
+        extra: &[&str],
+    ) -> Agent {
+        Agent::spawn(center, work_dir, id, None, ["--sd", sd], extra, &[])
+    }
+
+    fn spawn(
+        center: &Center,
+        work_dir: &Path,
+        id: &str,
+        exe: Option<&Path>,
+        route: [&str; 2],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let exe = exe.map_or_else(|| bin("elkeid-agent", "elkeid-agent"), Path::to_path_buf);
         std::fs::create_dir_all(work_dir).unwrap();
         let child = Command::new(&exe)
             .arg("--work-dir")
             .arg(work_dir)
-            .arg("--server")
-            .arg(center.grpc.to_string())
+            .args(route)
             .arg("--ca")
             .arg(center.pki("ca.crt"))
             .arg("--cert")

@@ -10,22 +10,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use elkeid_tests::center::ndjson_records_in;
+use elkeid_tests::center::{count_in_records, ndjson_records_in};
 use elkeid_tests::plugin::{Agent, FileServer, field, push_flood, wait_connected};
 use elkeid_tests::{Center, KillOnDrop, bin, wait_for};
 use serde_json::Value;
-
-/// Occurrences of `pat` in the NDJSON files (std's optimized substring
-/// search: cheap enough to poll).
-fn count_in_records(data_dir: &Path, pat: &str) -> usize {
-    let Ok(rd) = std::fs::read_dir(data_dir.join("records")) else {
-        return 0;
-    };
-    rd.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .map(|t| t.matches(pat).count())
-        .sum()
-}
 
 /// `"data_type":7000` lines written so far (progress probe).
 fn flood_lines(data_dir: &Path) -> usize {

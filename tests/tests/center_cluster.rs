@@ -34,8 +34,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use elkeid_tests::center::{
-    AgentStream, SERVER_NAME, agent_transport, eventually, foreign_client, http, kafka_broker,
-    kafka_read, ndjson_records_in, packet, signed_headers, unix_now,
+    AgentStream, SERVER_NAME, agent_transport, count_in_records, eventually, foreign_client, http,
+    kafka_broker, kafka_read, ndjson_records_in, packet, signed_headers, unix_now,
 };
 use elkeid_tests::plugin::{FileServer, field, push_flood};
 use elkeid_tests::{Center, KillOnDrop, bin};
@@ -200,17 +200,6 @@ fn flood_seqs(dirs: &[&Path], id: &str) -> Vec<u64> {
         .filter(|r| r["agent_id"] == id && r["data_type"] == 7000)
         .map(|r| field(&r, "s").trim_start_matches('0').parse().unwrap_or(0))
         .collect()
-}
-
-/// Occurrences of `pat` in a data dir's NDJSON files (cheap progress probe).
-fn count_in_records(data_dir: &Path, pat: &str) -> usize {
-    let Ok(rd) = std::fs::read_dir(data_dir.join("records")) else {
-        return 0;
-    };
-    rd.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .map(|t| t.matches(pat).count())
-        .sum()
 }
 
 /// One HTTPS request to `addr` presenting `client` (cert, key PEM) and

@@ -8,13 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use elkeid_tests::Center;
 use elkeid_tests::center::{eventually, sign, unix_now};
-use elkeid_tests::plugin::wait_connected;
-use elkeid_tests::{Center, KillOnDrop, bin};
+use elkeid_tests::plugin::{Agent, wait_connected};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -234,24 +233,14 @@ async fn center_registers_in_an_elkeid_sd_and_an_agent_finds_it_there() {
     // An agent that knows only the SD (no --server) finds the center.
     let work = tempfile::tempdir().unwrap();
     let id = "elkeid-sd-agent";
-    let child = Command::new(bin("elkeid-agent", "elkeid-agent"))
-        .arg("--work-dir")
-        .arg(work.path())
-        .args(["--sd", &sd.addr.to_string()])
-        .arg("--ca")
-        .arg(center.pki("ca.crt"))
-        .arg("--cert")
-        .arg(center.pki("client.crt"))
-        .arg("--key")
-        .arg(center.pki("client.key"))
-        .args(["--heartbeat-secs", "1"])
-        .env("SPECIFIED_AGENT_ID", id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn elkeid-agent");
-    let _agent = KillOnDrop(child);
+    let sd_addr = sd.addr.to_string();
+    let _agent = Agent::start_via_sd(
+        &center,
+        work.path(),
+        id,
+        &sd_addr,
+        &["--heartbeat-secs", "1"],
+    );
     wait_connected(&center, id, t).await;
     assert!(sd.state.lock().unwrap().detail_queries >= 1);
     // Its heartbeat says it came through service discovery.

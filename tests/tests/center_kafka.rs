@@ -16,6 +16,15 @@ use elkeid_tests::center::{
 
 const T: Duration = Duration::from_secs(30);
 
+/// A topic name no earlier run used (`prefix-<pid>-<nanos>`).
+fn unique_topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(elkeid_test_kafka),
@@ -23,11 +32,7 @@ const T: Duration = Duration::from_secs(30);
 )]
 async fn records_reach_kafka_as_mqdata_and_ndjson() {
     let broker = kafka_broker();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let topic = format!("e2e-center-{}-{nanos}", std::process::id());
+    let topic = unique_topic("e2e-center");
     let dir = tempfile::tempdir().unwrap();
     let center = Center::start(
         dir.path(),
@@ -125,11 +130,7 @@ async fn records_reach_kafka_as_mqdata_and_ndjson() {
 )]
 async fn sigterm_flushes_records_still_lingering() {
     let broker = kafka_broker();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let topic = format!("e2e-flush-{}-{nanos}", std::process::id());
+    let topic = unique_topic("e2e-flush");
     let dir = tempfile::tempdir().unwrap();
     let mut center = Center::start(
         dir.path(),
@@ -205,11 +206,7 @@ async fn sigterm_flushes_records_still_lingering() {
 async fn record_identity_travels_as_kafka_headers() {
     const EPOCH: u64 = 0x00c0_ffee_0000_0001;
     let broker = kafka_broker();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let topic = format!("e2e-headers-{}-{nanos}", std::process::id());
+    let topic = unique_topic("e2e-headers");
     let dir = tempfile::tempdir().unwrap();
     let center = Center::start(
         dir.path(),

@@ -477,17 +477,15 @@ mod tests {
         .encode_to_vec()
     }
 
+    /// A delivery with a 16 MiB window and a `cap`-byte spool in `dir`.
+    fn spooling(dir: &Path, cap: u64, full: SpoolFull) -> Delivery {
+        Delivery::new(16 << 20, Duration::from_secs(15), dir, cap, full)
+    }
+
     #[test]
     fn full_spool_drops_its_oldest_packets_and_counts_them_when_configured() {
-        let dir = tempfile::tempdir().unwrap();
-        let cap = 8 << 20;
-        let d = Delivery::new(
-            16 << 20,
-            Duration::from_secs(15),
-            dir.path(),
-            cap,
-            SpoolFull::DropOldest,
-        );
+        let (dir, cap) = (tempfile::tempdir().unwrap(), 8 << 20);
+        let d = spooling(dir.path(), cap, SpoolFull::DropOldest);
         let p = packet(3, 170 * 1024);
         let mut ids = Vec::new();
         for _ in 0..40 {
@@ -517,15 +515,8 @@ mod tests {
 
     #[test]
     fn full_spool_blocks_by_default() {
-        let dir = tempfile::tempdir().unwrap();
-        let cap = 8 << 20;
-        let d = Delivery::new(
-            16 << 20,
-            Duration::from_secs(15),
-            dir.path(),
-            cap,
-            SpoolFull::Block,
-        );
+        let (dir, cap) = (tempfile::tempdir().unwrap(), 8 << 20);
+        let d = spooling(dir.path(), cap, SpoolFull::Block);
         let p = packet(3, 170 * 1024);
         let mut taken = 0;
         for _ in 0..40 {
