@@ -317,13 +317,26 @@ async fn center_outage_spools_keeps_the_plugin_running_and_survives_agent_restar
     let mut agent = Agent::start(&center, &wd, "ack-spool", None, &[]);
     let id = agent.id.clone();
     wait_connected(&center, &id, Duration::from_secs(60)).await;
-    start_flood(&center, &id, &files, N).await;
+    // Paced (about 8 s at 8,000 records/s) so the center is always gone
+    // before the plugin's last record: unpaced, a fast machine delivered
+    // the whole flood before the test noticed the first 1,000 records.
+    push_flood(
+        &center,
+        &id,
+        &files,
+        &format!("count={N},size=120,rate=8000"),
+    )
+    .await;
     poll(Duration::from_secs(240), || {
         (flood_lines(&cdir) >= 1000).then_some(())
     })
     .expect("flood reaches the center");
     drop(center); // the center goes away for the rest of the flood
     let before = flood_lines(&cdir);
+    assert!(
+        !has_marker(&cdir),
+        "set-up: the flood ended before the center went away ({before} records arrived)"
+    );
     // The plugin is not blocked: its last record (the marker) is written
     // while no center takes data, so it lands in the spool.
     poll(Duration::from_secs(120), || {
