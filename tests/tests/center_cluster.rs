@@ -422,7 +422,7 @@ async fn three_centers_on_etcd_route_commands_and_survive_failures() {
                         .iter()
                         .filter_map(|e| e["weight"].as_u64())
                         .sum();
-                    (sum == i as u64 + 1).then_some(())
+                    (sum == i + 1).then_some(())
                 })
                 .await
                 .unwrap_or_else(|| panic!("{h}'s SD answer counts {} agents", i + 1));
