@@ -150,9 +150,11 @@ pub fn count_in_records(data_dir: &std::path::Path, pat: &str) -> usize {
     let Ok(rd) = std::fs::read_dir(data_dir.join("records")) else {
         return 0;
     };
+    // Lossy: a read ending inside a multi-byte character of the line being
+    // written still counts the file's complete lines (no copy when valid).
     rd.filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .map(|t| t.matches(pat).count())
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .map(|b| String::from_utf8_lossy(&b).matches(pat).count())
         .sum()
 }
 
@@ -171,13 +173,26 @@ pub fn ndjson_records_in(data_dir: &std::path::Path) -> Vec<serde_json::Value> {
     files.sort();
     let mut out = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f).unwrap();
+        // Bytes, not text: a read that ends inside a multi-byte character
+        // of the line being written is not an error. A file removed since
+        // the listing (retention) has nothing to add.
+        let bytes = match std::fs::read(&f) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("read {}: {e}", f.display()),
+        };
         // A line still being written has no newline yet: skip it.
-        for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
-            out.push(
-                serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", f.display())),
-            );
+        for line in bytes
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| l.ends_with(b"\n"))
+        {
+            out.push(serde_json::from_slice(line).unwrap_or_else(|e| {
+                panic!(
+                    "{}: bad line {:?}: {e}",
+                    f.display(),
+                    String::from_utf8_lossy(line)
+                )
+            }));
         }
     }
     out

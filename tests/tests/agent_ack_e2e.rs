@@ -65,13 +65,15 @@ fn signal(pid: u32, sig: &str) {
 /// never-sent packet as sent, and the next cumulative ack released it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
-    // 120,000 records by default; ELKEID_KILL9_RECORDS=2000000 with
+    // 120,000 records by default, paced at 8,000 records/s (15 s) so that
+    // both kills land while the flood is still running on any machine:
+    // unpaced, a fast machine can deliver all of it before the first kill.
+    // ELKEID_KILL9_RECORDS=2000000 ELKEID_KILL9_RATE=0 (unpaced) with
     // `cargo test --release` shows the same at the release builds' rate
-    // (docs/BENCHMARKS.md)
-    let n: u64 = std::env::var("ELKEID_KILL9_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120_000);
+    // (docs/BENCHMARKS.md).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let n = env("ELKEID_KILL9_RECORDS").unwrap_or(120_000);
+    let rate = env("ELKEID_KILL9_RATE").unwrap_or(8_000);
     let tmp = tempfile::tempdir().unwrap();
     let cdir = tmp.path().join("center");
     let mut center = Center::start(&cdir, &[]);
@@ -80,7 +82,12 @@ async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
     let agent = Agent::start(&center, &tmp.path().join("agent"), "ack-kill9", None, &[]);
     let id = agent.id.clone();
     wait_connected(&center, &id, Duration::from_secs(60)).await;
-    start_flood(&center, &id, &files, n).await;
+    let pace = if rate > 0 {
+        format!(",rate={rate}")
+    } else {
+        String::new()
+    };
+    push_flood(&center, &id, &files, &format!("count={n},size=120{pace}")).await;
 
     // the flood's rate, measured on the center's disk from the config push
     // (round 1) or the restart (round 2) to the poll that saw the kill
@@ -100,6 +107,12 @@ async fn center_kill_9_twice_during_a_flood_loses_and_duplicates_nothing() {
             (n1 - n0) as f64 / secs
         );
         drop(center); // SIGKILL mid-flood
+        assert!(
+            !has_marker(&cdir),
+            "set-up: the flood ended before kill {round} ({} records arrived); \
+             pace it (ELKEID_KILL9_RATE, now {rate})",
+            flood_lines(&cdir)
+        );
         std::thread::sleep(Duration::from_secs(2));
         center = Center::start_at(&cdir, &grpc, &[]);
         (t0, n0) = (Instant::now(), flood_lines(&cdir));
@@ -188,7 +201,11 @@ async fn sigstop_of_the_center_in_use_fails_over_within_the_bound() {
     // servers in order: A (from the helper), then B
     let id = agent.id.clone();
     wait_connected(&a, &id, Duration::from_secs(60)).await;
-    start_flood(&a, &id, &files, N).await;
+    // Paced (about 10 s at 10,000 records/s) so that A freezes while the
+    // flood runs: the stall the agent detects is packets waiting for acks,
+    // and the rest of the flood must go to B. Unpaced, a fast machine
+    // delivered everything to A before the test noticed a fifth of it.
+    push_flood(&a, &id, &files, &format!("count={N},size=120,rate=10000")).await;
     poll(Duration::from_secs(240), || {
         (flood_lines(&a.data_dir) >= N as usize / 5).then_some(())
     })
@@ -196,6 +213,11 @@ async fn sigstop_of_the_center_in_use_fails_over_within_the_bound() {
     let a_pid = a.child.0.id();
     signal(a_pid, "STOP");
     let stopped = Instant::now();
+    assert!(
+        !has_marker(&a.data_dir),
+        "set-up: the flood ended before A froze ({} records arrived)",
+        flood_lines(&a.data_dir)
+    );
     poll(Duration::from_secs(30), || {
         (flood_lines(&b.data_dir) > 0).then_some(())
     })
@@ -264,16 +286,27 @@ async fn against_a_center_without_the_extension_the_agent_behaves_as_before() {
         .collect();
     assert_eq!(got.len() as u64, N, "every record exactly once");
     assert!(got.iter().all(|r| r.get("agent_epoch").is_none()));
-    // the heartbeat shows no acknowledging center and nothing held back
+    // a heartbeat sent after the whole flood (after its end marker on the
+    // stream: a fast machine finishes the flood between two heartbeats)
+    // shows no acknowledging center and nothing held back
     let hb = poll(Duration::from_secs(30), || {
-        ndjson_records_in(&cdir)
-            .into_iter()
-            .filter(|r| r["agent_id"] == id.as_str() && r["data_type"] == 1000)
-            .rfind(|r| field(r, "ack_mode") == "none")
+        heartbeat_after_marker(&ndjson_records_in(&cdir), &id)
     })
-    .expect("a heartbeat after the detection");
+    .expect("a heartbeat after the end marker");
+    assert_eq!(field(&hb, "ack_mode"), "none", "{hb}");
     assert_eq!(field(&hb, "drop_cnt"), "0", "{hb}");
     drop(agent);
+}
+
+/// The first 1000 heartbeat of `id` stored after its flood's end marker
+/// (one stream: stored order is the order the agent queued them in).
+fn heartbeat_after_marker(records: &[Value], id: &str) -> Option<Value> {
+    records
+        .iter()
+        .filter(|r| r["agent_id"] == id)
+        .skip_while(|r| r["data_type"] != 7001)
+        .find(|r| r["data_type"] == 1000)
+        .cloned()
 }
 
 /// Records of `data_type` in the agent's spool segments (decoded with the

@@ -251,8 +251,14 @@ async fn unidentified_streams_cannot_lock_out_agents() {
         9,
         "the first agent evicts one idle stream; once identified it leaves the budget"
     );
-    // The evicted ones (the oldest idle streams) ended with RESOURCE_EXHAUSTED.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The evicted ones (the oldest idle streams) ended with RESOURCE_EXHAUSTED:
+    // wait until the 9 refusals counted above reached their clients.
+    for _ in 0..100 {
+        if idle.iter().filter(|t| t.is_finished()).count() >= 9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut exhausted = 0;
     let mut rest = Vec::new();
     for t in idle {
@@ -357,6 +363,13 @@ async fn ndjson_retention_keeps_the_records_dir_under_its_byte_budget() {
         .await;
     }
     let records = dir.path().join("records");
+    // All 201 records written (the last one is in the newest file, which
+    // retention keeps): no rotation or removal runs while sizes are read.
+    let last = elkeid_tests::center::eventually(Duration::from_secs(20), || async {
+        (elkeid_tests::center::count_in_records(dir.path(), "\"n\":\"199\"") > 0).then_some(())
+    })
+    .await;
+    assert!(last.is_some(), "the last record was written");
     let size = || -> (u64, usize) {
         let mut total = 0;
         let mut n = 0;

@@ -229,7 +229,17 @@ fn ctl_drives_a_real_agent_over_https() {
         out, "draining: 1 agent stream(s) closed, not in etcd\n",
         "{out}"
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // The agent comes back (its reconnect backoff is about a second) and is
+    // refused: wait for that refusal instead of a fixed time.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = || rt.block_on(center.metric("elkeid_center_conn_refused_draining_total"));
+    assert!(
+        wait_for(T, || (refused() >= 1).then_some(())).is_some(),
+        "the agent never came back to the drained center"
+    );
     assert!(!connected(&dir, id), "a drained center takes no agent back");
     let v = json(&dir, &["drain", "--yes"]);
     assert_eq!(v["was_draining"], true, "{v}");

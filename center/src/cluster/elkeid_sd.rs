@@ -9,7 +9,8 @@
 //! - Then every `interval` (30 s, Elkeid's period) again, `weight` = the
 //!   connected agents. Unlike Elkeid, a failed first registration is
 //!   retried (every 5 s) instead of giving up for good.
-//! - On shutdown or drain: `POST <sd>/registry/evict` with the same bodies.
+//! - On shutdown or drain: `POST <sd>/registry/evict` with the same bodies,
+//!   after a registration in flight has ended (so none lands after it).
 //!
 //! SD addresses are tried in order until one answers 2xx with a JSON body
 //! whose `code` (when present) is 0. Independent of etcd: works for a
@@ -48,6 +49,10 @@ pub(crate) struct ElkeidSd {
     http_port: u16,
     pool: Arc<Pool>,
     stop: CancellationToken,
+    /// Held for each registration round and by [`ElkeidSd::leave`]: the
+    /// evict is sent after a round in flight has ended, never before it
+    /// (the SD would otherwise list a drained center again).
+    calls: tokio::sync::Mutex<()>,
     up: AtomicBool,
     registrations: AtomicU64,
     errors: AtomicU64,
@@ -81,6 +86,7 @@ impl ElkeidSd {
             http_port: http.port(),
             pool,
             stop: CancellationToken::new(),
+            calls: tokio::sync::Mutex::new(()),
             up: AtomicBool::new(false),
             registrations: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -171,6 +177,10 @@ impl ElkeidSd {
     /// Registers now and every `interval` until [`ElkeidSd::leave`].
     pub(crate) async fn run(self: Arc<Self>) {
         loop {
+            let round = self.calls.lock().await;
+            if self.stop.is_cancelled() {
+                return;
+            }
             let weight = self.pool.count() as u64;
             let wait = match self.post("/registry/register", weight).await {
                 Ok(()) => {
@@ -190,6 +200,7 @@ impl ElkeidSd {
                     RETRY.min(self.cfg.interval)
                 }
             };
+            drop(round);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.stop.cancelled() => return,
@@ -203,6 +214,9 @@ impl ElkeidSd {
             return;
         }
         self.stop.cancel();
+        // A registration round already in flight finishes first (bounded by
+        // the per-call timeout); the loop then sees the cancellation.
+        let _turn = self.calls.lock().await;
         self.up.store(false, Ordering::Relaxed);
         match self.post("/registry/evict", 0).await {
             Ok(()) => tracing::info!("evicted from the Elkeid service discovery"),
@@ -242,5 +256,131 @@ impl ElkeidSd {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CommandConfig;
+    use crate::metrics::Metrics;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A stand-in SD that records `(path, name)` of each call as it arrives
+    /// and holds its answer to the first call until `release` fires.
+    async fn stand_in(
+        held: tokio::sync::oneshot::Sender<()>,
+        release: tokio::sync::oneshot::Receiver<()>,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            let mut hold = Some((held, release));
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head, mut body) = loop {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "request cut short");
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break (
+                            String::from_utf8_lossy(&buf[..p]).into_owned(),
+                            buf[p + 4..].to_vec(),
+                        );
+                    }
+                };
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while body.len() < len {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "body cut short");
+                    body.extend_from_slice(&chunk[..n]);
+                }
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                let name = v["name"].as_str().unwrap_or("").to_string();
+                seen2.lock().unwrap().push((path, name));
+                if let Some((held, release)) = hold.take() {
+                    let _ = held.send(());
+                    let _ = release.await;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"code\":0}")
+                    .await;
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Regression: a drain while a registration round was in flight sent
+    /// the evict first; the round's remaining registration then listed the
+    /// drained center in the SD again.
+    #[tokio::test]
+    async fn leave_evicts_after_the_registration_in_flight() {
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+        let (addr, seen) = stand_in(held_tx, release_rx).await;
+        let pool = Pool::new(
+            4,
+            CommandConfig {
+                queue_len: 16,
+                send_timeout: Duration::from_secs(2),
+                result_timeout: Duration::from_secs(2),
+                queue_bytes: 1 << 20,
+                total_queue_bytes: 1 << 20,
+            },
+            1 << 20,
+            Arc::new(Metrics::default()),
+        );
+        let sd = ElkeidSd::new(
+            ElkeidSdConfig {
+                addrs: vec![format!("http://{addr}")],
+                name: "hids_svr".into(),
+                auth: None,
+                interval: Duration::from_secs(3600),
+                advertise: None,
+            },
+            "127.0.0.1:6751".parse().unwrap(),
+            "127.0.0.1:6752".parse().unwrap(),
+            pool,
+        )
+        .unwrap();
+        let runner = tokio::spawn(sd.clone().run());
+        // The first registration is at the SD, its answer held back.
+        held_rx.await.unwrap();
+        let leaving = tokio::spawn({
+            let sd = sd.clone();
+            async move { sd.leave().await }
+        });
+        // Room for a leave that does not wait to send its evict now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        release_tx.send(()).unwrap();
+        leaving.await.unwrap();
+        runner.await.unwrap();
+        let calls = seen.lock().unwrap().clone();
+        let want = [
+            ("/registry/register", "hids_svr_grpc"),
+            ("/registry/register", "hids_svr_http"),
+            ("/registry/evict", "hids_svr_grpc"),
+            ("/registry/evict", "hids_svr_http"),
+        ]
+        .map(|(p, n)| (p.to_string(), n.to_string()));
+        assert_eq!(calls, want);
+        assert!(!sd.up.load(Ordering::Relaxed), "down after the evict");
     }
 }
