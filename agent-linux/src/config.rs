@@ -590,7 +590,8 @@ where
             path: path.clone(),
             source,
         })?;
-        let f: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        let f: FileConfig =
+            basic_toml::from_str(&text).map_err(|e| ConfigError::Toml(e.to_string()))?;
         apply_file(&mut cfg, f)?;
     }
     // --work-dir first: specified_env lives there.
