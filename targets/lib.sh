@@ -48,9 +48,10 @@ cargo_env() {
 # shellcheck disable=SC2034,SC2054
 #
 # On those targets every crate (std included) is also compiled with
-# AGENT_SIZE_RUSTFLAGS (default: -Zlocation-detail=none: a panic prints its
-# message without file:line:column; the 2 MiB budget of issue 11 is not met
-# on MIPS without it, docs/BENCHMARKS.md "Size work"). They are added to the
+# AGENT_SIZE_RUSTFLAGS (default: `-Zlocation-detail=none -Zfmt-debug=shallow`:
+# a panic prints its message without file:line:column, and derived Debug
+# prints type/variant names without fields; the 2 MiB budget of issue 11 is
+# not met on MIPS without them, docs/BENCHMARKS.md "Size work"). They are added to the
 # target's rustflags of .cargo/config.toml (cargo merges --config arrays).
 # The profile's own strip is off: the cross strip below does it (and
 # `cargo bloat` can then reuse the same build).
@@ -61,7 +62,7 @@ agent_release_env() {
         x86_64-unknown-linux-musl) ;;
         *)
             local flags="" f
-            for f in ${AGENT_SIZE_RUSTFLAGS--Zlocation-detail=none}; do
+            for f in ${AGENT_SIZE_RUSTFLAGS--Zlocation-detail=none -Zfmt-debug=shallow}; do
                 flags="$flags${flags:+, }'$f'"
             done
             CARGO_ENV=(RUSTC_BOOTSTRAP=1 CARGO_PROFILE_RELEASE_SMALL_STRIP=false)
