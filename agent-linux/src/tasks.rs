@@ -105,7 +105,7 @@ pub(crate) fn handle(agent: &Rc<AgentTasks>, task: Task) {
                 task_failed(&agent.buffer, &task.token, &TaskError::Busy.to_string());
                 return;
             }
-            let req: UploadReq = match serde_json::from_str(&task.data) {
+            let req: UploadReq = match serde_json::from_slice(task.data.as_bytes()) {
                 Ok(r) => r,
                 Err(e) => {
                     task_failed(
@@ -150,7 +150,7 @@ pub(crate) fn handle(agent: &Rc<AgentTasks>, task: Task) {
 /// 1051: `{"idc": "...", "region": "..."}`, both optional strings.
 fn set_meta(agent: &AgentTasks, data: &str) -> Result<(), TaskError> {
     let v: serde_json::Value =
-        serde_json::from_str(data).map_err(|e| TaskError::Json(e.to_string()))?;
+        serde_json::from_slice(data.as_bytes()).map_err(|e| TaskError::Json(e.to_string()))?;
     let obj = v
         .as_object()
         .ok_or_else(|| TaskError::Json("not an object".into()))?;
