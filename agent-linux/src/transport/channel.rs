@@ -48,9 +48,9 @@ pub(crate) enum ChannelError {
     Timeout(String),
 }
 
-/// HTTP/2 PING every this long. Not below 5 s: Elkeid's Go center sends
-/// GOAWAY `too_many_pings` to clients that ping more often than its
-/// keepalive `MinTime` (5 s).
+/// HTTP/2 PING this long after the previous answer. Not below 5 s:
+/// Elkeid's Go center sends GOAWAY `too_many_pings` to clients that ping
+/// more often than its keepalive `MinTime` (5 s).
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(6);
 /// A PING not answered within this closes the connection.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
