@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stripped sizes of elkeid-agent and elkeid-center per shipped target, as a
 # markdown table; fails when an agent is missing or over its budget
-# (targets/lib.sh agent_budget: 2 MiB on aarch64, armv7, mips, mipsel;
-# 2.5 MiB on riscv64; 3 MiB on x86_64).
+# (targets/lib.sh agent_budget: 2 MiB on aarch64, armv7, mips, mipsel,
+# riscv64; 3 MiB on x86_64).
 #
 #   bash targets/size-report.sh [--build] [--update-doc] [target...]
 #
