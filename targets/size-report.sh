@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stripped sizes of elkeid-agent and elkeid-center per shipped target, as a
 # markdown table; fails when an agent is missing or over its budget
-# (targets/lib.sh agent_budget: 2 MiB on the router targets aarch64, armv7,
-# mips, mipsel, riscv64; 3 MiB on x86_64).
+# (targets/lib.sh agent_budget: 2 MiB on aarch64, armv7, mips, mipsel,
+# riscv64; 3 MiB on x86_64).
 #
 #   bash targets/size-report.sh [--build] [--update-doc] [target...]
 #
@@ -76,7 +76,7 @@ $row $verdict |"
 done
 
 rustc_v=$(rustc --version)
-note="Static musl, agent profile \`release-small\` (opt-level z, fat LTO, 1 CGU, panic=abort), center profile \`release\`; $rustc_v; $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d). Command: \`bash targets/size-report.sh --build --update-doc\`."
+note="Static musl, agent profile \`release-small\` (opt-level z, fat LTO, 1 CGU, panic=abort; router targets: std from source with \`optimize_for_size\`, \`${AGENT_SIZE_RUSTFLAGS--Zlocation-detail=none -Zfmt-debug=shallow}\`), center profile \`release\`; $rustc_v; $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d). Command: \`bash targets/size-report.sh --build --update-doc\`."
 printf '%s\n\n%s\n' "$table" "$note"
 
 if [ "$doc" = yes ]; then

@@ -494,17 +494,33 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
     let live = liveness(&s, now);
     let errors = last_errors(&dir);
     if json {
-        let v = serde_json::json!({
-            "running": live == Liveness::Running,
-            "liveness": match live {
+        // A struct rather than `json!`: serialized by the same code as
+        // status.json (a `serde_json::Value` tree needs a second copy of
+        // every Serialize impl, ~6 KiB on MIPS).
+        #[derive(Serialize)]
+        struct Out<'a> {
+            running: bool,
+            liveness: &'static str,
+            status: &'a Status,
+            last_errors: &'a [String],
+        }
+        let out = Out {
+            running: live == Liveness::Running,
+            liveness: match live {
                 Liveness::Running => "running",
                 Liveness::Stale => "not_responding",
                 Liveness::NotRunning => "not_running",
             },
-            "status": s,
-            "last_errors": errors,
-        });
-        println!("{v}");
+            status: &s,
+            last_errors: &errors,
+        };
+        match serde_json::to_string(&out) {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                eprintln!("elkeid-agent status: {e}");
+                return ExitCode::from(1);
+            }
+        }
     } else {
         print!("{}", render(&s, live, &errors, now));
     }

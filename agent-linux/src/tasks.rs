@@ -7,13 +7,9 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use elkeid_proto::codec::RawEncodeCodec;
 use elkeid_proto::grpc::{FileUploadRequest, FileUploadResponse, Task};
-use elkeid_proto::snappy::SnappyClient;
 use prost::Message;
 use tokio::io::AsyncReadExt;
-use tonic::codegen::http::uri::PathAndQuery;
 
 use crate::buffer::Buffer;
 use crate::config::Config;
@@ -109,7 +105,7 @@ pub(crate) fn handle(agent: &Rc<AgentTasks>, task: Task) {
                 task_failed(&agent.buffer, &task.token, &TaskError::Busy.to_string());
                 return;
             }
-            let req: UploadReq = match serde_json::from_str(&task.data) {
+            let req: UploadReq = match serde_json::from_slice(task.data.as_bytes()) {
                 Ok(r) => r,
                 Err(e) => {
                     task_failed(
@@ -154,7 +150,7 @@ pub(crate) fn handle(agent: &Rc<AgentTasks>, task: Task) {
 /// 1051: `{"idc": "...", "region": "..."}`, both optional strings.
 fn set_meta(agent: &AgentTasks, data: &str) -> Result<(), TaskError> {
     let v: serde_json::Value =
-        serde_json::from_str(data).map_err(|e| TaskError::Json(e.to_string()))?;
+        serde_json::from_slice(data.as_bytes()).map_err(|e| TaskError::Json(e.to_string()))?;
     let obj = v
         .as_object()
         .ok_or_else(|| TaskError::Json("not an object".into()))?;
@@ -231,7 +227,11 @@ async fn upload(agent: &AgentTasks, token: &str, req: &UploadReq) -> Result<u64,
         .clone()
         .ok_or(TaskError::NotConnected)?;
     let chunk = buf_size.min(MAX_CHUNK) as usize;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let rpc = |e: crate::transport::grpc::GrpcError| TaskError::Rpc(e.to_string());
+    let (mut tx, response) =
+        crate::transport::grpc::start(&ch.send, &ch.counters, &agent.cfg.server_name, UPLOAD_PATH)
+            .await
+            .map_err(rpc)?;
     let token_s = token.to_string();
     let path = req.path.clone();
     let reader = async move {
@@ -260,32 +260,34 @@ async fn upload(agent: &AgentTasks, token: &str, req: &UploadReq) -> Result<u64,
                 token: token_s.clone(),
                 data: data.into(),
             };
-            if tx.send(Bytes::from(msg.encode_to_vec())).await.is_err() {
-                return Err(TaskError::Rpc("stream closed".into()));
-            }
+            tx.send(&msg.encode_to_vec()).await.map_err(rpc)?;
             if n < chunk {
+                tx.finish().map_err(rpc)?;
                 return Ok(sent);
             }
         }
     };
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let origin = format!("https://{}", agent.cfg.server_name)
-        .parse()
-        .unwrap_or_else(|_| http::Uri::from_static("https://elkeid.com"));
-    let mut grpc = tonic::client::Grpc::with_origin(SnappyClient::new(ch), origin);
-    grpc.ready()
-        .await
-        .map_err(|e| TaskError::Rpc(e.to_string()))?;
-    let call = grpc.client_streaming(
-        tonic::Request::new(stream),
-        PathAndQuery::from_static(UPLOAD_PATH),
-        RawEncodeCodec::<FileUploadResponse>::new(),
-    );
-    let (sent, resp) = tokio::join!(reader, call);
-    let sent = sent?;
-    let resp = resp
-        .map_err(|s| TaskError::Rpc(s.to_string()))?
-        .into_inner();
+    let call = async {
+        let mut rx = crate::transport::grpc::Receiver::open(response, &ch.counters)
+            .await
+            .map_err(rpc)?;
+        let resp = rx
+            .message::<FileUploadResponse>()
+            .await
+            .map_err(rpc)?
+            .ok_or_else(|| TaskError::Rpc("no response message".into()))?;
+        // a unary response: the status follows the one message
+        if rx
+            .message::<FileUploadResponse>()
+            .await
+            .map_err(rpc)?
+            .is_some()
+        {
+            return Err(TaskError::Rpc("more than one response message".into()));
+        }
+        Ok(resp)
+    };
+    let (sent, resp) = tokio::try_join!(reader, call)?;
     if resp.status != 0 {
         return Err(TaskError::Refused);
     }

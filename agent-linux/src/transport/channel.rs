@@ -1,25 +1,17 @@
-//! One HTTP/2 connection to a center: TCP + TLS (ALPN `h2`) + hyper's h2
-//! client, exposed as a tower service for tonic, with byte counters for the
+//! One HTTP/2 connection to a center: TCP + TLS (ALPN `h2`) + an `h2`
+//! client connection with PING keepalive, and the byte counters for the
 //! heartbeat's `rx_speed` / `tx_speed` (gRPC message bytes incl. the 5-byte
-//! prefix, as they go over the wire after compression).
+//! prefix, as they go over the wire after compression; counted by
+//! [`super::grpc`]).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 pub(crate) use crate::counters::ByteCounters;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tonic::body::Body as TonicBody;
 
 /// Connection errors.
 #[derive(Debug, thiserror::Error)]
@@ -48,37 +40,37 @@ pub(crate) enum ChannelError {
     H2 {
         /// The address dialled.
         addr: String,
-        /// hyper's error.
-        source: hyper::Error,
+        /// h2's error.
+        source: h2::Error,
     },
     /// The whole dial took longer than the dial timeout.
     #[error("dial {0} timed out")]
     Timeout(String),
 }
 
-/// HTTP/2 PING after this long without a frame from the center. Not below
-/// 5 s: Elkeid's Go center sends GOAWAY `too_many_pings` to clients that
-/// ping more often than its keepalive `MinTime` (5 s).
+/// HTTP/2 PING this long after the previous answer. Not below 5 s:
+/// Elkeid's Go center sends GOAWAY `too_many_pings` to clients that ping
+/// more often than its keepalive `MinTime` (5 s).
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(6);
 /// A PING not answered within this closes the connection.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A live h2 connection usable by tonic (cheap to clone; clones share the
-/// connection, so file uploads run as another stream on it).
+/// A live h2 connection (cheap to clone; clones share the connection, so
+/// file uploads run as another stream on it).
 #[derive(Debug, Clone)]
 pub(crate) struct Channel {
-    send: http2::SendRequest<TonicBody>,
-    counters: Arc<ByteCounters>,
+    pub(crate) send: h2::client::SendRequest<Bytes>,
+    pub(crate) counters: Arc<ByteCounters>,
 }
 
 impl Channel {
     /// Dials `addr` (`host:port`) within `timeout`, with the hung-peer bound
     /// `failover`: the socket's
     /// `TCP_USER_TIMEOUT` (sent data unacknowledged by the peer's kernel for
-    /// that long closes the connection) and HTTP/2 PING keepalive (no frame
-    /// from the center for [`PING_INTERVAL`], then no PING answer within
-    /// [`PING_TIMEOUT`], closes it: a frozen center process whose kernel
-    /// still acknowledges TCP).
+    /// that long closes the connection) and HTTP/2 PING keepalive (a PING
+    /// every [`PING_INTERVAL`]; no answer within [`PING_TIMEOUT`] closes the
+    /// connection: a frozen center process whose kernel still acknowledges
+    /// TCP).
     pub(crate) async fn connect(
         addr: &str,
         tls: Arc<ClientConfig>,
@@ -118,20 +110,21 @@ impl Channel {
         if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(ChannelError::NoH2(a()));
         }
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(1 << 20)
+        // The settings hyper's client used before (push off, 16 KiB header
+        // lists), with larger windows for batches.
+        let (send, mut conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .max_header_list_size(16 << 10)
+            .initial_window_size(1 << 20)
             .initial_connection_window_size(2 << 20)
-            .max_send_buf_size(1 << 20)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(PING_INTERVAL)
-            .keep_alive_timeout(PING_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(stream))
+            .max_send_buffer_size(1 << 20)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|source| ChannelError::H2 { addr: a(), source })?;
+        let ping = conn.ping_pong();
         let addr_s = a();
         tokio::task::spawn_local(async move {
-            if let Err(error) = conn.await {
+            if let Err(error) = drive(conn, ping).await {
                 tracing::debug!(addr = %addr_s, %error, "h2 connection ended");
             }
         });
@@ -139,73 +132,32 @@ impl Channel {
     }
 }
 
-impl tower::Service<Request<TonicBody>> for Channel {
-    type Response = Response<Counted<hyper::body::Incoming>>;
-    type Error = hyper::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
-        self.send.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<TonicBody>) -> Self::Future {
-        let tx = self.counters.clone();
-        let (parts, body) = req.into_parts();
-        let body = TonicBody::new(Counted {
-            inner: body,
-            counters: tx.clone(),
-            tx: true,
-        });
-        let fut = self.send.send_request(Request::from_parts(parts, body));
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|inner| Counted {
-                inner,
-                counters: tx,
-                tx: false,
-            }))
-        })
-    }
-}
-
-/// A body that adds the length of every data frame to a counter.
-#[derive(Debug)]
-pub(crate) struct Counted<B> {
-    inner: B,
-    counters: Arc<ByteCounters>,
-    tx: bool,
-}
-
-impl<B> Body for Counted<B>
+/// Runs the connection until it ends, with PING keepalive; dropping it on
+/// a PING timeout fails every stream on it.
+async fn drive<T>(
+    conn: h2::client::Connection<T, Bytes>,
+    ping: Option<h2::PingPong>,
+) -> Result<(), String>
 where
-    B: Body<Data = Bytes> + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            let c = if self.tx {
-                &self.counters.tx
-            } else {
-                &self.counters.rx
-            };
-            c.fetch_add(d.len() as u64, Ordering::Relaxed);
+    tokio::pin!(conn);
+    let Some(mut ping) = ping else {
+        return conn.await.map_err(|e| e.to_string());
+    };
+    loop {
+        tokio::select! {
+            r = &mut conn => return r.map_err(|e| e.to_string()),
+            () = tokio::time::sleep(PING_INTERVAL) => {}
         }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let pong = tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque()));
+        tokio::select! {
+            r = &mut conn => return r.map_err(|e| e.to_string()),
+            r = pong => match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("keepalive PING not answered".into()),
+            },
+        }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - `tls`: rustls client config (mTLS, ALPN h2, fixed-name verification).
-//! - `channel`: TCP + TLS + h2 connection as a tonic service, byte counters.
+//! - `channel`: TCP + TLS + h2 connection with PING keepalive, byte counters.
+//! - `grpc`: the gRPC calls on that connection (message framing, snappy,
+//!   status), straight on `h2`.
 //! - this file: address selection (§2.4: service discovery, private,
 //!   public), reconnect with exponential backoff and jitter (never exits),
 //!   the send loop (ring batches, commit/rollback) and the receive loop
@@ -25,6 +27,7 @@
 
 pub(crate) mod channel;
 pub(crate) mod delivery;
+pub(crate) mod grpc;
 pub(crate) mod tls;
 
 use std::cell::{Cell, RefCell};
@@ -33,13 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use elkeid_proto::codec::RawEncodeCodec;
 use elkeid_proto::grpc::Command;
-use elkeid_proto::snappy::SnappyClient;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::sync::mpsc;
-use tonic::codegen::http::uri::PathAndQuery;
 
 use crate::buffer::{Buffer, RING_SLOTS};
 use crate::config::Config;
@@ -98,10 +97,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub(crate) enum SessionError {
     /// The gRPC call failed (status from the center or the connection).
     #[error("transfer: {0}")]
-    Status(#[from] tonic::Status),
-    /// The request stream was dropped: the connection is gone.
-    #[error("transfer stream closed")]
-    Closed,
+    Rpc(#[from] grpc::GrpcError),
     /// The center ended the stream cleanly.
     #[error("center ended the stream")]
     Ended,
@@ -339,24 +335,16 @@ async fn session(
     on_command: &OnCommand,
 ) -> Result<(), SessionError> {
     crate::heartbeat::push_agent_heartbeat(&agent.heartbeat).await;
-    let (tx, rx) = mpsc::channel::<Bytes>(1);
-    let origin = format!("https://{}", agent.cfg.server_name)
-        .parse()
-        .unwrap_or_else(|_| http::Uri::from_static("https://elkeid.com"));
-    let mut grpc = tonic::client::Grpc::with_origin(SnappyClient::new(ch), origin);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    let call = grpc.streaming(
-        tonic::Request::new(stream),
-        PathAndQuery::from_static(TRANSFER_PATH),
-        RawEncodeCodec::<Command>::new(),
-    );
+    let (tx, response) = grpc::start(
+        &ch.send,
+        &ch.counters,
+        &agent.cfg.server_name,
+        TRANSFER_PATH,
+    )
+    .await?;
     let receiver = async {
-        let mut commands = call.await?.into_inner();
-        while let Some(cmd) = commands.message().await? {
+        let mut commands = grpc::Receiver::open(response, &ch.counters).await?;
+        while let Some(cmd) = commands.message::<Command>().await? {
             Counters::add(&agent.counters.rx_commands, 1);
             // an ack-only Command is an acknowledgement, never a config sync
             if agent.delivery.on_command(&cmd) {
@@ -369,8 +357,8 @@ async fn session(
     tokio::pin!(receiver);
     tokio::select! {
         r = send_loop(agent, tx) => {
-            // Closing: the request stream has ended (tx dropped); give the
-            // center a moment to end its side cleanly.
+            // Closing: the request stream has ended; give the center a
+            // moment to end its side cleanly.
             r?;
             match tokio::time::timeout(CLOSE_GRACE, &mut receiver).await {
                 Ok(Err(SessionError::Ended)) | Err(_) => Ok(()),
@@ -381,12 +369,10 @@ async fn session(
     }
 }
 
-/// Hands one packet to the request body; `Err` when the stream is gone.
-async fn send_one(tx: &mpsc::Sender<Bytes>, pkt: Bytes) -> Result<(), SessionError> {
-    tx.send(pkt).await.map_err(|_| SessionError::Closed)?;
-    // The slot frees once the body took the packet.
-    let permit = tx.reserve().await.map_err(|_| SessionError::Closed)?;
-    drop(permit);
+/// Hands one packet to the request stream (waits while the stream's send
+/// window is full).
+async fn send_one(tx: &mut grpc::Sender, pkt: &Bytes) -> Result<(), SessionError> {
+    tx.send(pkt).await?;
     Ok(())
 }
 
@@ -397,7 +383,7 @@ async fn send_one(tx: &mpsc::Sender<Bytes>, pkt: Bytes) -> Result<(), SessionErr
 /// window until acknowledged (released at once against a center without
 /// the extension). Ends with [`SessionError::Stalled`] when
 /// acknowledgements stop advancing while packets wait.
-async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), SessionError> {
+async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), SessionError> {
     let delivery = &agent.delivery;
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -419,7 +405,7 @@ async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), Ses
         }
         loop {
             while let Some((id, pkt)) = delivery.next_to_send() {
-                send_one(&tx, pkt).await?;
+                send_one(&mut tx, &pkt).await?;
                 // by identity: an ack may have moved the window meanwhile
                 delivery.sent(id);
             }
@@ -461,6 +447,7 @@ async fn send_loop(agent: &Transport, tx: mpsc::Sender<Bytes>) -> Result<(), Ses
         }
         delivery.publish();
         if agent.link.closing.get() && agent.buffer.is_empty() && delivery.is_empty() {
+            tx.finish()?;
             return Ok(());
         }
     }
