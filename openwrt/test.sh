@@ -247,6 +247,7 @@ workers-zero|option workers '0'|workers
 workers-text|option workers 'two'|workers
 level|option log_level 'verbose'|log_level
 ring-small|option ring_bytes '4096'|ring_bytes
+unacked-small|option unacked_bytes '65536'|unacked_bytes
 log-huge|option log_max_bytes '99999999999999999999'|log_max_bytes
 heartbeat|option heartbeat_secs '-1'|heartbeat_secs
 spool-full|option spool_full 'drop-newest'|spool_full

@@ -12,6 +12,9 @@
 #    (default: dev, which shares its build with targets/qemu-test.sh);
 #    SMOKE_AGENT=<path> runs that agent binary instead (e.g. the shipped
 #    target/ship/<target>/elkeid-agent from targets/build.sh);
+#    SMOKE_CENTER=<path> uses that host center; SMOKE_SETTLE=<s> (default 5)
+#    is how long the agent idles with both plugins before its footprint is
+#    logged; SMOKE_SMAPS=<file> keeps its /proc/<pid>/smaps of that moment;
 # 2. packs the plugin as example-1.0.0.tar.gz, served by a local HTTP server
 #    on 127.0.0.1, and lists it in the center's components file;
 # 3. starts the center (generated dev PKI, NDJSON sink) and the agent under
@@ -201,6 +204,21 @@ done
 sleep "${SMOKE_SETTLE:-5}"
 rss=$(awk '/^(VmRSS|VmHWM|Threads):/ { printf "%s %s%s ", $1, $2, ($3 ? " " $3 : "") }' "/proc/$AGENT_PID/status")
 log "agent footprint with $(plugin_pids | wc -l) plugin processes (${runner:-native}, $profile): $rss"
+# SMOKE_SMAPS=<file>: keep the agent's /proc/<pid>/smaps of that moment (where
+# the RSS goes: text pages, heap, thread stacks; docs/BENCHMARKS.md).
+[ -z "${SMOKE_SMAPS:-}" ] || cp "/proc/$AGENT_PID/smaps" "$SMOKE_SMAPS"
+# Under qemu-user, the guest's own share: qemu-user (7.2, 64-bit host) puts
+# the guest's mappings (its binary, heap, mmaps, stack) at guest addresses
+# below 0x5000_0000_0000, its own (binary, [heap], translated-code buffer,
+# thread stacks) above. The guest's /proc/self/statm is the qemu process's.
+if [ -n "$runner" ]; then
+    guest=$(awk '/^[0-9a-f]+-[0-9a-f]+ /{ split($1, a, "-"); g = (length(a[1]) < 12 || a[1] < "500000000000") && $6 != "[heap]" }
+                 /^Rss:/ { if (g) gr += $2; else qr += $2 }
+                 /^Anonymous:/ { if (g) ga += $2 }
+                 END { printf "guest mappings Rss %d kB (anonymous %d kB), qemu itself %d kB", gr, ga, qr }' \
+        "/proc/$AGENT_PID/smaps")
+    log "agent footprint, guest view: $guest"
+fi
 
 # A task through the center's signed HTTP API (POST /command/) to the plugin
 # (fd 3 under emulation), echoed back as a 6000 record.

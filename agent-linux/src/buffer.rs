@@ -180,6 +180,48 @@ impl Buffer {
     pub(crate) fn rollback(&self, batch: Batch) {
         self.ring.borrow_mut().rollback(batch);
     }
+
+    /// Once the ring is empty after a burst (at least `min` arena bytes
+    /// written since the last release), hands the arena pages that burst
+    /// touched back to the kernel, so the agent's RSS returns to its idle
+    /// level instead of keeping the whole ring resident until the next
+    /// flood. Returns the bytes released (0: nothing to do).
+    pub(crate) fn release_idle_pages(&self, min: usize) -> usize {
+        let mut ring = self.ring.borrow_mut();
+        ring.take_idle_arena(min).map_or(0, discard_pages)
+    }
+}
+
+/// Smallest burst whose arena pages are released (below, a heartbeat or a
+/// few records: not worth a system call).
+pub(crate) const RELEASE_MIN_BYTES: usize = 64 * 1024;
+
+/// `madvise(MADV_DONTNEED)` on the whole pages inside `bytes`: their
+/// memory goes back to the kernel and reads as zeros (or the file's
+/// contents for a file-backed mapping) when touched again. Returns the
+/// bytes advised (0 on failure: the pages simply stay).
+#[allow(unsafe_code)]
+fn discard_pages(bytes: &mut [u8]) -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = match usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }) {
+        Ok(p) if p.is_power_of_two() => p,
+        _ => return 0,
+    };
+    let start = bytes.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(page);
+    let end = (start + bytes.len()) & !(page - 1);
+    if end <= first {
+        return 0;
+    }
+    let len = end - first;
+    // SAFETY: [first, end) lies inside `bytes`, to which we hold the only
+    // (mutable) reference, and is page-aligned. The memory is private
+    // (heap or static), so MADV_DONTNEED only replaces its contents with
+    // zero-fill (or file) pages on the next touch: any byte value is valid
+    // for `u8`, and the ring never reads arena bytes it has not written
+    // since (`Ring::take_idle_arena`). No allocator metadata is in range.
+    let r = unsafe { libc::madvise(first as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if r == 0 { len } else { 0 }
 }
 
 /// Pushes a 5100 task-failure record (`token`, `msg`, `status: failed`)

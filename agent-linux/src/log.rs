@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use portable_atomic::AtomicU64;
 #[cfg(target_has_atomic = "64")]
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use elkeid_core::payload::PayloadBuf;
@@ -40,7 +40,10 @@ pub(crate) use elkeid_core::schema::data_type::AGENT_LOG as DT_AGENT_LOG;
 const MAX_PENDING: usize = 256;
 /// Largest 1010 payload.
 const MAX_RECORD: usize = 16 * 1024;
-/// Lines queued for the writer thread at most.
+/// Lines queued for the writer thread at most. The queue is an unbounded
+/// channel (memory in small blocks, only while lines wait) bounded by the
+/// `queued` count: a preallocated 1024-slot `sync_channel` kept 32 KiB
+/// resident for a queue that is empty nearly always.
 const LINE_QUEUE: usize = 1024;
 
 static LEVEL: AtomicU8 = AtomicU8::new(2);
@@ -192,7 +195,9 @@ enum Msg {
 /// `<utc time> <LEVEL> <target>: <msg> k=v ...`.
 #[derive(Clone)]
 struct LineLayer {
-    tx: std::sync::mpsc::SyncSender<Msg>,
+    tx: std::sync::mpsc::Sender<Msg>,
+    /// Lines sent and not yet taken by the writer (at most `LINE_QUEUE`).
+    queued: Arc<AtomicUsize>,
     /// Lines dropped on a full queue, not yet noted in the file.
     dropped: Arc<AtomicU64>,
 }
@@ -200,15 +205,18 @@ struct LineLayer {
 impl LineLayer {
     /// Starts the writer thread.
     fn spawn(file: Rotating, stderr: bool) -> std::io::Result<LineLayer> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(LINE_QUEUE);
+        let (tx, rx) = std::sync::mpsc::channel::<Msg>();
         let dropped = Arc::new(AtomicU64::new(0));
         let counter = dropped.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         std::thread::Builder::new()
             .name("elkeid-log".into())
             .spawn(move || {
                 for m in rx {
                     match m {
                         Msg::Line(line) => {
+                            taken.fetch_sub(1, Ordering::Relaxed);
                             let dropped = counter.swap(0, Ordering::Relaxed);
                             if dropped > 0 {
                                 let note = format!(
@@ -232,7 +240,11 @@ impl LineLayer {
                     }
                 }
             })?;
-        Ok(LineLayer { tx, dropped })
+        Ok(LineLayer {
+            tx,
+            queued,
+            dropped,
+        })
     }
 
     /// Waits up to `timeout` for the lines queued so far to be written.
@@ -282,10 +294,12 @@ impl<S: Subscriber> Layer<S> for LineLayer {
             let _ = write!(line, " {k}={v}");
         }
         line.push('\n');
-        if let Err(std::sync::mpsc::TrySendError::Full(_)) =
-            self.tx.try_send(Msg::Line(line.into_bytes()))
-        {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= LINE_QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else if self.tx.send(Msg::Line(line.into_bytes())).is_err() {
+            // the writer is gone (its thread panicked): nothing to queue for
+            self.queued.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

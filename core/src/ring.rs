@@ -257,6 +257,9 @@ pub struct Ring<const N: usize = DEFAULT_CAPACITY> {
     agent_count: usize,
     agent_bytes: usize,
     reserved_records: usize,
+    /// End (absolute, exclusive) of the arena bytes written since the last
+    /// [`Ring::take_idle_arena`].
+    dirty_end: usize,
 }
 
 const MAIN: usize = 0;
@@ -298,6 +301,7 @@ impl<const N: usize> Ring<N> {
             agent_count: 0,
             agent_bytes: 0,
             reserved_records: cfg.agent_reserved_records.min(N),
+            dirty_end: 0,
         }
     }
 
@@ -396,6 +400,7 @@ impl<const N: usize> Ring<N> {
         let abs = self.regions[region].base + rel;
         if len != 0 {
             fill(&mut self.arena.bytes_mut()[abs..abs + len]);
+            self.dirty_end = self.dirty_end.max(abs + len);
         }
         self.regions[region].occupy(rel, len, wraps);
         let idx = (self.first + self.count) % N;
@@ -452,6 +457,27 @@ impl<const N: usize> Ring<N> {
             // `dst` is exactly `encoded_len()` bytes.
             let _ = rec.try_encode_to(dst);
         })
+    }
+
+    /// Arena bytes written since the last [`Ring::take_idle_arena`] (an
+    /// upper bound: everything below the highest byte written).
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_end
+    }
+
+    /// When the ring is empty (no record stored, no batch open) and at
+    /// least `min` arena bytes were written since the last call: those
+    /// bytes, so the caller can hand their memory back to the OS (e.g.
+    /// `madvise(MADV_DONTNEED)`) after a burst. The ring never reads arena
+    /// bytes it has not written since, so what they hold afterwards does not
+    /// matter. Resets the count; `None` otherwise (nothing changes).
+    pub fn take_idle_arena(&mut self, min: usize) -> Option<&mut [u8]> {
+        if self.count != 0 || self.batch_open || self.dirty_end < min.max(1) {
+            return None;
+        }
+        let end = self.dirty_end;
+        self.dirty_end = 0;
+        Some(&mut self.arena.bytes_mut()[..end])
     }
 
     fn slot(&self, i: usize) -> &Slot {
@@ -623,6 +649,41 @@ mod tests {
             (r.bytes(), r.len_of(Class::Agent), r.bytes_of(Class::Agent)),
             (0, 0, 0)
         );
+    }
+
+    /// The arena bytes a burst wrote are offered back only once the ring
+    /// is empty, at most once per burst, and overwriting them afterwards
+    /// (what `MADV_DONTNEED` does: zeros) does not disturb later records.
+    #[test]
+    fn idle_arena_is_offered_after_a_burst_once_empty() {
+        let mut r: Ring<64> = Ring::new(cfg(4096, 2, 512));
+        assert!(r.take_idle_arena(1).is_none(), "nothing written yet");
+        for i in 0..20u8 {
+            r.push_encoded(Class::Plugin, &[i; 100]).unwrap();
+        }
+        r.push_encoded(Class::Agent, &[99; 10]).unwrap();
+        assert_eq!(r.dirty_bytes(), 2010);
+        assert!(r.take_idle_arena(1).is_none(), "records stored");
+        let b = r.begin_batch(usize::MAX, usize::MAX).unwrap();
+        assert!(r.take_idle_arena(1).is_none(), "batch open");
+        r.commit(b);
+        assert!(r.take_idle_arena(4096).is_none(), "below the minimum");
+        let idle = r.take_idle_arena(1024).unwrap();
+        assert_eq!(idle.len(), 2010);
+        idle.fill(0xee);
+        assert_eq!(r.dirty_bytes(), 0);
+        assert!(r.take_idle_arena(1).is_none(), "offered once");
+        // The ring refills from the start of its regions; contents intact.
+        r.push_encoded(Class::Plugin, &[1; 30]).unwrap();
+        r.push_encoded(Class::Agent, &[2; 3]).unwrap();
+        assert_eq!(all(&mut r), [&[1u8; 30][..], &[2; 3]]);
+        assert_eq!(r.dirty_bytes(), 33);
+        // A record in the reserve region counts up to its end.
+        for _ in 0..35 {
+            r.push_encoded(Class::Plugin, &[3; 100]).unwrap();
+        }
+        r.push_encoded(Class::Agent, &[4; 200]).unwrap();
+        assert_eq!(r.dirty_bytes(), 3584 + 200);
     }
 
     #[test]

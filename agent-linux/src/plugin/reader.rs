@@ -1,8 +1,11 @@
 //! Plugin pipes: records in (fd 4 and fd 5), tasks out (fd 3), counters.
 //!
-//! Records are read straight into each pipe's `FrameDecoder` (one fixed read
-//! chunk, the decoder never grows past `4 + max_frame_len + chunk`) and
-//! pushed into the ring. When the ring has no room for plugin records the
+//! Records are read straight into each pipe's `FrameDecoder` (the decoder
+//! never grows past `4 + max_frame_len + chunk`) and pushed into the ring.
+//! The read chunk adapts: [`MIN_READ_CHUNK`] while the plugin is quiet (a
+//! heartbeat now and then), [`READ_CHUNK`] as soon as reads fill the chunk;
+//! after [`IDLE_READS`] small reads in a row the pipe gives its large buffer
+//! back, so idle plugins cost 4 KiB each instead of 64 KiB. When the ring has no room for plugin records the
 //! reader waits for [`Buffer::space`] and stops reading meanwhile, so the
 //! plugin blocks on its full pipe: back-pressure, never a drop.
 //!
@@ -23,8 +26,13 @@ use tokio::sync::mpsc;
 
 use crate::buffer::Buffer;
 
-/// Read chunk per `read(2)` (the fixed read buffer of each pipe).
+/// Largest read chunk per `read(2)` (a pipe under a flood).
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// Smallest read chunk (a quiet pipe).
+pub(crate) const MIN_READ_CHUNK: usize = 4 * 1024;
+/// Reads in a row smaller than [`MIN_READ_CHUNK`] after which a pipe
+/// shrinks its chunk and its decoder buffer back to [`MIN_READ_CHUNK`].
+const IDLE_READS: u32 = 8;
 
 /// Why a record reader stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +84,45 @@ struct Pipe {
     dec: FrameDecoder,
     eof: bool,
     fd: u8,
+    /// Current read chunk, [`MIN_READ_CHUNK`]..=[`READ_CHUNK`].
+    chunk: usize,
+    /// Small reads in a row.
+    small_reads: u32,
+}
+
+impl Pipe {
+    fn new(rx: pipe::Receiver, max_frame_len: u32, fd: u8) -> Pipe {
+        Pipe {
+            rx,
+            dec: FrameDecoder::new(max_frame_len),
+            eof: false,
+            fd,
+            chunk: MIN_READ_CHUNK,
+            small_reads: 0,
+        }
+    }
+
+    /// Sizes the next read after one of `n` bytes: a full chunk means the
+    /// plugin writes faster than we read, so grow (x4, up to
+    /// [`READ_CHUNK`]); a run of small reads means it is quiet, so give the
+    /// large buffer back (bytes still buffered are kept).
+    fn adapt(&mut self, n: usize) {
+        if n >= self.chunk {
+            self.chunk = (self.chunk * 4).min(READ_CHUNK);
+            self.small_reads = 0;
+        } else if n < MIN_READ_CHUNK {
+            self.small_reads += 1;
+            if self.small_reads >= IDLE_READS {
+                self.small_reads = 0;
+                self.chunk = MIN_READ_CHUNK;
+                if self.dec.capacity() > 2 * MIN_READ_CHUNK {
+                    self.dec.shrink_to(MIN_READ_CHUNK);
+                }
+            }
+        } else {
+            self.small_reads = 0;
+        }
+    }
 }
 
 /// Reads both record pipes until EOF on both (Ok) or a broken frame (Err).
@@ -88,18 +135,8 @@ pub(crate) async fn read_records(
     max_frame_len: u32,
     counters: &Counters,
 ) -> Result<(), ReadError> {
-    let mut normal = Pipe {
-        rx: records,
-        dec: FrameDecoder::new(max_frame_len),
-        eof: false,
-        fd: 4,
-    };
-    let mut hp = Pipe {
-        rx: high,
-        dec: FrameDecoder::new(max_frame_len),
-        eof: false,
-        fd: 5,
-    };
+    let mut normal = Pipe::new(records, max_frame_len, 4);
+    let mut hp = Pipe::new(high, max_frame_len, 5);
     loop {
         if normal.eof && hp.eof {
             return Ok(());
@@ -109,7 +146,7 @@ pub(crate) async fn read_records(
             r = hp.rx.readable(), if !hp.eof => { r?; &mut hp }
             r = normal.rx.readable(), if !normal.eof => { r?; &mut normal }
         };
-        match p.rx.try_read(p.dec.spare_mut(READ_CHUNK)) {
+        match p.rx.try_read(p.dec.spare_mut(p.chunk)) {
             Ok(0) => {
                 p.eof = true;
                 if p.dec.buffered() > 0 {
@@ -123,6 +160,7 @@ pub(crate) async fn read_records(
             Ok(n) => {
                 p.dec.advance(n);
                 drain(p, buffer, counters).await?;
+                p.adapt(n);
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
@@ -219,6 +257,50 @@ mod tests {
         assert_eq!((rxc, rxb, txc), (0, 0, 11));
         assert_eq!(txb, 11 * (f.len() as u64 - 4));
         assert_eq!(counters.take(), (0, 0, 0, 0));
+    }
+
+    /// A pipe's read chunk grows while reads fill it and, after a run of
+    /// small reads, shrinks back with the decoder's buffer; a frame still
+    /// buffered is kept whole.
+    #[tokio::test(flavor = "current_thread")]
+    async fn read_chunk_grows_under_load_and_shrinks_when_quiet() {
+        let (_w, r) = pipe::pipe().unwrap();
+        let mut p = Pipe::new(r, 1 << 20, 4);
+        assert_eq!(p.chunk, MIN_READ_CHUNK);
+        // Full reads: 4 KiB -> 16 KiB -> 64 KiB, then it stays there.
+        for want in [16 * 1024, READ_CHUNK, READ_CHUNK] {
+            let n = p.dec.spare_mut(p.chunk).len();
+            assert!(n >= p.chunk);
+            p.dec.advance(p.chunk);
+            p.adapt(p.chunk);
+            assert_eq!(p.chunk, want);
+        }
+        assert!(p.dec.capacity() >= READ_CHUNK);
+        // 3 bytes of the next frame's prefix stay buffered across the shrink.
+        let f = frame(100, 7, "k", "v");
+        let mut fresh = FrameDecoder::new(1 << 20);
+        fresh.push(&f[..3]);
+        p.dec = fresh;
+        p.dec.spare_mut(READ_CHUNK);
+        assert!(p.dec.capacity() >= READ_CHUNK);
+        for i in 1..=IDLE_READS {
+            p.adapt(100);
+            let shrunk = i == IDLE_READS;
+            assert_eq!(p.chunk == MIN_READ_CHUNK, shrunk, "after {i} small reads");
+        }
+        assert_eq!(p.dec.capacity(), MIN_READ_CHUNK);
+        assert_eq!(p.dec.buffered(), 3);
+        p.dec.push(&f[3..]);
+        let rec = p.dec.next_record().unwrap().unwrap();
+        assert_eq!(rec.data_type, 100);
+        // A medium read resets the run.
+        p.chunk = READ_CHUNK;
+        for _ in 1..IDLE_READS {
+            p.adapt(100);
+        }
+        p.adapt(MIN_READ_CHUNK);
+        p.adapt(100);
+        assert_eq!(p.chunk, READ_CHUNK);
     }
 
     /// When both pipes have data, fd 5 records enter the ring first.

@@ -84,6 +84,20 @@ pub(crate) const TRANSFER_PATH: &str = "/grpc.Transfer/Transfer";
 pub(crate) const MAX_BATCH_BYTES: usize = elkeid_core::ring::DEFAULT_BATCH_BYTES;
 /// Send tick.
 const SEND_INTERVAL: Duration = Duration::from_millis(100);
+/// The room the unacknowledged window must have before a new batch is
+/// taken from the ring: the largest packet that ring can make (its byte
+/// budget, plus per-record keys and the packet's metadata), at most
+/// `MAX_BATCH_BYTES`. With a small ring (the OpenWrt profile: 1 MiB) a
+/// small window (`unacked_bytes`) still keeps more than one packet in
+/// flight. The window itself refuses a packet that does not fit
+/// (`Delivery::push`), so this is only the early check.
+fn batch_gate(ring_bytes: usize) -> usize {
+    MAX_BATCH_BYTES.min(ring_bytes.saturating_add(64 * 1024))
+}
+
+/// Send-loop wake-ups with an empty ring (at least one per
+/// `SEND_INTERVAL`, so about a second) before the ring's pages are released.
+const RELEASE_AFTER_IDLE_WAKES: u32 = 10;
 /// Cap of a service-discovery response.
 const MAX_SD_RESPONSE: usize = 256 * 1024;
 /// How long a closing session waits for the center to end its side.
@@ -388,6 +402,8 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
+    // Wake-ups in a row that found the ring empty.
+    let mut idle_wakes: u32 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -402,6 +418,7 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
         }
         if agent.link.release_memory.replace(false) {
             buf = Vec::new();
+            agent.buffer.release_idle_pages(1);
         }
         loop {
             while let Some((id, pkt)) = delivery.next_to_send() {
@@ -412,7 +429,7 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
             if delivery.refill_from_spool() > 0 {
                 continue;
             }
-            if !delivery.can_take(MAX_BATCH_BYTES) {
+            if !delivery.can_take(batch_gate(agent.cfg.ring_bytes)) {
                 break;
             }
             buf.clear();
@@ -449,6 +466,21 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
         if agent.link.closing.get() && agent.buffer.is_empty() && delivery.is_empty() {
             tx.finish()?;
             return Ok(());
+        }
+        // After a burst, once the ring stayed empty for about a second, its
+        // touched pages go back to the kernel (RSS back to the idle level).
+        if agent.buffer.is_empty() {
+            idle_wakes = idle_wakes.saturating_add(1);
+            if idle_wakes == RELEASE_AFTER_IDLE_WAKES {
+                let n = agent
+                    .buffer
+                    .release_idle_pages(crate::buffer::RELEASE_MIN_BYTES);
+                if n > 0 {
+                    tracing::debug!(bytes = n, "ring pages released after a burst");
+                }
+            }
+        } else {
+            idle_wakes = 0;
         }
     }
 }

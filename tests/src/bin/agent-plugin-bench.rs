@@ -45,6 +45,19 @@ struct Args {
     /// fdatasync'd before each acknowledgement).
     #[arg(long, default_value = "null")]
     center_sink: String,
+    /// The agent's ring byte budget (`--ring-bytes`); the agent's own
+    /// default (8 MiB) when not given. The OpenWrt low-memory profile uses
+    /// 1048576.
+    #[arg(long)]
+    ring_bytes: Option<u64>,
+    /// The agent's blocking-pool size (`--workers`); the agent's default
+    /// when not given (OpenWrt: 1).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// The agent's unacknowledged-window bound (`--unacked-bytes`); the
+    /// agent's default (16 MiB) when not given (OpenWrt: 2097152).
+    #[arg(long)]
+    unacked_bytes: Option<u64>,
 }
 
 async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
@@ -77,6 +90,16 @@ fn proc_stat(pid: u32) -> (u64, u64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
     (ticks, hwm)
+}
+
+/// VmRSS of `pid`, kB (0 if unreadable).
+fn vm_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn received(addr: std::net::SocketAddr) -> u64 {
@@ -133,8 +156,18 @@ async fn main() {
 
     let wd = tmp.path().join("agent");
     std::fs::create_dir_all(&wd).unwrap();
+    let mut agent_cmd = Command::new(&agent_bin);
+    if let Some(b) = args.ring_bytes {
+        agent_cmd.args(["--ring-bytes", &b.to_string()]);
+    }
+    if let Some(w) = args.workers {
+        agent_cmd.args(["--workers", &w.to_string()]);
+    }
+    if let Some(b) = args.unacked_bytes {
+        agent_cmd.args(["--unacked-bytes", &b.to_string()]);
+    }
     let agent = KillOnDrop(
-        Command::new(&agent_bin)
+        agent_cmd
             .arg("--work-dir")
             .arg(&wd)
             .arg("--server")
@@ -221,6 +254,10 @@ async fn main() {
     let total_secs = (t1 - push_at).as_secs_f64();
     let cpu_total = (cpu1 - cpu_push) as f64 / hz;
     let threads = std::fs::read_dir(format!("/proc/{apid}/task")).map_or(0, |d| d.count());
+    // The agent releases its ring's pages about a second after the ring
+    // went empty: its RSS once the flood is over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_after = vm_rss(apid);
     println!(
         "records written by the plugin : {} (+1 end marker), {}-byte frame bodies",
         args.records, args.size
@@ -249,6 +286,17 @@ async fn main() {
         hwm as f64 / 1024.0
     );
     println!("agent threads                  : {threads}");
+    println!(
+        "agent RSS 3 s after the flood   : {:.1} MiB",
+        rss_after as f64 / 1024.0
+    );
+    let opt = |v: Option<u64>| v.map_or_else(|| "agent default".to_string(), |b| b.to_string());
+    println!(
+        "agent ring bytes / unacked bytes / workers: {} / {} / {}",
+        opt(args.ring_bytes),
+        opt(args.unacked_bytes),
+        opt(args.workers.map(u64::from))
+    );
     let ccpu = (ccpu1 - ccpu_push) as f64 / hz;
     println!(
         "center ({} sink) CPU from config push: {ccpu:.2} s = {:.2} us/record",
