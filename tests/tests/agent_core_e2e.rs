@@ -214,7 +214,10 @@ fn heartbeat_fields_reconnect_without_loss_and_thread_budget() {
     let resumed = tokio::runtime::Runtime::new().unwrap().block_on(
         center.metric("elkeid_center_tls_handshakes_total{listener=\"grpc\",kind=\"resumed\"}"),
     );
-    assert!(resumed >= 1, "resumed handshakes after the restart: {resumed}");
+    assert!(
+        resumed >= 1,
+        "resumed handshakes after the restart: {resumed}"
+    );
 
     agent.sample_threads();
     assert!(agent.max_threads >= 1);
