@@ -139,7 +139,7 @@ fn parse(text: &str) -> Vec<Key> {
             keys.push(k);
         }
     }
-    keys.sort_by(|a, b| b.created.cmp(&a.created));
+    keys.sort_by_key(|k| std::cmp::Reverse(k.created));
     keys.truncate(MAX_KEYS);
     keys
 }
