@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".grpc.EncodedRecord.data")
         .bytes(".grpc.FileUploadRequest.data")
         .bytes(".grpc.MQData.body")
+        // 1 KiB initial stream buffers instead of 8 KiB (see codec::LeanCodec)
+        .codec_path("crate::codec::LeanCodec")
         .build_transport(false)
         .build_client(true)
         .build_server(true)

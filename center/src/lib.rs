@@ -6,6 +6,8 @@
 //! - [`ctl`]: `elkeid-center ctl …`, the operator commands (a signed API client).
 //! - `pki.rs`: dev PKI and API keys generated on first start.
 //! - `tls.rs`: server TLS material (mTLS, client certificate required).
+//! - `tickets.rs`: TLS session tickets whose keys (`DIR/tls-ticket-keys`)
+//!   survive a restart, so reconnecting agents resume their sessions.
 //! - `identity.rs`: agent identity mode (shared certificate or per-agent CN).
 //! - `grpc/`: tonic server, the Transfer stream handler, FileExt upload.
 //! - `pool.rs`: live agent streams, conn limit, conflicts, command delivery.
@@ -44,6 +46,7 @@ mod pki;
 mod pool;
 mod records;
 mod sinks;
+mod tickets;
 mod tls;
 
 use std::net::SocketAddr;
@@ -57,7 +60,11 @@ pub use cluster::{ClusterArgs, ClusterConfig};
 pub use config::{Cli, Config, ConfigError};
 pub use identity::AgentIdentity;
 pub use pki::{PkiError, pki_command};
+pub use tickets::TicketError;
 pub use tls::TlsError;
+
+/// The gRPC listener's session ticket keys, in the data dir (see `tickets.rs`).
+pub const TICKET_KEYS_FILE: &str = "tls-ticket-keys";
 
 use crate::config::ManagerKind;
 use crate::manager::{Manager, TaskQueue};
@@ -209,7 +216,7 @@ pub async fn run(
     };
     let tls = match (&material, config.grpc.tls) {
         (Some((ca, cert, key)), true) => Some((
-            tls::server_config(ca, cert, key)?,
+            tls::server_config(ca, cert, key, Some(&dir.join(TICKET_KEYS_FILE)))?,
             config.tls_handshake_timeout,
         )),
         _ => {
@@ -413,6 +420,26 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    if let Some(tickets) = tls.as_ref().and_then(|(t, _)| t.tickets.clone()) {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(tickets::ROTATE_CHECK);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|v| *v) => return,
+                    _ = tick.tick() => {}
+                }
+                let t = tickets.clone();
+                match tokio::task::spawn_blocking(move || t.rotate()).await {
+                    Ok(Ok(true)) => tracing::info!("tls ticket key rotated"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "tls ticket key rotation failed"),
+                    Err(error) => tracing::warn!(%error, "tls ticket key rotation task failed"),
+                }
+            }
+        });
+    }
     let grpc_cfg = config.grpc.clone();
     let grpc_pool = pool.clone();
     let grpc_ctx = ctx.clone();

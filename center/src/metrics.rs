@@ -78,6 +78,8 @@ pub(crate) struct Metrics {
     pub(crate) task_queue_bytes: Gauge,
     /// TLS handshakes that did not complete, by listener and reason.
     tls_handshakes: Family<TlsLabel, Counter>,
+    /// TLS handshakes completed, by listener and kind (full, resumed).
+    tls_done: Family<TlsLabel, Counter>,
     sink_errors: Family<SinkLabel, Counter>,
     sink_dropped: Family<SinkLabel, Counter>,
     /// Per-`data_type` record counts and the scrape-time values.
@@ -297,6 +299,12 @@ impl Default for Metrics {
             "TLS handshakes that did not complete (reason timeout: not within the deadline; failed: TLS error)",
             tls_handshakes.clone(),
         );
+        let tls_done = Family::<TlsLabel, Counter>::default();
+        r.register(
+            "elkeid_center_tls_handshakes",
+            "TLS handshakes completed (kind full: certificates exchanged; resumed: session ticket)",
+            tls_done.clone(),
+        );
         let sink_errors = Family::<SinkLabel, Counter>::default();
         let sink_dropped = Family::<SinkLabel, Counter>::default();
         r.register(
@@ -369,6 +377,7 @@ impl Default for Metrics {
             command_queue_bytes,
             task_queue_bytes,
             tls_handshakes,
+            tls_done,
             sink_errors,
             sink_dropped,
             live,
@@ -505,6 +514,14 @@ impl Metrics {
         let reason = if timeout { "timeout" } else { "failed" };
         self.tls_handshakes
             .get_or_create(&[("listener", listener), ("reason", reason)])
+            .inc();
+    }
+
+    /// Counts a completed TLS handshake on `listener`.
+    pub(crate) fn tls_handshake(&self, listener: &'static str, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.tls_done
+            .get_or_create(&[("listener", listener), ("kind", kind)])
             .inc();
     }
 

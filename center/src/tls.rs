@@ -3,12 +3,17 @@
 //! certificate REQUIRED and verified against the CA (webpki), and ALPN `h2`,
 //! which Go agents require. The handshake itself runs in
 //! `grpc/incoming.rs`, under a deadline (`tls_handshake_timeout_secs`).
+//! Session tickets (resumption after a reconnect or a center restart) come
+//! from [`crate::tickets`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+
+use crate::tickets::{TicketError, Ticketer};
 
 /// Why the TLS material is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,19 @@ pub enum TlsError {
         /// What is wrong.
         msg: String,
     },
+    /// The session ticket key file is unusable.
+    #[error("tls ticket keys: {0}")]
+    Tickets(#[from] TicketError),
+}
+
+/// The gRPC listener's TLS: the rustls configuration, the client
+/// certificate verifier it uses (resumed sessions are checked with it
+/// again), and the ticket keys (rotated by the center).
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcTls {
+    pub(crate) config: Arc<rustls::ServerConfig>,
+    pub(crate) verifier: Arc<dyn ClientCertVerifier>,
+    pub(crate) tickets: Option<Arc<Ticketer>>,
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -68,19 +86,23 @@ fn certs(
 }
 
 /// Loads CA, server certificate and key; mTLS with the client certificate
-/// required, ALPN `h2`.
+/// required, ALPN `h2`; with `ticket_keys` (a file, see [`crate::tickets`])
+/// the server issues session tickets.
 pub(crate) fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    ticket_keys: Option<&Path>,
+) -> Result<GrpcTls, TlsError> {
     let pem_err = |k: &'static str, p: &Path, msg: String| TlsError::Pem {
         key: k,
         path: p.to_path_buf(),
         msg,
     };
-    let cas = certs("grpc.ca_file", ca, &read("grpc.ca_file", ca)?)?;
-    let chain = certs("grpc.cert_file", cert, &read("grpc.cert_file", cert)?)?;
+    let ca_pem = read("grpc.ca_file", ca)?;
+    let cert_pem = read("grpc.cert_file", cert)?;
+    let cas = certs("grpc.ca_file", ca, &ca_pem)?;
+    let chain = certs("grpc.cert_file", cert, &cert_pem)?;
     let key_der = PrivateKeyDer::from_pem_slice(&read("grpc.key_file", key)?).map_err(|e| {
         pem_err(
             "grpc.key_file",
@@ -102,7 +124,7 @@ pub(crate) fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| pem_err("grpc.cert_file", cert, e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key_der)
         .map_err(|e| {
             pem_err(
@@ -112,7 +134,19 @@ pub(crate) fn server_config(
             )
         })?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
+    let tickets = match ticket_keys {
+        Some(path) => {
+            let t = Ticketer::load(path, crate::tickets::binding(&ca_pem, &cert_pem))?;
+            cfg.ticketer = t.clone();
+            Some(t)
+        }
+        None => None,
+    };
+    Ok(GrpcTls {
+        config: Arc::new(cfg),
+        verifier,
+        tickets,
+    })
 }
 
 #[cfg(test)]
@@ -123,14 +157,14 @@ mod tests {
     fn clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.crt");
-        let e = server_config(&missing, &missing, &missing).unwrap_err();
+        let e = server_config(&missing, &missing, &missing, None).unwrap_err();
         assert!(
             e.to_string().starts_with("grpc.ca_file: cannot read"),
             "{e}"
         );
         let junk = dir.path().join("junk.crt");
         std::fs::write(&junk, "hello").unwrap();
-        let e = server_config(&junk, &junk, &junk).unwrap_err();
+        let e = server_config(&junk, &junk, &junk, None).unwrap_err();
         assert!(e.to_string().contains("no PEM certificate"), "{e}");
     }
 }

@@ -1,11 +1,67 @@
-//! [`RawEncodeCodec`]: a tonic codec that sends already-serialized protobuf.
+//! [`RawEncodeCodec`]: a tonic codec that sends already-serialized protobuf;
+//! [`LeanCodec`]: the prost codec of the generated services, with small
+//! initial buffers.
 
 use std::marker::PhantomData;
 
 use bytes::{BufMut, Bytes};
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-use tonic_prost::ProstDecoder;
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+/// Initial size of a stream's encode and decode buffers ([`LeanCodec`]).
+pub const LEAN_BUFFER: usize = 1024;
+
+/// The codec of the generated `Transfer` and `FileExt` stubs: tonic's
+/// prost codec whose per-stream encode and decode buffers start at
+/// [`LEAN_BUFFER`] (1 KiB) instead of tonic's 8 KiB each. A center holds
+/// one `Transfer` stream per agent, mostly idle (a heartbeat a minute, a
+/// few commands), so the two 8 KiB buffers were 16 KiB of every agent
+/// connection; the buffers still grow to the largest message a stream
+/// carries (and keep that size), so a busy stream pays a few reallocations
+/// once.
+#[derive(Debug)]
+pub struct LeanCodec<T, U> {
+    _pd: PhantomData<fn(T) -> U>,
+}
+
+impl<T, U> Default for LeanCodec<T, U> {
+    fn default() -> Self {
+        Self { _pd: PhantomData }
+    }
+}
+
+impl<T, U> Clone for LeanCodec<T, U> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// tonic's default yield threshold (an encoded batch is sent at 32 KiB).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+fn lean_settings() -> BufferSettings {
+    BufferSettings::new(LEAN_BUFFER, YIELD_THRESHOLD)
+}
+
+impl<T, U> Codec for LeanCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> ProstEncoder<T> {
+        ProstCodec::<T, U>::raw_encoder(lean_settings())
+    }
+
+    fn decoder(&mut self) -> ProstDecoder<U> {
+        ProstCodec::<T, U>::raw_decoder(lean_settings())
+    }
+}
 
 /// A tonic [`Codec`] whose requests are already-encoded protobuf messages
 /// (`bytes::Bytes`, written as-is) and whose responses decode into the prost

@@ -217,6 +217,51 @@ pub async fn tls_channel(
         .await
 }
 
+/// Hands tonic one connection dialed (and TLS-handshaken) beforehand.
+struct Dialed<IO>(std::sync::Arc<std::sync::Mutex<Option<hyper_util::rt::TokioIo<IO>>>>);
+
+impl<IO> Clone for Dialed<IO> {
+    fn clone(&self) -> Self {
+        Dialed(self.0.clone())
+    }
+}
+
+impl<IO> tower_service::Service<tonic::codegen::http::Uri> for Dialed<IO> {
+    type Response = hyper_util::rt::TokioIo<IO>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, std::io::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        std::future::ready(
+            self.0
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| std::io::Error::other("connection already used")),
+        )
+    }
+}
+
+/// A tonic channel (HTTP/2) over `io`, a connection the caller dialed and
+/// secured itself: with its own `rustls::ClientConfig` (session cache) and
+/// a look at the handshake. The channel does not redial.
+pub async fn channel_over<IO>(io: IO) -> Result<Channel, tonic::transport::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    Endpoint::from_static("http://elkeid.com")
+        .connect_with_connector(Dialed(std::sync::Arc::new(std::sync::Mutex::new(Some(io)))))
+        .await
+}
+
 /// [`tls_channel`] wrapped in the snappy compression layer, as an agent talks.
 pub async fn agent_transport(
     addr: SocketAddr,

@@ -208,6 +208,17 @@ fn heartbeat_fields_reconnect_without_loss_and_thread_budget() {
         "{last}"
     );
 
+    // The agent kept its TLS configuration (its session cache) across the
+    // reconnect, and the restarted center still knew the ticket keys: the
+    // agent's reconnection resumed its TLS session.
+    let resumed = tokio::runtime::Runtime::new().unwrap().block_on(
+        center.metric("elkeid_center_tls_handshakes_total{listener=\"grpc\",kind=\"resumed\"}"),
+    );
+    assert!(
+        resumed >= 1,
+        "resumed handshakes after the restart: {resumed}"
+    );
+
     agent.sample_threads();
     assert!(agent.max_threads >= 1);
     assert!(

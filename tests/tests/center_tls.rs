@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use elkeid_tests::Center;
 use elkeid_tests::center::{
-    AgentPki, AgentStream, agent_transport, foreign_client, heartbeat, packet, unix_now,
+    AgentPki, AgentStream, agent_transport, channel_over, eventually, foreign_client, heartbeat,
+    packet, unix_now,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::AsyncReadExt;
+use tower_layer::Layer;
 
 /// Opens a stream with `pki`; `Err` carries whatever refused it.
 async fn try_agent(center: &Center, pki: &AgentPki, id: &str) -> Result<AgentStream, String> {
@@ -164,4 +166,101 @@ async fn the_center_negotiates_h2_and_is_elkeid_com() {
             );
         }
     }
+}
+
+/// One TLS connection with `cfg` (kept across dials, as the agent keeps its
+/// `Arc<ClientConfig>`), then a Transfer stream over it as agent `id`; the
+/// stream is open once the center lists the agent. Returns the handshake
+/// kind and the stream.
+async fn dial_and_stream(
+    center: &Center,
+    cfg: &Arc<rustls::ClientConfig>,
+    id: &str,
+) -> (rustls::HandshakeKind, AgentStream) {
+    let tcp = tokio::net::TcpStream::connect(center.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("elkeid.com").unwrap(), tcp)
+        .await
+        .expect("handshake");
+    let kind = tls.get_ref().1.handshake_kind().expect("handshake done");
+    let channel = channel_over(tls).await.expect("h2 over the TLS connection");
+    let transport = elkeid_proto::snappy::SnappyClientLayer::new().layer(channel);
+    let s = AgentStream::open(transport, packet(id, vec![heartbeat(unix_now())]))
+        .await
+        .expect("stream");
+    let listed = eventually(Duration::from_secs(10), || async {
+        center
+            .conn_list()
+            .await
+            .contains(&id.to_string())
+            .then_some(())
+    })
+    .await;
+    assert!(listed.is_some(), "{id} never listed");
+    (kind, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_resumes_the_tls_session_even_after_a_center_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let center = Center::start(dir.path(), &[]);
+    let grpc = center.grpc.to_string();
+    let cfg = Arc::new(client_config(&center.agent_pki(), &[b"h2"]));
+    let resumed_metric = "elkeid_center_tls_handshakes_total{listener=\"grpc\",kind=\"resumed\"}";
+    let full_metric = "elkeid_center_tls_handshakes_total{listener=\"grpc\",kind=\"full\"}";
+
+    let (kind, s) = dial_and_stream(&center, &cfg, "resume-1").await;
+    assert_eq!(kind, rustls::HandshakeKind::Full, "first dial");
+    drop(s);
+    // the same config dials again: the center's ticket resumes the session,
+    // and the resumed connection carries an agent stream like any other
+    let (kind, s) = dial_and_stream(&center, &cfg, "resume-2").await;
+    assert_eq!(kind, rustls::HandshakeKind::Resumed, "second dial");
+    drop(s);
+    assert_eq!(center.metric(resumed_metric).await, 1);
+    assert_eq!(center.metric(full_metric).await, 1);
+
+    // the ticket keys live in the data dir, private to the center's user
+    let keys = dir.path().join("tls-ticket-keys");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&keys).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", keys.display());
+    }
+
+    // restarted on the same port and data dir: the agent still resumes
+    drop(center);
+    let center = Center::start_at(dir.path(), &grpc, &[]);
+    let (kind, s) = dial_and_stream(&center, &cfg, "resume-3").await;
+    assert_eq!(
+        kind,
+        rustls::HandshakeKind::Resumed,
+        "dial after the restart"
+    );
+    drop(s);
+    assert_eq!(center.metric(resumed_metric).await, 1);
+
+    // a client without a session cache always gets a full handshake
+    let mut fresh = client_config(&center.agent_pki(), &[b"h2"]);
+    fresh.resumption = rustls::client::Resumption::disabled();
+    let fresh = Arc::new(fresh);
+    for i in 0..2 {
+        let (kind, s) = dial_and_stream(&center, &fresh, &format!("no-cache-{i}")).await;
+        assert_eq!(kind, rustls::HandshakeKind::Full);
+        drop(s);
+    }
+
+    // new ticket keys (the file removed): old tickets no longer resume
+    drop(center);
+    std::fs::remove_file(&keys).unwrap();
+    let center = Center::start_at(dir.path(), &grpc, &[]);
+    let (kind, s) = dial_and_stream(&center, &cfg, "resume-4").await;
+    assert_eq!(
+        kind,
+        rustls::HandshakeKind::Full,
+        "ticket from the old keys"
+    );
+    drop(s);
+    assert_eq!(center.metric(full_metric).await, 1);
 }

@@ -13,6 +13,15 @@
 //! half a ClientHello or a handshake that fails is closed, its TCP slot
 //! freed, and counted in
 //! `elkeid_center_tls_handshakes_refused_total{listener="grpc",reason="timeout"|"failed"}`.
+//!
+//! Completed handshakes are counted by kind
+//! (`elkeid_center_tls_handshakes_total{listener="grpc",kind="full"|"resumed"}`).
+//! A resumed session (session ticket, see [`crate::tickets`]) skipped the
+//! certificate exchange: its client certificate chain, restored from the
+//! ticket, is verified again here against the CA with the listener's own
+//! verifier (expiry included) before the connection is served; one that no
+//! longer verifies is closed (counted as `failed`) and the agent's next
+//! dial does a full handshake.
 
 use std::io;
 use std::pin::Pin;
@@ -21,6 +30,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -145,6 +156,24 @@ pub(crate) fn incoming(
 /// Established TLS connections handed to the server at once.
 const READY_QUEUE: usize = 64;
 
+/// Checks the client certificate chain a resumed session restored from
+/// its ticket, as a full handshake would now.
+pub(crate) fn reverify(
+    verifier: &dyn ClientCertVerifier,
+    chain: Option<&[CertificateDer<'static>]>,
+) -> Result<(), String> {
+    match chain.and_then(|c| c.split_first()) {
+        Some((leaf, intermediates)) => verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None if verifier.client_auth_mandatory() => {
+            Err("resumed session without a client certificate".into())
+        }
+        None => Ok(()),
+    }
+}
+
 /// The accept loop as a stream of capped connections whose TLS handshake
 /// completed within `timeout` (see the module docs). The accept task ends
 /// when the stream is dropped (server shutdown).
@@ -153,6 +182,7 @@ pub(crate) fn tls_incoming(
     limit: usize,
     metrics: Arc<Metrics>,
     tls: Arc<rustls::ServerConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
     timeout: Duration,
 ) -> impl Stream<Item = Result<TlsStream<Limited>, io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
@@ -165,9 +195,21 @@ pub(crate) fn tls_incoming(
                 c = accept_limited(&listener, &slots, &metrics) => c,
             };
             let (tx, acceptor, metrics) = (tx.clone(), acceptor.clone(), metrics.clone());
+            let verifier = verifier.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
                     Ok(Ok(tls)) => {
+                        let session = tls.get_ref().1;
+                        let resumed =
+                            session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                        if resumed
+                            && let Err(error) = reverify(&*verifier, session.peer_certificates())
+                        {
+                            metrics.tls_refused("grpc", false);
+                            tracing::debug!(%peer, %error, "grpc: resumed session's client certificate refused");
+                            return;
+                        }
+                        metrics.tls_handshake("grpc", resumed);
                         // the server is gone when this fails: the connection just closes
                         let _ = tx.send(Ok(tls)).await;
                     }

@@ -61,7 +61,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) async fn serve(
     listener: TcpListener,
     cfg: &GrpcConfig,
-    tls: Option<(Arc<rustls::ServerConfig>, Duration)>,
+    tls: Option<(crate::tls::GrpcTls, Duration)>,
     pool: Arc<Pool>,
     ctx: Ctx,
     uploads: upload::UploadConfig,
@@ -99,7 +99,8 @@ pub(crate) async fn serve(
     // tonic still sees the client certificate (`Request::peer_certs`).
     match tls {
         Some((tls, timeout)) => {
-            let incoming = incoming::tls_incoming(listener, limit, metrics, tls, timeout);
+            let incoming =
+                incoming::tls_incoming(listener, limit, metrics, tls.config, tls.verifier, timeout);
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?;

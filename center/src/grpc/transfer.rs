@@ -467,7 +467,7 @@ async fn ack_loop(
 struct SendState {
     conn: Arc<Conn>,
     pool: Arc<Pool>,
-    rx: mpsc::Receiver<Outgoing>,
+    rx: mpsc::Receiver<Box<Outgoing>>,
     acks: Option<mpsc::Receiver<PacketId>>,
     store: Option<Arc<AckStore>>,
     end: Arc<Mutex<Option<Status>>>,
@@ -487,7 +487,7 @@ async fn next_ack(acks: &mut Option<mpsc::Receiver<PacketId>>) -> Option<PacketI
 fn commands(
     conn: Arc<Conn>,
     pool: Arc<Pool>,
-    rx: mpsc::Receiver<Outgoing>,
+    rx: mpsc::Receiver<Box<Outgoing>>,
     acks: Option<mpsc::Receiver<PacketId>>,
     end: Arc<Mutex<Option<Status>>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -513,6 +513,7 @@ fn commands(
             biased;
             out = st.rx.recv() => match out {
                 Some(o) => {
+                    let o = *o;
                     inc(&st.metrics.sent_commands);
                     if let Some(done) = o.done {
                         let _ = done.send(());

@@ -21,6 +21,16 @@
 //! NEXT center's API, which does not hold the agent and forwards it (the
 //! round trip then includes the etcd lookup and the center-to-center call).
 //! Records and RSS/CPU are summed over the centers.
+//!
+//! TLS: each simulated agent has its own `rustls::ClientConfig` (one
+//! `Arc`, kept across its reconnects, as the real agent does) with a
+//! session cache, so a reconnect resumes the TLS session when the center
+//! issues tickets (`--no-resume`: every handshake is full). With
+//! `--reconnect` an agent whose stream ends dials again (after 0.1-0.5 s,
+//! `--connect-concurrency` handshakes at a time): restart the center during
+//! the window and the generator prints how long after the first dropped
+//! stream all agents were streaming again (the reconnect storm), with
+//! full/resumed handshake counts.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
@@ -36,13 +46,16 @@ use elkeid_proto::codec::RawEncodeCodec;
 use elkeid_proto::grpc::Command;
 use elkeid_proto::snappy::SnappyClientLayer;
 use elkeid_tests::center::{
-    AgentPki, HttpTarget, SERVER_NAME, heartbeat, http, packet, record, signed_headers, unix_now,
+    AgentPki, HttpTarget, SERVER_NAME, channel_over, heartbeat, http, packet, record,
+    signed_headers, unix_now,
 };
 use prost::Message;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tower_layer::Layer;
 
 #[derive(Parser, Debug, Clone)]
@@ -95,6 +108,12 @@ struct Args {
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 300)]
     connect_timeout: u64,
+    /// Dial again when a stream ends (measure a center restart).
+    #[arg(long)]
+    reconnect: bool,
+    /// No TLS session cache: every handshake is a full one.
+    #[arg(long)]
+    no_resume: bool,
 }
 
 #[derive(Default)]
@@ -108,6 +127,14 @@ struct Stats {
     commands_sent: AtomicU64,
     commands_failed: AtomicU64,
     rtts_us: Mutex<Vec<u64>>,
+    /// Streams open now.
+    live: AtomicU64,
+    handshakes_full: AtomicU64,
+    handshakes_resumed: AtomicU64,
+    reconnects: AtomicU64,
+    /// First stream lost since all were last up: (when, full, resumed).
+    storm: Mutex<Option<(Instant, u64, u64)>>,
+    storms: Mutex<Vec<serde_json::Value>>,
     pending: Mutex<HashMap<String, Instant>>,
     first_error: Mutex<Option<String>>,
 }
@@ -234,10 +261,7 @@ async fn run(args: Args) {
         .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
         .unwrap();
     let (cert, key) = pki.identity.clone().unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca))
-        .identity(Identity::from_pem(cert, key))
-        .domain_name(SERVER_NAME);
+    let tls = client_config(&pki.ca, &cert, &key);
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -257,6 +281,7 @@ async fn run(args: Args) {
         args.agents, args.grpc
     );
     let t0 = Instant::now();
+    let connect_cpu0 = sum_pids(&args.center_pid, cpu_ticks);
     let mut tasks = Vec::with_capacity(args.agents);
     for i in 0..args.agents {
         let id = format!("lg-{i:06}");
@@ -264,8 +289,17 @@ async fn run(args: Args) {
         let body = Bytes::from(packet(&id, records.clone()).encode_to_vec());
         let ctx = AgentCtx {
             id,
-            url: format!("https://{}", args.grpc[i % args.grpc.len()]),
-            tls: tls.clone(),
+            tls: {
+                let mut c = (*tls).clone();
+                c.resumption = if args.no_resume {
+                    rustls::client::Resumption::disabled()
+                } else {
+                    rustls::client::Resumption::in_memory_sessions(4)
+                };
+                Arc::new(c)
+            },
+            addr: args.grpc[i % args.grpc.len()],
+            reconnect: args.reconnect,
             identity: args.identity,
             first,
             body,
@@ -289,6 +323,47 @@ async fn run(args: Args) {
     }
     let connect_secs = t0.elapsed().as_secs_f64();
     let connected = stats.connected.load(Ordering::Relaxed);
+    // center CPU per accepted connection (TLS handshake, HTTP/2, stream set-up, first packet)
+    let connect_cpu_ms = match (connect_cpu0, sum_pids(&args.center_pid, cpu_ticks)) {
+        (Some(a), Some(b)) if connected > 0 => (b - a) as f64 * 10.0 / connected as f64,
+        _ => f64::NAN,
+    };
+    let connect_handshakes = (
+        stats.handshakes_full.load(Ordering::Relaxed),
+        stats.handshakes_resumed.load(Ordering::Relaxed),
+    );
+    // Reconnect storms: all agents streaming again after the first drop.
+    let storm_task = {
+        let stats = stats.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            while !stopping.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if stats.live.load(Ordering::Relaxed) < connected {
+                    continue;
+                }
+                let Some((since, full0, res0)) = stats.storm.lock().unwrap().take() else {
+                    continue;
+                };
+                let full = stats.handshakes_full.load(Ordering::Relaxed) - full0;
+                let resumed = stats.handshakes_resumed.load(Ordering::Relaxed) - res0;
+                let secs = since.elapsed().as_secs_f64();
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                eprintln!(
+                    "loadgen: storm: all {connected} streaming again {secs:.2} s after the first drop \
+                     (at unix ms {unix_ms}); handshakes full {full}, resumed {resumed}"
+                );
+                stats.storms.lock().unwrap().push(serde_json::json!({
+                    "secs_from_first_drop": (secs * 100.0).round() / 100.0,
+                    "all_up_unix_ms": unix_ms as u64,
+                    "handshakes_full": full,
+                    "handshakes_resumed": resumed,
+                }));
+            }
+        })
+    };
     eprintln!(
         "loadgen: {connected} connected, {} failed in {connect_secs:.1} s",
         stats.failed.load(Ordering::Relaxed)
@@ -395,6 +470,7 @@ async fn run(args: Args) {
     let lg_rss = self_rss_kib();
     stopping.store(true, Ordering::Relaxed);
     stop.notify_waiters();
+    storm_task.abort();
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
@@ -414,6 +490,13 @@ async fn run(args: Args) {
         "listed_by_center": listed,
         "streams_ended_early": stats.ended.load(Ordering::Relaxed),
         "connect_secs": (connect_secs * 10.0).round() / 10.0,
+        "center_cpu_ms_per_connection": (connect_cpu_ms * 1000.0).round() / 1000.0,
+        "connect_handshakes_full": connect_handshakes.0,
+        "connect_handshakes_resumed": connect_handshakes.1,
+        "handshakes_full": stats.handshakes_full.load(Ordering::Relaxed),
+        "handshakes_resumed": stats.handshakes_resumed.load(Ordering::Relaxed),
+        "reconnects": stats.reconnects.load(Ordering::Relaxed),
+        "storms": stats.storms.lock().unwrap().clone(),
         "window_secs": (window * 10.0).round() / 10.0,
         "packets_per_sec_per_agent": args.packets_per_sec,
         "records_per_packet": args.records_per_packet,
@@ -440,8 +523,10 @@ async fn run(args: Args) {
 
 struct AgentCtx {
     id: String,
-    url: String,
-    tls: ClientTlsConfig,
+    addr: SocketAddr,
+    /// This agent's own config (its session cache), reused on every dial.
+    tls: Arc<rustls::ClientConfig>,
+    reconnect: bool,
     identity: bool,
     first: Bytes,
     body: Bytes,
@@ -460,23 +545,49 @@ fn note_error(stats: &Stats, e: String) {
     }
 }
 
-async fn agent(ctx: AgentCtx) {
-    let permit = ctx.gate.clone().acquire_owned().await.ok();
-    let channel = match Endpoint::from_shared(ctx.url.clone())
-        .and_then(|e| e.tls_config(ctx.tls.clone()))
-        .map(|e| e.connect_timeout(Duration::from_secs(30)))
-    {
-        Ok(e) => e.connect().await,
-        Err(e) => Err(e),
+/// The client side of the center's mTLS: its CA, the shared client
+/// certificate, ALPN h2.
+fn client_config(ca: &[u8], cert: &[u8], key: &[u8]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        roots.add(c.expect("CA PEM")).expect("CA");
+    }
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(cert)
+        .map(|c| c.expect("client cert PEM"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key).expect("client key PEM");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// One mTLS connection and Transfer stream: (inbound commands, request sender).
+async fn open(ctx: &AgentCtx) -> Result<(tonic::Streaming<Command>, mpsc::Sender<Bytes>), String> {
+    let dial = async {
+        let tcp = TcpStream::connect(ctx.addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(SERVER_NAME).map_err(std::io::Error::other)?;
+        tokio_rustls::TlsConnector::from(ctx.tls.clone())
+            .connect(name, tcp)
+            .await
     };
-    let channel = match channel {
-        Ok(c) => c,
-        Err(e) => {
-            ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
-            note_error(&ctx.stats, format!("connect: {e:?}"));
-            return;
-        }
+    let tls = match tokio::time::timeout(Duration::from_secs(30), dial).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err("connect: timeout".into()),
     };
+    let counter = match tls.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => &ctx.stats.handshakes_resumed,
+        _ => &ctx.stats.handshakes_full,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let channel = channel_over(tls).await.map_err(|e| format!("h2: {e:?}"))?;
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     let _ = tx.send(ctx.first.clone()).await;
     let path = PathAndQuery::from_static("/grpc.Transfer/Transfer");
@@ -500,46 +611,92 @@ async fn agent(ctx: AgentCtx) {
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         }
     };
-    drop(permit);
-    let mut inbound = match resp {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
-            ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
-            note_error(&ctx.stats, format!("open stream: {e:?}"));
+    match resp {
+        Ok(r) => Ok((r.into_inner(), tx)),
+        Err(e) => Err(format!("open stream: {e:?}")),
+    }
+}
+
+async fn agent(ctx: AgentCtx) {
+    let mut rng = fxhash(&ctx.id) | 1;
+    let mut first = true;
+    loop {
+        let permit = ctx.gate.clone().acquire_owned().await.ok();
+        let opened = open(&ctx).await;
+        drop(permit);
+        let (inbound, tx) = match opened {
+            Ok(s) => s,
+            Err(e) if first => {
+                ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
+                note_error(&ctx.stats, e);
+                return;
+            }
+            Err(_) => {
+                if ctx.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                // center not back yet: retry after 0.1-0.5 s
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                tokio::time::sleep(Duration::from_millis(100 + rng % 400)).await;
+                continue;
+            }
+        };
+        if first {
+            ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        ctx.stats.live.fetch_add(1, Ordering::Relaxed);
+        let stopped = session(&ctx, inbound, tx).await;
+        ctx.stats.live.fetch_sub(1, Ordering::Relaxed);
+        if stopped || ctx.stopping.load(Ordering::Relaxed) {
             return;
         }
-    };
-    ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut storm = ctx.stats.storm.lock().unwrap();
+            if storm.is_none() {
+                *storm = Some((
+                    Instant::now(),
+                    ctx.stats.handshakes_full.load(Ordering::Relaxed),
+                    ctx.stats.handshakes_resumed.load(Ordering::Relaxed),
+                ));
+            }
+        }
+        if !ctx.reconnect {
+            ctx.stats.ended.fetch_add(1, Ordering::Relaxed);
+            note_error(&ctx.stats, format!("agent {}: stream ended", ctx.id));
+            return;
+        }
+    }
+}
 
+/// Runs one stream until it ends (false) or the generator stops (true).
+async fn session(
+    ctx: &AgentCtx,
+    mut inbound: tonic::Streaming<Command>,
+    tx: mpsc::Sender<Bytes>,
+) -> bool {
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel::<()>();
     let stats = ctx.stats.clone();
-    let stopping = ctx.stopping.clone();
-    let id = ctx.id.clone();
     let receiver = tokio::spawn(async move {
-        loop {
-            match inbound.message().await {
-                Ok(Some(cmd)) => {
-                    if let Some(t) = cmd.task {
-                        let start = stats.pending.lock().unwrap().remove(&t.token);
-                        if let Some(start) = start {
-                            let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-                            stats.rtts_us.lock().unwrap().push(us);
-                        }
-                    }
-                }
-                Ok(None) | Err(_) => {
-                    if !stopping.load(Ordering::Relaxed) {
-                        stats.ended.fetch_add(1, Ordering::Relaxed);
-                        note_error(&stats, format!("agent {id}: stream ended"));
-                    }
-                    return;
+        while let Ok(Some(cmd)) = inbound.message().await {
+            if let Some(t) = cmd.task {
+                let start = stats.pending.lock().unwrap().remove(&t.token);
+                if let Some(start) = start {
+                    let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    stats.rtts_us.lock().unwrap().push(us);
                 }
             }
         }
+        let _ = ended_tx.send(());
     });
 
     let stop = ctx.stop.notified();
     tokio::pin!(stop);
-    match ctx.period {
+    let stopped = match ctx.period {
         Some(period) => {
             // Spread agents over the period.
             let jitter = period.mul_f64((fxhash(&ctx.id) % 1000) as f64 / 1000.0);
@@ -547,15 +704,16 @@ async fn agent(ctx: AgentCtx) {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    () = &mut stop => break,
+                    () = &mut stop => break true,
+                    _ = &mut ended => break false,
                     _ = tick.tick() => {
                         match tx.try_send(ctx.body.clone()) {
                             Ok(()) => {}
                             Err(mpsc::error::TrySendError::Full(b)) => {
                                 ctx.stats.send_stalls.fetch_add(1, Ordering::Relaxed);
-                                if tx.send(b).await.is_err() { break; }
+                                if tx.send(b).await.is_err() { break false; }
                             }
-                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                            Err(mpsc::error::TrySendError::Closed(_)) => break false,
                         }
                         ctx.stats.packets.fetch_add(1, Ordering::Relaxed);
                         ctx.stats.records.fetch_add(ctx.records, Ordering::Relaxed);
@@ -563,10 +721,14 @@ async fn agent(ctx: AgentCtx) {
                 }
             }
         }
-        None => stop.await,
-    }
+        None => tokio::select! {
+            () = &mut stop => true,
+            _ = &mut ended => false,
+        },
+    };
     drop(tx);
     receiver.abort();
+    stopped
 }
 
 fn fxhash(s: &str) -> u64 {
