@@ -25,6 +25,9 @@
 //! holds many packets (one sync for all of them); a group stops growing at
 //! [`GROUP_MAX_BYTES`] or [`GROUP_MAX_TIME`], which bounds the latency. A
 //! crash of the process or the machine loses nothing that was acknowledged.
+//! A failed write fails every batch of the group (their lines may have been
+//! in the lost buffer): none of them is acknowledged, the agents re-send.
+//! Lines are encoded straight into the writer's 1 MiB buffer (`line.rs`).
 //! A file is rotated before a line would take it past `rotate_bytes` (a
 //! single longer line gets a file of its own); rotation fsyncs the old file.
 //!
