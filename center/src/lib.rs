@@ -559,6 +559,127 @@ pub(crate) fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// Entry points for the criterion benches in `center/benches/` (and the
+/// encoder tests): not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    use elkeid_proto::grpc::{EncodedRecord, PackagedData};
+
+    use crate::ack::PacketId;
+    use crate::sinks::PacketBatch;
+    use crate::sinks::ndjson::line::PacketJson;
+
+    /// One received packet as the NDJSON sink sees it.
+    #[derive(Debug)]
+    pub struct Packet(PacketBatch);
+
+    impl Packet {
+        /// The packet as `handle_packet` hands it to the sinks, with an
+        /// acknowledgement identity (`epoch`, `seq`) or without.
+        pub fn new(pkt: PackagedData, svr_time: i64, id: Option<(u64, u64)>) -> Self {
+            Packet(PacketBatch {
+                svr_time,
+                tag: String::new(),
+                agent_id: pkt.agent_id,
+                intranet_ipv4: pkt.intranet_ipv4,
+                extranet_ipv4: pkt.extranet_ipv4,
+                intranet_ipv6: pkt.intranet_ipv6,
+                extranet_ipv6: pkt.extranet_ipv6,
+                hostname: pkt.hostname,
+                version: pkt.version,
+                product: pkt.product,
+                records: pkt.records,
+                id: id.map(|(epoch, seq)| PacketId { epoch, seq }),
+                ticket: None,
+            })
+        }
+
+        /// Appends every record's line, as the sink writes them.
+        pub fn ndjson(&self, out: &mut Vec<u8>) {
+            let p = PacketJson::new(&self.0);
+            for (i, rec) in self.0.records.iter().enumerate() {
+                p.write(out, i, rec);
+            }
+        }
+
+        /// Appends every record's line through `serde_json` (a struct and
+        /// a `BTreeMap` of the fields per record), the encoder before the
+        /// direct one: the reference the tests compare against.
+        pub fn ndjson_serde(&self, out: &mut Vec<u8>) {
+            for (i, rec) in self.0.records.iter().enumerate() {
+                serde_line(out, &self.0, i, rec);
+            }
+        }
+    }
+
+    pub(crate) fn serde_line(
+        out: &mut Vec<u8>,
+        batch: &PacketBatch,
+        idx: usize,
+        rec: &EncodedRecord,
+    ) {
+        use base64::Engine;
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            data_type: i32,
+            agent_time: i64,
+            svr_time: i64,
+            agent_id: &'a str,
+            hostname: &'a str,
+            version: &'a str,
+            product: &'a str,
+            intranet_ipv4: &'a [String],
+            extranet_ipv4: &'a [String],
+            intranet_ipv6: &'a [String],
+            extranet_ipv6: &'a [String],
+            tag: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            agent_epoch: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            agent_seq: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            record_idx: Option<usize>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            packet_records: Option<usize>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            fields: Option<std::collections::BTreeMap<&'a str, &'a str>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            body: Option<String>,
+        }
+        let (fields, body) = match elkeid_core::payload::decode_utf8(&rec.data) {
+            // Last duplicate wins, as in a protobuf map.
+            Ok(pairs) => (Some(pairs.into_iter().collect()), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&rec.data)),
+            ),
+        };
+        let line = Line {
+            data_type: rec.data_type,
+            agent_time: rec.timestamp,
+            svr_time: batch.svr_time,
+            agent_id: &batch.agent_id,
+            hostname: &batch.hostname,
+            version: &batch.version,
+            product: &batch.product,
+            intranet_ipv4: &batch.intranet_ipv4,
+            extranet_ipv4: &batch.extranet_ipv4,
+            intranet_ipv6: &batch.intranet_ipv6,
+            extranet_ipv6: &batch.extranet_ipv6,
+            tag: &batch.tag,
+            agent_epoch: batch.id.map(|id| id.epoch),
+            agent_seq: batch.id.map(|id| id.seq),
+            record_idx: batch.id.map(|_| idx),
+            packet_records: batch.id.map(|_| batch.records.len()),
+            fields,
+            body,
+        };
+        // Serializing borrowed strings into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &line);
+        out.push(b'\n');
+    }
+}
+
 /// A serialized `Payload` with these entries (tests only).
 #[cfg(test)]
 pub(crate) fn test_payload(fields: &[(&str, &str)]) -> Vec<u8> {

@@ -192,10 +192,19 @@ pub(crate) async fn handle_packet(
     inc(&m.recv_packets);
     m.recv_records.inc_by(pkt.records.len() as u64);
     // A map, not a linear scan: a packet may hold ~10^6 distinct data_types.
+    // Runs of one data_type (the usual packet) touch it once per run.
     let mut counts: std::collections::BTreeMap<i32, u64> = std::collections::BTreeMap::new();
+    let mut run: Option<(i32, u64)> = None;
     for rec in &pkt.records {
-        *counts.entry(rec.data_type).or_default() += 1;
         let ty = rec.data_type;
+        match &mut run {
+            Some((t, n)) if *t == ty => *n += 1,
+            _ => {
+                if let Some((t, n)) = run.replace((ty, 1)) {
+                    *counts.entry(t).or_default() += n;
+                }
+            }
+        }
         let heartbeat = ty == dt::AGENT_HEARTBEAT || ty == dt::PLUGIN_HEARTBEAT;
         if !(heartbeat || dt::is_agent_log(ty) || dt::is_task_result(ty)) {
             continue;
@@ -257,6 +266,9 @@ pub(crate) async fn handle_packet(
                 });
             }
         }
+    }
+    if let Some((t, n)) = run {
+        *counts.entry(t).or_default() += n;
     }
     m.add_data_types(&counts.into_iter().collect::<Vec<_>>());
     let (ticket, pending) = match id {

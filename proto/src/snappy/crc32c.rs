@@ -1,8 +1,11 @@
 //! CRC-32C (Castagnoli, reflected polynomial `0x82F63B78`) and the masking
 //! the snappy framing format applies to it.
 //!
-//! Slice-by-8 over tables built at compile time: no dependency, no `unsafe`,
-//! roughly a byte per cycle, which is far faster than the gRPC path needs.
+//! Where the CPU has a CRC-32C instruction (x86_64 SSE4.2, aarch64 `crc`,
+//! detected at run time) it is used, 8 bytes per instruction: about three
+//! times the table's speed, and this checksum runs over every byte both
+//! sides send. Elsewhere (MIPS, old x86): slice-by-8 over tables built at
+//! compile time, roughly a byte per cycle. No dependency.
 
 /// Reflected CRC-32C polynomial.
 const POLY: u32 = 0x82F6_3B78;
@@ -38,6 +41,67 @@ const fn build_tables() -> [[u32; 256]; 8] {
 
 /// CRC-32C of `data`.
 pub(crate) fn crc32c(data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU supports SSE4.2, checked just above.
+        return !unsafe { hw::update(!0, data) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("crc") {
+        // SAFETY: the CPU has the CRC32 instructions, checked just above.
+        return !unsafe { hw::update(!0, data) };
+    }
+    crc32c_table(data)
+}
+
+/// The CRC-32C instructions (same polynomial and bit order as the tables;
+/// no initial or final inversion, the caller does those).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod hw {
+    /// Continues `crc` over `data`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "sse4.2")]
+    pub(super) fn update(crc: u32, data: &[u8]) -> u32 {
+        use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
+        let mut c = u64::from(crc);
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            c = _mm_crc32_u64(
+                c,
+                u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]),
+            );
+        }
+        // the instruction leaves the upper 32 bits zero
+        #[allow(clippy::cast_possible_truncation)]
+        let mut c = c as u32;
+        for &b in words.remainder() {
+            c = _mm_crc32_u8(c, b);
+        }
+        c
+    }
+
+    /// Continues `crc` over `data`.
+    #[cfg(target_arch = "aarch64")]
+    #[target_feature(enable = "crc")]
+    pub(super) fn update(crc: u32, data: &[u8]) -> u32 {
+        use std::arch::aarch64::{__crc32cb, __crc32cd};
+        let mut c = crc;
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            c = __crc32cd(
+                c,
+                u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]),
+            );
+        }
+        for &b in words.remainder() {
+            c = __crc32cb(c, b);
+        }
+        c
+    }
+}
+
+/// CRC-32C of `data` by the tables (any CPU).
+fn crc32c_table(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
@@ -103,6 +167,7 @@ mod tests {
             .collect();
         for n in 0..data.len() {
             assert_eq!(crc32c(&data[..n]), crc_bitwise(&data[..n]), "len {n}");
+            assert_eq!(crc32c_table(&data[..n]), crc_bitwise(&data[..n]), "len {n}");
         }
     }
 

@@ -41,8 +41,10 @@ struct Args {
     /// Flood plugin binary.
     #[arg(long)]
     flood: Option<PathBuf>,
-    /// The center's sink: `null` (counts only) or `ndjson` (written and
-    /// fdatasync'd before each acknowledgement).
+    /// The center's sink: `null` (counts only), `ndjson` (written and
+    /// fdatasync'd before each acknowledgement) or `kafka` (the center
+    /// inherits this process's environment: set `ELKEID_CENTER_KAFKA_BROKERS`
+    /// and `ELKEID_CENTER_KAFKA_TOPIC`).
     #[arg(long, default_value = "null")]
     center_sink: String,
     /// The agent's ring byte budget (`--ring-bytes`); the agent's own

@@ -25,6 +25,9 @@
 //! holds many packets (one sync for all of them); a group stops growing at
 //! [`GROUP_MAX_BYTES`] or [`GROUP_MAX_TIME`], which bounds the latency. A
 //! crash of the process or the machine loses nothing that was acknowledged.
+//! A failed write fails every batch of the group (their lines may have been
+//! in the lost buffer): none of them is acknowledged, the agents re-send.
+//! Lines are encoded straight into the writer's 1 MiB buffer (`line.rs`).
 //! A file is rotated before a line would take it past `rotate_bytes` (a
 //! single longer line gets a file of its own); rotation fsyncs the old file.
 //!
@@ -44,7 +47,6 @@ use std::time::{Duration, Instant};
 
 use crate::ack::{AckMetrics, PacketId};
 
-use base64::Engine;
 use elkeid_proto::grpc::EncodedRecord;
 use tokio::sync::{mpsc, oneshot};
 
@@ -54,6 +56,7 @@ mod config;
 pub(crate) use config::{KEY_ARGS, NdjsonFile};
 pub use config::{NdjsonArgs, NdjsonConfig};
 
+pub(crate) mod line;
 mod retention;
 pub(crate) use retention::Retention;
 
@@ -159,11 +162,15 @@ fn writer_thread(
                         let lost = b.records.len().saturating_sub(written);
                         st.failed.fetch_add(lost as u64, Ordering::Relaxed);
                         tracing::error!(%error, lost, "ndjson sink: write failed");
-                        if let Some(t) = &b.ticket {
-                            t.fail();
+                        // Lines of the group's earlier batches may have been
+                        // in the lost buffer too: none of them is durable.
+                        for b in group.iter().chain(std::iter::once(&b)) {
+                            if let Some(t) = &b.ticket {
+                                t.fail();
+                            }
                         }
                         // start a fresh file at the next batch
-                        writer.file = None;
+                        writer.reset();
                     }
                     group.push(b);
                 }
@@ -185,7 +192,7 @@ fn writer_thread(
                     t.fail();
                 }
             }
-            writer.file = None;
+            writer.reset();
         }
         // Releasing the batches fires their tickets: durable (or failed).
         group.clear();
@@ -252,12 +259,17 @@ struct Writer {
     retention: Retention,
     /// Files removed by retention.
     removed: Arc<AtomicU64>,
-    file: Option<(std::io::BufWriter<std::fs::File>, PathBuf)>,
+    file: Option<(std::fs::File, PathBuf)>,
+    /// Lines not yet written to `file`: encoded straight into this buffer,
+    /// written out when it holds [`BUF`] bytes and at each group commit.
+    buf: Vec<u8>,
+    /// Bytes in the current file, `buf` included.
     written: u64,
     /// Bytes written since start (all files).
     total: u64,
     seq: u64,
-    line: Vec<u8>,
+    /// The per-packet parts of the current batch's lines.
+    packet: line::PacketJson,
 }
 
 impl Writer {
@@ -268,10 +280,11 @@ impl Writer {
             retention: Retention::default(),
             removed: Arc::default(),
             file: None,
+            buf: Vec::with_capacity(BUF + 64 * 1024),
             written: 0,
             total: 0,
             seq: 0,
-            line: Vec::with_capacity(4096),
+            packet: line::PacketJson::default(),
         }
     }
 
@@ -302,7 +315,7 @@ impl Writer {
                         std::time::SystemTime::now(),
                     );
                     self.removed.fetch_add(n as u64, Ordering::Relaxed);
-                    self.file = Some((std::io::BufWriter::with_capacity(BUF, f), path));
+                    self.file = Some((f, path));
                     self.written = 0;
                     return Ok(());
                 }
@@ -312,19 +325,31 @@ impl Writer {
         }
     }
 
-    fn close(&mut self) -> std::io::Result<()> {
-        if let Some((mut f, _)) = self.file.take() {
-            f.flush()?;
-            f.get_ref().sync_all()?;
+    /// Writes the first `n` buffered bytes to the file.
+    fn write_out(&mut self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
         }
+        if let Some((f, _)) = self.file.as_mut() {
+            f.write_all(&self.buf[..n])?;
+        }
+        self.buf.drain(..n);
         Ok(())
+    }
+
+    /// Drops the file and what was buffered for it (after an error: the
+    /// next line starts a fresh file).
+    fn reset(&mut self) {
+        self.file = None;
+        self.buf.clear();
     }
 
     /// Writes a batch's lines; returns how many were written and the first error.
     fn write_batch(&mut self, batch: &PacketBatch) -> (usize, std::io::Result<()>) {
+        self.packet.set(batch);
         let mut n = 0;
         for (idx, rec) in batch.records.iter().enumerate() {
-            if let Err(e) = self.write_record(batch, idx, rec) {
+            if let Err(e) = self.write_record(idx, rec) {
                 return (n, Err(e));
             }
             n += 1;
@@ -332,25 +357,24 @@ impl Writer {
         (n, Ok(()))
     }
 
-    fn write_record(
-        &mut self,
-        batch: &PacketBatch,
-        idx: usize,
-        rec: &EncodedRecord,
-    ) -> std::io::Result<()> {
-        self.line.clear();
-        write_line(&mut self.line, batch, idx, rec);
-        let len = self.line.len() as u64;
+    fn write_record(&mut self, idx: usize, rec: &EncodedRecord) -> std::io::Result<()> {
+        let start = self.buf.len();
+        self.packet.write(&mut self.buf, idx, rec);
+        let len = (self.buf.len() - start) as u64;
         if self.file.is_some() && self.written > 0 && self.written + len > self.rotate_bytes {
-            self.close()?;
+            // the lines before this one go to the old file
+            self.write_out(start)?;
+            if let Some((f, _)) = self.file.take() {
+                f.sync_all()?;
+            }
         }
         if self.file.is_none() {
             self.open()?;
         }
-        if let Some((f, _)) = self.file.as_mut() {
-            f.write_all(&self.line)?;
-            self.written += len;
-            self.total += len;
+        self.written += len;
+        self.total += len;
+        if self.buf.len() >= BUF {
+            self.write_out(self.buf.len())?;
         }
         Ok(())
     }
@@ -358,11 +382,9 @@ impl Writer {
     /// Writes the buffer out and, with `sync`, `fdatasync`s the file
     /// (a new file was already made durable in the directory by `open`).
     fn flush(&mut self, sync: bool) -> std::io::Result<()> {
-        if let Some((f, _)) = self.file.as_mut() {
-            f.flush()?;
-            if sync {
-                f.get_ref().sync_data()?;
-            }
+        self.write_out(self.buf.len())?;
+        if sync && let Some((f, _)) = self.file.as_mut() {
+            f.sync_data()?;
         }
         Ok(())
     }
@@ -482,67 +504,10 @@ fn truncate(path: &Path, len: u64) {
     }
 }
 
-#[derive(serde::Serialize)]
-struct Line<'a> {
-    data_type: i32,
-    agent_time: i64,
-    svr_time: i64,
-    agent_id: &'a str,
-    hostname: &'a str,
-    version: &'a str,
-    product: &'a str,
-    intranet_ipv4: &'a [String],
-    extranet_ipv4: &'a [String],
-    intranet_ipv6: &'a [String],
-    extranet_ipv6: &'a [String],
-    tag: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    agent_epoch: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    agent_seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    record_idx: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    packet_records: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fields: Option<std::collections::BTreeMap<&'a str, &'a str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body: Option<String>,
-}
-
 /// Appends one record's line (with the trailing `\n`) to `out`.
+#[cfg(test)]
 pub(crate) fn write_line(out: &mut Vec<u8>, batch: &PacketBatch, idx: usize, rec: &EncodedRecord) {
-    let (fields, body) = match elkeid_core::payload::decode_utf8(&rec.data) {
-        // Last duplicate wins, as in a protobuf map.
-        Ok(pairs) => (Some(pairs.into_iter().collect()), None),
-        Err(_) => (
-            None,
-            Some(base64::engine::general_purpose::STANDARD.encode(&rec.data)),
-        ),
-    };
-    let line = Line {
-        data_type: rec.data_type,
-        agent_time: rec.timestamp,
-        svr_time: batch.svr_time,
-        agent_id: &batch.agent_id,
-        hostname: &batch.hostname,
-        version: &batch.version,
-        product: &batch.product,
-        intranet_ipv4: &batch.intranet_ipv4,
-        extranet_ipv4: &batch.extranet_ipv4,
-        intranet_ipv6: &batch.intranet_ipv6,
-        extranet_ipv6: &batch.extranet_ipv6,
-        tag: &batch.tag,
-        agent_epoch: batch.id.map(|id| id.epoch),
-        agent_seq: batch.id.map(|id| id.seq),
-        record_idx: batch.id.map(|_| idx),
-        packet_records: batch.id.map(|_| batch.records.len()),
-        fields,
-        body,
-    };
-    // Serializing borrowed strings into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, &line);
-    out.push(b'\n');
+    line::PacketJson::new(batch).write(out, idx, rec);
 }
 
 #[cfg(test)]
@@ -591,6 +556,113 @@ mod tests {
 \"hostname\":\"h\",\"version\":\"1.9.1\",\"product\":\"elkeid-agent\",\"intranet_ipv4\":[\"10.0.0.2\"],\
 \"extranet_ipv4\":[],\"intranet_ipv6\":[],\"extranet_ipv6\":[],\"tag\":\"\",\"fields\":{\"a\":\"1\",\"b\":\"2\"}}\n"
         );
+    }
+
+    /// The line as `serde_json` writes it from a struct and a map: the
+    /// reference the direct encoder must match byte for byte.
+    fn reference_line(batch: &PacketBatch, idx: usize, rec: &EncodedRecord) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::bench::serde_line(&mut out, batch, idx, rec);
+        out
+    }
+
+    #[test]
+    fn direct_encoder_matches_serde_json() {
+        // Every byte that JSON may escape, in keys, values and metadata.
+        let all: String = (0u8..0x80).map(char::from).collect();
+        let texts = [
+            "",
+            "plain",
+            "exactly8",
+            "sixteen-bytes-xx",
+            "tab\there",
+            "quote\"back\\slash",
+            "é日本\u{1f600}\u{7f}",
+            all.as_str(),
+            &all[5..],
+        ];
+        let payloads: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            crate::test_payload(&[("s", &"0".repeat(180))]),
+            crate::test_payload(&[("a", "1"), ("b", "2"), ("c", texts[5])]),
+            // unsorted, with duplicates: sorted, the last duplicate wins
+            crate::test_payload(&[("b", "2"), ("a", "1"), ("b", "3"), ("a", "0")]),
+            crate::test_payload(&[("a", "1"), ("a", "2")]),
+            crate::test_payload(&[(texts[7], texts[6]), (texts[4], texts[7]), ("", "")]),
+            // more entries than the stack array: unsorted, duplicates
+            {
+                let keys: Vec<String> = (0..40).map(|i| format!("k{}", (i * 7) % 23)).collect();
+                let pairs: Vec<(&str, &str)> =
+                    keys.iter().map(|k| (k.as_str(), texts[4])).collect();
+                let mut v = crate::test_payload(&pairs);
+                v.extend_from_slice(&crate::test_payload(&[("k3", "last")]));
+                v
+            },
+            {
+                let mut v = crate::test_payload(&[("x", "1"); 20]);
+                v.extend_from_slice(&[0x0a, 0x03, 0x12, 0x01, 0xff]);
+                v
+            },
+            // not a UTF-8 Payload: base64 body
+            vec![0x0a, 0x03, 0x0a, 0x01, 0xff],
+            vec![0x0a, 0x07, 0x0a],
+            // the second entry is bad after a good first one
+            {
+                let mut v = crate::test_payload(&[("a", "1")]);
+                v.extend_from_slice(&[0x0a, 0x03, 0x12, 0x01, 0xff]);
+                v
+            },
+        ];
+        for (ti, text) in texts.iter().enumerate() {
+            let mut b = batch();
+            b.svr_time = -(ti as i64);
+            b.agent_id = (*text).to_string();
+            b.hostname = texts[(ti + 1) % texts.len()].to_string();
+            b.tag = texts[(ti + 2) % texts.len()].to_string();
+            b.extranet_ipv6 = vec![(*text).to_string(), "::1".into()];
+            b.id = (ti % 2 == 0).then_some(PacketId {
+                epoch: u64::MAX - ti as u64,
+                seq: ti as u64,
+            });
+            b.records = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, p)| EncodedRecord {
+                    data_type: i32::MIN + i as i32 * 1000,
+                    timestamp: i64::MAX - i as i64,
+                    data: p.clone().into(),
+                })
+                .collect();
+            let mut lines = Vec::new();
+            let mut reference = Vec::new();
+            for (i, rec) in b.records.iter().enumerate() {
+                write_line(&mut lines, &b, i, rec);
+                reference.extend_from_slice(&reference_line(&b, i, rec));
+            }
+            assert_eq!(
+                String::from_utf8(lines).unwrap(),
+                String::from_utf8(reference).unwrap(),
+                "text {ti}"
+            );
+        }
+    }
+
+    #[test]
+    fn escape_matches_serde_json_for_every_position() {
+        // each special byte at each offset of a 0..24-byte string (the
+        // 8-byte fast path and its tail)
+        for special in [0u8, 0x08, 0x1f, b'"', b'\\', 0x7f, b'a'] {
+            for len in 0..24 {
+                for at in 0..len {
+                    let mut v = vec![b'x'; len];
+                    v[at] = special;
+                    let s = String::from_utf8(v).unwrap();
+                    let mut out = Vec::new();
+                    line::escape(&mut out, &s);
+                    assert_eq!(out, serde_json::to_vec(&s).unwrap(), "{s:?}");
+                }
+            }
+        }
     }
 
     #[test]
