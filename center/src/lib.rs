@@ -577,21 +577,14 @@ pub mod bench {
         /// The packet as `handle_packet` hands it to the sinks, with an
         /// acknowledgement identity (`epoch`, `seq`) or without.
         pub fn new(pkt: PackagedData, svr_time: i64, id: Option<(u64, u64)>) -> Self {
-            Packet(PacketBatch {
+            let id = id.map(|(epoch, seq)| PacketId { epoch, seq });
+            Packet(PacketBatch::from_packet(
+                pkt,
                 svr_time,
-                tag: String::new(),
-                agent_id: pkt.agent_id,
-                intranet_ipv4: pkt.intranet_ipv4,
-                extranet_ipv4: pkt.extranet_ipv4,
-                intranet_ipv6: pkt.intranet_ipv6,
-                extranet_ipv6: pkt.extranet_ipv6,
-                hostname: pkt.hostname,
-                version: pkt.version,
-                product: pkt.product,
-                records: pkt.records,
-                id: id.map(|(epoch, seq)| PacketId { epoch, seq }),
-                ticket: None,
-            })
+                String::new(),
+                id,
+                None,
+            ))
         }
 
         /// Appends every record's line, as the sink writes them.

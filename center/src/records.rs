@@ -278,21 +278,8 @@ pub(crate) async fn handle_packet(
         }
         None => (None, None),
     };
-    let batch = Arc::new(PacketBatch {
-        svr_time: now,
-        tag: ctx.manager.tag(&pkt.agent_id),
-        agent_id: pkt.agent_id,
-        intranet_ipv4: pkt.intranet_ipv4,
-        extranet_ipv4: pkt.extranet_ipv4,
-        intranet_ipv6: pkt.intranet_ipv6,
-        extranet_ipv6: pkt.extranet_ipv6,
-        hostname: pkt.hostname,
-        version: pkt.version,
-        product: pkt.product,
-        records: pkt.records,
-        id,
-        ticket,
-    });
+    let tag = ctx.manager.tag(&pkt.agent_id);
+    let batch = Arc::new(PacketBatch::from_packet(pkt, now, tag, id, ticket));
     ctx.sinks.send(&batch).await;
     pending
 }

@@ -189,6 +189,34 @@ pub(crate) struct PacketBatch {
     pub(crate) ticket: Option<Ticket>,
 }
 
+impl PacketBatch {
+    /// The batch of a received packet: its host metadata and records move
+    /// in; `svr_time`, `tag`, identity and ticket are the center's.
+    pub(crate) fn from_packet(
+        pkt: elkeid_proto::grpc::PackagedData,
+        svr_time: i64,
+        tag: String,
+        id: Option<PacketId>,
+        ticket: Option<Ticket>,
+    ) -> Self {
+        PacketBatch {
+            svr_time,
+            tag,
+            agent_id: pkt.agent_id,
+            intranet_ipv4: pkt.intranet_ipv4,
+            extranet_ipv4: pkt.extranet_ipv4,
+            intranet_ipv6: pkt.intranet_ipv6,
+            extranet_ipv6: pkt.extranet_ipv6,
+            hostname: pkt.hostname,
+            version: pkt.version,
+            product: pkt.product,
+            records: pkt.records,
+            id,
+            ticket,
+        }
+    }
+}
+
 /// Why a sink could not take a batch.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SinkError {
