@@ -106,23 +106,105 @@ pub(crate) fn classify<'a>(addrs: impl IntoIterator<Item = (&'a str, IpAddr)>) -
     l
 }
 
-/// The live interface addresses (`getifaddrs`), classified.
+/// The live interface addresses, classified: IPv4 from `SIOCGIFCONF`, IPv6
+/// from `/proc/net/if_inet6` (as net-tools' `ifconfig` reads them).
+///
+/// Not `getifaddrs()`: musl implements it over rtnetlink, and qemu-user
+/// (7.2) leaves one attribute length of every `RTM_NEWLINK` message
+/// un-swapped on a big-endian guest, so musl's loop never ends under
+/// `qemu-mips` — the CI's only way to run the big-endian MIPS agent. The
+/// ioctl and the proc file give the same addresses on every kernel.
 pub(crate) fn ip_lists() -> IpLists {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return IpLists::default();
-    };
-    let pairs: Vec<(String, IpAddr)> = addrs
-        .filter_map(|a| {
-            let sa = a.address?;
-            let ip = if let Some(v4) = sa.as_sockaddr_in() {
-                IpAddr::V4(v4.ip())
-            } else {
-                IpAddr::V6(sa.as_sockaddr_in6()?.ip())
-            };
-            Some((a.interface_name, ip))
-        })
-        .collect();
+    let mut pairs = ipv4_addrs();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+        pairs.extend(parse_if_inet6(&text));
+    }
     classify(pairs.iter().map(|(n, ip)| (n.as_str(), *ip)))
+}
+
+/// At most this many IPv4 addresses are read (`SIOCGIFCONF` entries).
+const MAX_IFCONF_ENTRIES: usize = 1024;
+
+/// The IPv4 addresses of every interface (`SIOCGIFCONF`); empty on error.
+#[allow(unsafe_code)]
+fn ipv4_addrs() -> Vec<(String, IpAddr)> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let Ok(sock) = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+    else {
+        return Vec::new();
+    };
+    let entry = std::mem::size_of::<libc::ifreq>();
+    let mut entries = 16;
+    loop {
+        let mut buf = vec![0u8; entries * entry];
+        let mut conf = libc::ifconf {
+            ifc_len: (entries * entry) as libc::c_int,
+            ifc_ifcu: libc::__c_anonymous_ifc_ifcu {
+                ifcu_buf: buf.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: `conf` points at `buf`, which is valid for writes of
+        // `ifc_len` bytes and outlives the call; the kernel writes at most
+        // `ifc_len` bytes of whole `ifreq` entries and stores the length used.
+        let rc = unsafe {
+            libc::ioctl(
+                sock.as_raw_fd(),
+                libc::SIOCGIFCONF as _,
+                &mut conf as *mut libc::ifconf,
+            )
+        };
+        if rc < 0 {
+            return Vec::new();
+        }
+        let used = usize::try_from(conf.ifc_len).unwrap_or(0).min(buf.len());
+        // A full buffer may have been truncated: ask again with more room.
+        if used + entry > buf.len() && entries < MAX_IFCONF_ENTRIES {
+            entries *= 4;
+            continue;
+        }
+        return parse_ifconf(&buf[..used], entry);
+    }
+}
+
+/// `(name, address)` of each `ifreq` in a `SIOCGIFCONF` answer: the name is
+/// the first 16 bytes (NUL-padded), then a `sockaddr_in` (family in host
+/// order, port, address in network order). Non-IPv4 entries are skipped.
+fn parse_ifconf(buf: &[u8], entry: usize) -> Vec<(String, IpAddr)> {
+    const NAME: usize = libc::IFNAMSIZ;
+    if entry < NAME + 8 {
+        return Vec::new();
+    }
+    buf.chunks_exact(entry)
+        .filter_map(|e| {
+            let family = u16::from_ne_bytes([e[NAME], e[NAME + 1]]);
+            if family != libc::AF_INET as u16 {
+                return None;
+            }
+            let name = &e[..NAME];
+            let end = name.iter().position(|&b| b == 0).unwrap_or(NAME);
+            let name = std::str::from_utf8(&name[..end]).ok()?;
+            let a = [e[NAME + 4], e[NAME + 5], e[NAME + 6], e[NAME + 7]];
+            Some((name.to_string(), IpAddr::from(a)))
+        })
+        .collect()
+}
+
+/// `(name, address)` of each line of `/proc/net/if_inet6`: 32 hex digits of
+/// address, then index, prefix length, scope, flags (hex) and the name.
+fn parse_if_inet6(text: &str) -> Vec<(String, IpAddr)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split_ascii_whitespace();
+            let hex = f.next()?;
+            let name = f.nth(4)?;
+            if hex.len() != 32 {
+                return None;
+            }
+            let v = u128::from_str_radix(hex, 16).ok()?;
+            Some((name.to_string(), IpAddr::from(std::net::Ipv6Addr::from(v))))
+        })
+        .collect()
 }
 
 /// The hostname (empty when unavailable).
@@ -532,5 +614,77 @@ mod tests {
     fn live_lists_and_hostname() {
         let _ = ip_lists();
         assert!(!hostname().is_empty());
+    }
+
+    #[test]
+    fn ifconf_entries_are_parsed_by_layout() {
+        let entry = std::mem::size_of::<libc::ifreq>();
+        let mut buf = vec![0u8; 3 * entry];
+        let put = |b: &mut [u8], name: &str, family: u16, ip: [u8; 4]| {
+            b[..name.len()].copy_from_slice(name.as_bytes());
+            b[16..18].copy_from_slice(&family.to_ne_bytes());
+            b[20..24].copy_from_slice(&ip);
+        };
+        put(&mut buf[..entry], "lo", libc::AF_INET as u16, [127, 0, 0, 1]);
+        put(&mut buf[entry..], "eth0:1", libc::AF_INET as u16, [192, 168, 7, 9]);
+        put(&mut buf[2 * entry..], "odd", 99, [1, 2, 3, 4]);
+        let got = parse_ifconf(&buf, entry);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("lo".to_string(), a("127.0.0.1")),
+                ("eth0:1".to_string(), a("192.168.7.9"))
+            ]
+        );
+        // A torn tail and a too-small entry size give nothing, not a panic.
+        assert_eq!(parse_ifconf(&buf[..entry + 3], entry).len(), 1);
+        assert!(parse_ifconf(&buf, 8).is_empty());
+    }
+
+    #[test]
+    fn if_inet6_lines_are_parsed() {
+        let text = "00000000000000000000000000000001 01 80 10 80       lo\n\
+                    fd000000000000000000000000000042 02 40 00 80     eth0\n\
+                    fe80000000000000021122fffe334455 02 40 20 80     eth0\n\
+                    short 02 40 20 80 eth9\n\
+                    zz000000000000000000000000000042 02 40 00 80 eth9\n\
+                    20010db8000000000000000000000001 03\n";
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            parse_if_inet6(text),
+            vec![
+                ("lo".to_string(), a("::1")),
+                ("eth0".to_string(), a("fd00::42")),
+                ("eth0".to_string(), a("fe80::211:22ff:fe33:4455")),
+            ]
+        );
+    }
+
+    /// The ioctl + proc path sees what `getifaddrs()` sees (not run on
+    /// big-endian MIPS, where `getifaddrs()` hangs under qemu-user).
+    #[cfg(not(all(target_arch = "mips", target_endian = "big")))]
+    #[test]
+    fn live_addresses_match_getifaddrs() {
+        let mut ours: Vec<(String, IpAddr)> = ipv4_addrs();
+        if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+            ours.extend(parse_if_inet6(&text));
+        }
+        let mut theirs: Vec<(String, IpAddr)> = nix::ifaddrs::getifaddrs()
+            .unwrap()
+            .filter_map(|a| {
+                let sa = a.address?;
+                let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                    IpAddr::V4(v4.ip())
+                } else {
+                    IpAddr::V6(sa.as_sockaddr_in6()?.ip())
+                };
+                Some((a.interface_name, ip))
+            })
+            .collect();
+        ours.sort();
+        theirs.sort();
+        assert!(ours.iter().any(|(_, ip)| ip.is_loopback()), "{ours:?}");
+        assert_eq!(ours, theirs);
     }
 }
