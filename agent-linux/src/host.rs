@@ -128,10 +128,14 @@ const MAX_IFCONF_ENTRIES: usize = 1024;
 /// The IPv4 addresses of every interface (`SIOCGIFCONF`); empty on error.
 #[allow(unsafe_code)]
 fn ipv4_addrs() -> Vec<(String, IpAddr)> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     use std::os::fd::AsRawFd;
-    let Ok(sock) = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-    else {
+    let Ok(sock) = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
         return Vec::new();
     };
     let entry = std::mem::size_of::<libc::ifreq>();
@@ -625,8 +629,18 @@ mod tests {
             b[16..18].copy_from_slice(&family.to_ne_bytes());
             b[20..24].copy_from_slice(&ip);
         };
-        put(&mut buf[..entry], "lo", libc::AF_INET as u16, [127, 0, 0, 1]);
-        put(&mut buf[entry..], "eth0:1", libc::AF_INET as u16, [192, 168, 7, 9]);
+        put(
+            &mut buf[..entry],
+            "lo",
+            libc::AF_INET as u16,
+            [127, 0, 0, 1],
+        );
+        put(
+            &mut buf[entry..],
+            "eth0:1",
+            libc::AF_INET as u16,
+            [192, 168, 7, 9],
+        );
         put(&mut buf[2 * entry..], "odd", 99, [1, 2, 3, 4]);
         let got = parse_ifconf(&buf, entry);
         let a = |s: &str| s.parse::<IpAddr>().unwrap();
