@@ -12,6 +12,9 @@
 #    (default: dev, which shares its build with targets/qemu-test.sh);
 #    SMOKE_AGENT=<path> runs that agent binary instead (e.g. the shipped
 #    target/ship/<target>/elkeid-agent from targets/build.sh);
+#    SMOKE_AGENT_LOG="<flags>" replaces the agent's `--log-level debug
+#    --foreground` (e.g. SMOKE_AGENT_LOG= for the defaults: info, to the
+#    log files only, as the footprint figures are taken);
 #    SMOKE_CENTER=<path> uses that host center; SMOKE_SETTLE=<s> (default 5)
 #    is how long the agent idles with both plugins before its footprint is
 #    logged; SMOKE_SMAPS=<file> keeps its /proc/<pid>/smaps of that moment;
@@ -146,8 +149,9 @@ pki=$TMP/center/pki
 log "center on $grpc; agent $agent under ${runner:-native} execution"
 
 agent_start=$(date +%s)
+# shellcheck disable=SC2086 # SMOKE_AGENT_LOG is a list of flags
 ${runner:+"$runner"} "$agent" --server "$grpc" --ca "$pki/ca.crt" --cert "$pki/client.crt" --key "$pki/client.key" \
-    --work-dir "$TMP/agent" --heartbeat-secs 5 --log-level debug --foreground >"$TMP/agent.log" 2>&1 &
+    --work-dir "$TMP/agent" --heartbeat-secs "${SMOKE_HEARTBEAT:-5}" ${SMOKE_AGENT_LOG---log-level debug --foreground} >"$TMP/agent.log" 2>&1 &
 AGENT_PID=$!
 
 # --- 4. what the center received --------------------------------------------

@@ -192,9 +192,11 @@ impl Buffer {
     }
 }
 
-/// Smallest burst whose arena pages are released (below, a heartbeat or a
-/// few records: not worth a system call).
-pub(crate) const RELEASE_MIN_BYTES: usize = 64 * 1024;
+/// Smallest burst whose arena pages are released: one page. The release
+/// runs once per idle period (the ring empty for about a second), so even a
+/// heartbeat's few records are worth the one `madvise`: an idle agent keeps
+/// no ring page resident between bursts.
+pub(crate) const RELEASE_MIN_BYTES: usize = 4096;
 
 /// `madvise(MADV_DONTNEED)` on the whole pages inside `bytes`: their
 /// memory goes back to the kernel and reads as zeros (or the file's

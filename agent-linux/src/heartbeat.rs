@@ -331,8 +331,19 @@ pub(crate) async fn run(agent: Rc<Heartbeat>) {
         agent.meta.refresh();
         push_agent_heartbeat(&agent).await;
         push_plugin_heartbeats(&agent).await;
+        // Once the heartbeat has gone out, the stack pages of the deepest
+        // calls since the last beat (a reconnect's TLS handshake) go back.
+        tokio::time::sleep(TRIM_AFTER.min(agent.cfg.heartbeat_interval / 2)).await;
+        let n = crate::stack::trim_main_stack();
+        if n > 0 {
+            tracing::trace!(bytes = n, "main stack trimmed");
+        }
     }
 }
+
+/// Delay between a heartbeat and the stack trim that follows it (at most
+/// half the interval, so the trim never delays the next beat).
+const TRIM_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -47,11 +47,18 @@ mod procstat;
 mod rollback;
 mod signals;
 mod spool;
+mod stack;
 pub mod status;
 mod stop;
 mod tasks;
 mod transport;
 mod update;
+
+/// The main-thread stack trim, for `tests/stack_trim.rs` (not a stable API).
+#[doc(hidden)]
+pub fn trim_main_stack() -> usize {
+    stack::trim_main_stack()
+}
 
 /// Entry points for the fuzz targets in `fuzz/` (not a stable API).
 #[doc(hidden)]

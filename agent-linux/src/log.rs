@@ -188,7 +188,12 @@ fn utc_timestamp(d: std::time::Duration) -> String {
 enum Msg {
     Line(Vec<u8>),
     Flush(std::sync::mpsc::SyncSender<()>),
+    /// Other small file I/O of the agent ([`run_on_writer`]).
+    Job(FileJob),
 }
+
+/// A small blocking file operation run on the log writer thread.
+pub(crate) type FileJob = Box<dyn FnOnce() + Send>;
 
 /// Queues one text line per enabled event for the writer thread, which
 /// appends it to the capped file and, in the foreground, to stderr:
@@ -237,6 +242,7 @@ impl LineLayer {
                         Msg::Flush(ack) => {
                             let _ = ack.send(());
                         }
+                        Msg::Job(job) => job(),
                     }
                 }
             })?;
@@ -262,6 +268,21 @@ pub fn flush() {
     if let Some(w) = WRITER.get() {
         w.flush(std::time::Duration::from_secs(2));
     }
+}
+
+/// Runs `job` on the log writer thread, which exists for the agent's whole
+/// life: small periodic file writes (status.json every 2 s) then neither
+/// block the runtime thread nor keep a blocking-pool thread (its stack and
+/// a wake-up every 2 s) alive while the agent idles. Gives the job back when
+/// logging is not initialised (tests, `--probe-connect`).
+pub(crate) fn run_on_writer(job: FileJob) -> Result<(), FileJob> {
+    let Some(w) = WRITER.get() else {
+        return Err(job);
+    };
+    w.tx.send(Msg::Job(job)).map_err(|e| match e.0 {
+        Msg::Job(job) => job,
+        _ => Box::new(|| {}),
+    })
 }
 
 /// Log lines dropped because the writer queue was full (not yet noted in

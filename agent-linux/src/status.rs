@@ -213,8 +213,16 @@ pub(crate) async fn run(dir: PathBuf, snapshot: impl Fn(i64) -> Status) {
     let mut failed = false;
     loop {
         let (d, status) = (dir.clone(), snapshot(started_at));
-        // File I/O on the blocking pool, not the runtime thread.
-        let r = tokio::task::spawn_blocking(move || write(&d, &status))
+        // File I/O off the runtime thread: on the log writer thread, which
+        // is always there (the blocking pool when logging is not set up).
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: crate::log::FileJob = Box::new(move || {
+            let _ = done.send(write(&d, &status));
+        });
+        if let Err(job) = crate::log::run_on_writer(job) {
+            tokio::task::spawn_blocking(job);
+        }
+        let r = result
             .await
             .map_err(std::io::Error::other)
             .and_then(|r| r);

@@ -419,6 +419,7 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
         if agent.link.release_memory.replace(false) {
             buf = Vec::new();
             agent.buffer.release_idle_pages(1);
+            crate::stack::trim_main_stack();
         }
         loop {
             while let Some((id, pkt)) = delivery.next_to_send() {
