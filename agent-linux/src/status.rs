@@ -222,10 +222,7 @@ pub(crate) async fn run(dir: PathBuf, snapshot: impl Fn(i64) -> Status) {
         if let Err(job) = crate::log::run_on_writer(job) {
             tokio::task::spawn_blocking(job);
         }
-        let r = result
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
+        let r = result.await.map_err(std::io::Error::other).and_then(|r| r);
         match r {
             Ok(()) => failed = false,
             Err(error) if !failed => {

@@ -13,7 +13,10 @@ use std::hint::black_box;
 #[allow(unsafe_code)]
 fn stack_rss_kb() -> u64 {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let line = maps.lines().find(|l| l.ends_with(" [stack]")).expect("[stack]");
+    let line = maps
+        .lines()
+        .find(|l| l.ends_with(" [stack]"))
+        .expect("[stack]");
     let (lo, hi) = line.split(' ').next().unwrap().split_once('-').unwrap();
     let lo = usize::from_str_radix(lo, 16).unwrap();
     let hi = usize::from_str_radix(hi, 16).unwrap();
