@@ -76,7 +76,7 @@ $row $verdict |"
 done
 
 rustc_v=$(rustc --version)
-note="Static musl, agent profile \`release-small\` (opt-level z, fat LTO, 1 CGU, panic=abort; router targets: std from source with \`optimize_for_size\`, \`${AGENT_SIZE_RUSTFLAGS--Zlocation-detail=none -Zfmt-debug=shallow}\`), center profile \`release\`; $rustc_v; $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d). Command: \`bash targets/size-report.sh --build --update-doc\`."
+note="Static musl, agent profile \`release-small\` (opt-level z, fat LTO, 1 CGU, panic=abort; every target (x86_64 too since 2026-12-02): std from source with \`optimize_for_size\`, \`${AGENT_SIZE_RUSTFLAGS--Zlocation-detail=none -Zfmt-debug=shallow}\`), center profile \`release\`; $rustc_v; $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d). Command: \`bash targets/size-report.sh --build --update-doc\`."
 printf '%s\n\n%s\n' "$table" "$note"
 
 if [ "$doc" = yes ]; then
