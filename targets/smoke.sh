@@ -15,6 +15,8 @@
 #    SMOKE_AGENT_LOG="<flags>" replaces the agent's `--log-level debug
 #    --foreground` (e.g. SMOKE_AGENT_LOG= for the defaults: info, to the
 #    log files only, as the footprint figures are taken);
+#    SMOKE_HEARTBEAT=<s> sets the agent's --heartbeat-secs (default 5; 60 is
+#    the agent's own default, used for the idle-footprint figure);
 #    SMOKE_CENTER=<path> uses that host center; SMOKE_SETTLE=<s> (default 5)
 #    is how long the agent idles with both plugins before its footprint is
 #    logged; SMOKE_SMAPS=<file> keeps its /proc/<pid>/smaps of that moment;

@@ -204,11 +204,10 @@ pub(crate) const RELEASE_MIN_BYTES: usize = 4096;
 /// bytes advised (0 on failure: the pages simply stay).
 #[allow(unsafe_code)]
 fn discard_pages(bytes: &mut [u8]) -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let page = match usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }) {
-        Ok(p) if p.is_power_of_two() => p,
-        _ => return 0,
-    };
+    let page = crate::procstat::page_size();
+    if !page.is_power_of_two() {
+        return 0;
+    }
     let start = bytes.as_mut_ptr() as usize;
     let first = start.next_multiple_of(page);
     let end = (start + bytes.len()) & !(page - 1);

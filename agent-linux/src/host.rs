@@ -115,11 +115,17 @@ pub(crate) fn classify<'a>(addrs: impl IntoIterator<Item = (&'a str, IpAddr)>) -
 /// `qemu-mips` — the CI's only way to run the big-endian MIPS agent. The
 /// ioctl and the proc file give the same addresses on every kernel.
 pub(crate) fn ip_lists() -> IpLists {
+    let pairs = interface_addrs();
+    classify(pairs.iter().map(|(n, ip)| (n.as_str(), *ip)))
+}
+
+/// Every `(interface, address)` pair: IPv4, then IPv6.
+fn interface_addrs() -> Vec<(String, IpAddr)> {
     let mut pairs = ipv4_addrs();
     if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
         pairs.extend(parse_if_inet6(&text));
     }
-    classify(pairs.iter().map(|(n, ip)| (n.as_str(), *ip)))
+    pairs
 }
 
 /// At most this many IPv4 addresses are read (`SIOCGIFCONF` entries).
@@ -680,10 +686,7 @@ mod tests {
     #[cfg(not(all(target_arch = "mips", target_endian = "big")))]
     #[test]
     fn live_addresses_match_getifaddrs() {
-        let mut ours: Vec<(String, IpAddr)> = ipv4_addrs();
-        if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
-            ours.extend(parse_if_inet6(&text));
-        }
+        let mut ours = interface_addrs();
         let mut theirs: Vec<(String, IpAddr)> = nix::ifaddrs::getifaddrs()
             .unwrap()
             .filter_map(|a| {

@@ -28,16 +28,17 @@ pub(crate) fn clock_ticks() -> u64 {
     }
 }
 
-fn page_size() -> u64 {
+/// The page size (`sysconf(_SC_PAGESIZE)`, 4096 when unknown).
+pub(crate) fn page_size() -> usize {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
-        Ok(Some(v)) if v > 0 => v as u64,
+        Ok(Some(v)) if v > 0 => v as usize,
         _ => 4096,
     }
 }
 
 /// Samples `pid` from the live `/proc`.
 pub(crate) fn sample(pid: u32) -> std::io::Result<ProcSample> {
-    sample_at(Path::new("/proc"), pid, clock_ticks(), page_size())
+    sample_at(Path::new("/proc"), pid, clock_ticks(), page_size() as u64)
 }
 
 /// Samples `pid` from a procfs mounted at `proc_root` (tests use a fake one).

@@ -2,7 +2,7 @@
 //!
 //! The agent's runtime polls every task on the main thread. A TLS handshake
 //! (certificate chain verification, the client's signature) runs about
-//! 130 KiB deep, the periodic work about a third of that, and the kernel
+//! 130 KiB deep, the periodic work about half of that, and the kernel
 //! keeps every stack page once touched: without this, a handshake's depth
 //! stays resident (anonymous, unswappable memory on a router without swap)
 //! for the life of the process. [`trim_main_stack`] discards the pages below
@@ -23,11 +23,10 @@ pub(crate) fn trim_main_stack() -> usize {
     let Some((lo, hi)) = stack_range(&maps) else {
         return 0;
     };
-    // SAFETY: sysconf has no preconditions.
-    let page = match usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }) {
-        Ok(p) if p.is_power_of_two() => p,
-        _ => return 0,
-    };
+    let page = crate::procstat::page_size();
+    if !page.is_power_of_two() {
+        return 0;
+    }
     let probe = 0u8;
     let here = std::hint::black_box(&probe) as *const u8 as usize;
     let Some((start, len)) = dead_range(lo, hi, here, page) else {
