@@ -7,7 +7,7 @@
 #   bash targets/smoke.sh x86_64-unknown-linux-musl        (native)
 #
 # 1. builds the host elkeid-center (debug) and, for the target, elkeid-agent
-#    and the example plugin (tests/src/bin/elkeid-example-plugin.rs);
+#    and the example plugin (core/src/bin/elkeid-example-plugin.rs);
 #    SMOKE_PROFILE=release-small uses the shipped profile for the agent
 #    (default: dev, which shares its build with targets/qemu-test.sh);
 #    SMOKE_AGENT=<path> runs that agent binary instead (e.g. the shipped
@@ -63,7 +63,7 @@ log "building elkeid-center (host) and elkeid-agent + elkeid-example-plugin ($t,
 cargo_env "$t"
 [ -n "${SMOKE_AGENT:-}" ] ||
     env "${CARGO_ENV[@]}" cargo build -q --profile "$profile" -p elkeid-agent --bin elkeid-agent --target "$t" "${CARGO_EXTRA[@]}"
-env "${CARGO_ENV[@]}" cargo build -q -p elkeid-tests --bin elkeid-example-plugin --target "$t" "${CARGO_EXTRA[@]}"
+env "${CARGO_ENV[@]}" cargo build -q -p elkeid-core --bin elkeid-example-plugin --target "$t" "${CARGO_EXTRA[@]}"
 pdir=$profile
 [ "$profile" = dev ] && pdir=debug
 tdir=${CARGO_TARGET_DIR:-target}

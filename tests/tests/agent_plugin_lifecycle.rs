@@ -35,7 +35,7 @@ async fn plugin_lifecycle_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let center = Center::start(&tmp.path().join("center"), &[]);
     let files = FileServer::start();
-    let plugin_bin = std::fs::read(bin("elkeid-tests", "elkeid-example-plugin")).unwrap();
+    let plugin_bin = std::fs::read(bin("elkeid-core", "elkeid-example-plugin")).unwrap();
     let tgz = tar_gz(&[
         tar_entry("example", b'0', 0o755, &plugin_bin),
         tar_entry("conf/", b'5', 0o755, b""),

@@ -42,7 +42,7 @@ async fn status_reports_the_running_agent_and_its_absence() {
     let mut agent = Agent::start(&center, &work, "status-agent", None, &[]);
     elkeid_tests::plugin::wait_connected(&center, "status-agent", T).await;
     let files = FileServer::start();
-    let plugin = std::fs::read(bin("elkeid-tests", "elkeid-example-plugin")).unwrap();
+    let plugin = std::fs::read(bin("elkeid-core", "elkeid-example-plugin")).unwrap();
     let sum = sha256_hex(&plugin);
     let url = files.put("/p", plugin);
     push_configs(

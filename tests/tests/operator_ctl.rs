@@ -83,7 +83,7 @@ fn ctl_drives_a_real_agent_over_https() {
 
     // config: install the example plugin (bare binary served over HTTP).
     let files = FileServer::start();
-    let plugin = std::fs::read(bin("elkeid-tests", "elkeid-example-plugin")).unwrap();
+    let plugin = std::fs::read(bin("elkeid-core", "elkeid-example-plugin")).unwrap();
     let sum = sha256_hex(&plugin);
     let url = files.put("/example", plugin);
     let cfg = tmp.path().join("plugins.json");

@@ -13,7 +13,7 @@ fn quickstart_shows_the_whole_flow_and_stops_cleanly() {
     for (pkg, name) in [
         ("elkeid-center", "elkeid-center"),
         ("elkeid-agent", "elkeid-agent"),
-        ("elkeid-tests", "elkeid-example-plugin"),
+        ("elkeid-core", "elkeid-example-plugin"),
     ] {
         bin(pkg, name);
     }

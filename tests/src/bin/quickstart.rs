@@ -309,7 +309,7 @@ fn binaries() -> Result<PathBuf, String> {
     };
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-q", "-p", "elkeid-center", "-p", "elkeid-agent"])
-        .args(["-p", "elkeid-tests", "--bin", "elkeid-example-plugin"])
+        .args(["-p", "elkeid-core", "--bin", "elkeid-example-plugin"])
         .arg("--manifest-path")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
     if dir.file_name().and_then(|n| n.to_str()) == Some("release") {

@@ -43,7 +43,6 @@ use elkeid_core::frame::decode_task;
 use elkeid_core::payload::PayloadBuf;
 use elkeid_core::pb::Writer;
 use elkeid_core::schema::data_type::COLLECTOR_RESULT;
-use elkeid_tests::unix_now;
 
 /// Largest task this plugin accepts (the Go SDK's limit).
 const MAX_TASK: usize = 1024 * 1024;
@@ -186,4 +185,11 @@ fn main() {
             std::process::exit(0);
         }
     }
+}
+
+/// Seconds since the Unix epoch (1 if the clock is before it).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
