@@ -34,12 +34,15 @@ use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Method, Request};
 
 use super::channel::ByteCounters;
+use super::recycle::Recycler;
 
 /// gRPC message prefix: compressed flag + u32 big-endian length.
 const PREFIX_LEN: usize = 5;
 /// Largest response message accepted, decompressed (tonic's default
 /// receive limit, which applied before).
 pub(crate) const MAX_MESSAGE: usize = 4 << 20;
+/// Framed request buffers kept for reuse once written (`recycle.rs`).
+const FRAMED_RECYCLE_BYTES: usize = 4 << 20;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +127,7 @@ pub(crate) async fn start(
         Sender {
             stream,
             counters: counters.clone(),
+            framed: Recycler::new(FRAMED_RECYCLE_BYTES),
         },
         response,
     ))
@@ -134,15 +138,23 @@ pub(crate) async fn start(
 pub(crate) struct Sender {
     stream: SendStream<Bytes>,
     counters: Arc<ByteCounters>,
+    /// The framed buffers come back once h2 wrote them (`recycle.rs`).
+    framed: Recycler,
 }
 
 impl Sender {
     /// Sends one already-encoded protobuf message (snappy-compressed when
     /// not empty); returns once h2 took all of it.
     pub(crate) async fn send(&mut self, msg: &[u8]) -> Result<(), GrpcError> {
-        let framed = encode(msg)?;
+        // room for the worst case (nothing compresses), so compress_into
+        // never grows it: a reused buffer then serves every message
+        let mut framed = self
+            .framed
+            .take(PREFIX_LEN + snappy::max_framed_len(msg.len()));
+        encode(msg, &mut framed)?;
         let n = framed.len() as u64;
-        self.write(Bytes::from(framed)).await?;
+        let framed = self.framed.hand_out(framed);
+        self.write(framed).await?;
         self.counters.tx.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
@@ -162,6 +174,11 @@ impl Sender {
             }
         }
         Ok(())
+    }
+
+    /// Forgets the framed buffers kept for reuse (the ring went idle).
+    pub(crate) fn release_buffers(&mut self) {
+        self.framed.clear();
     }
 
     /// Ends the request stream (END_STREAM on an empty DATA frame).
@@ -271,14 +288,14 @@ impl Receiver {
 
 /// One request message on the wire: prefix + snappy framing stream (flag
 /// 1), or the bare prefix (flag 0) for an empty message.
-fn encode(msg: &[u8]) -> Result<Vec<u8>, GrpcError> {
-    let mut framed = Vec::with_capacity(PREFIX_LEN + msg.len() / 2 + 64);
+fn encode(msg: &[u8], framed: &mut Vec<u8>) -> Result<(), GrpcError> {
+    framed.clear();
     framed.extend_from_slice(&[u8::from(!msg.is_empty()), 0, 0, 0, 0]);
-    snappy::compress_into(msg, &mut framed);
+    snappy::compress_into(msg, framed);
     let len = u32::try_from(framed.len() - PREFIX_LEN)
         .map_err(|_| GrpcError::Protocol("message over 4 GiB".into()))?;
     framed[1..PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
-    Ok(framed)
+    Ok(())
 }
 
 /// One whole response message out of `buf`, decompressed, once it is all
@@ -410,8 +427,10 @@ mod tests {
     /// `Sender::send`'s framing, checked against the decoder side.
     #[test]
     fn request_framing_round_trips() {
-        for msg in [&b""[..], b"x", &[9u8; 200_000][..]] {
-            let framed = encode(msg).unwrap();
+        // one buffer for all: encode starts from a clear one
+        let mut framed = vec![1u8; 3];
+        for msg in [&b""[..], b"x", &[9u8; 200_000][..], b"y"] {
+            encode(msg, &mut framed).unwrap();
             let len = (framed.len() - PREFIX_LEN) as u32;
             assert_eq!(framed[1..PREFIX_LEN], len.to_be_bytes());
             if msg.is_empty() {

@@ -28,6 +28,7 @@
 pub(crate) mod channel;
 pub(crate) mod delivery;
 pub(crate) mod grpc;
+pub(crate) mod recycle;
 pub(crate) mod tls;
 
 use std::cell::{Cell, RefCell};
@@ -402,6 +403,12 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
     let mut tick = tokio::time::interval(SEND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf: Vec<u8> = Vec::new();
+    // Packet buffers come back once acknowledged (`recycle.rs`). It tracks
+    // as much as the unacked window holds; an acknowledged buffer is taken
+    // by the next packet before anything new is allocated, so the window
+    // and the buffers waiting for reuse together stay within about the
+    // window's bound, as before.
+    let mut packets = recycle::Recycler::new(agent.cfg.unacked_bytes);
     // Wake-ups in a row that found the ring empty.
     let mut idle_wakes: u32 = 0;
     loop {
@@ -418,9 +425,13 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
         }
         if agent.link.release_memory.replace(false) {
             buf = Vec::new();
+            packets.clear();
+            tx.release_buffers();
             agent.buffer.release_idle_pages(1);
             crate::stack::trim_main_stack();
         }
+        // A wake that built a packet is not idle, even if it emptied the ring.
+        let mut built = false;
         loop {
             while let Some((id, pkt)) = delivery.next_to_send() {
                 send_one(&mut tx, &pkt).await?;
@@ -440,22 +451,24 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
                     .buffer
                     .begin_packet(RING_SLOTS, MAX_BATCH_BYTES, &meta, &mut buf)
             else {
-                // Idle: do not keep a large buffer around.
-                if buf.capacity() > 64 * 1024 {
-                    buf = Vec::new();
-                }
+                // Empty for now. Under a flood the ring empties between
+                // two plugin reads: the buffer stays (a fresh one would
+                // grow, and fault its pages in, all over again) until the
+                // ring stayed idle (below).
                 break;
             };
             delivery::stamp(&mut buf, delivery.next_id());
             // Hand the buffer itself to the window (no copy); the next
-            // batch starts a buffer of the same size.
+            // batch starts a buffer of the same size, reused if one came back.
             let cap = buf.len();
-            let pkt = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(cap)));
+            let next = packets.take(cap);
+            let pkt = packets.hand_out(std::mem::replace(&mut buf, next));
             match delivery.push(pkt) {
                 Ok(()) => {
                     // the window owns the packet now: the ring slots free
                     agent.buffer.commit(batch);
                     Counters::add(&agent.counters.tx_records, n as u64);
+                    built = true;
                 }
                 Err(_) => {
                     agent.buffer.rollback(batch);
@@ -469,16 +482,25 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
             return Ok(());
         }
         // After a burst, once the ring stayed empty for about a second, its
-        // touched pages go back to the kernel (RSS back to the idle level).
-        if agent.buffer.is_empty() {
+        // touched pages go back to the kernel and the send buffers are
+        // dropped (RSS back to the idle level).
+        if agent.buffer.is_empty() && !built {
             idle_wakes = idle_wakes.saturating_add(1);
             if idle_wakes == RELEASE_AFTER_IDLE_WAKES {
                 let n = agent
                     .buffer
                     .release_idle_pages(crate::buffer::RELEASE_MIN_BYTES);
                 if n > 0 {
-                    tracing::debug!(bytes = n, "ring pages released after a burst");
+                    tracing::debug!(
+                        bytes = n,
+                        reused = packets.reused,
+                        fresh = packets.fresh,
+                        "ring pages released after a burst"
+                    );
                 }
+                buf = Vec::new();
+                packets.clear();
+                tx.release_buffers();
             }
         } else {
             idle_wakes = 0;
