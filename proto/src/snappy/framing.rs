@@ -173,6 +173,9 @@ pub fn decompress(framed: &[u8], max: usize) -> Result<Vec<u8>, SnappyError> {
 /// Like [`decompress`], appending to `out`; `max` bounds the bytes this call
 /// appends. On error `out` may hold a partial message.
 pub fn decompress_into(framed: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), SnappyError> {
+    // One allocation for the whole message instead of doubling chunk by
+    // chunk (each doubling copied everything decoded so far).
+    out.reserve(declared_len(framed, max));
     let base = out.len();
     let mut decoder = snap::raw::Decoder::new();
     let mut rest = framed;
@@ -238,6 +241,41 @@ pub fn decompress_into(framed: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Most bytes one snappy block can decode to per input byte: a 3-byte copy
+/// element emits at most 64 bytes.
+const MAX_EXPANSION: usize = 22;
+
+/// What the chunk headers of `framed` say it decompresses to: a capacity
+/// hint, nothing more (the decoding pass checks everything). Never more
+/// than `max`, nor more than valid snappy can expand `framed` to, so a
+/// small hostile message cannot make the caller reserve a large buffer.
+pub(super) fn declared_len(framed: &[u8], max: usize) -> usize {
+    let cap = max.min(framed.len().saturating_mul(MAX_EXPANSION));
+    let mut total = 0usize;
+    let mut rest = framed;
+    while let Some((header, tail)) = rest.split_first_chunk::<CHUNK_HEADER_LEN>() {
+        let len =
+            usize::from(header[1]) | usize::from(header[2]) << 8 | usize::from(header[3]) << 16;
+        let Some((body, tail)) = tail.split_at_checked(len) else {
+            break;
+        };
+        rest = tail;
+        let n = match header[0] {
+            CHUNK_COMPRESSED => body
+                .get(CRC_LEN..)
+                .and_then(|data| snap::raw::decompress_len(data).ok())
+                .unwrap_or(0),
+            CHUNK_STORED => len.saturating_sub(CRC_LEN),
+            _ => 0,
+        };
+        total = total.saturating_add(n.min(MAX_CHUNK_UNCOMPRESSED));
+        if total >= cap {
+            return cap;
+        }
+    }
+    total
 }
 
 fn check_cap(have: usize, add: usize, max: usize) -> Result<(), SnappyError> {

@@ -222,6 +222,37 @@ fn huge_declared_raw_length_is_rejected_before_allocation() {
 }
 
 #[test]
+fn one_allocation_for_the_whole_message_and_a_bounded_hint() {
+    // Honest streams: the hint is the exact decompressed size, so the
+    // output is allocated once.
+    for n in [0, 1, 65_536, 65_537, 400_000] {
+        let msg = sample(n);
+        let framed = compress(&msg);
+        assert_eq!(declared_len(&framed, usize::MAX), n);
+        assert_eq!(declared_len(&framed, 1000), n.min(1000));
+        let mut out = Vec::new();
+        decompress_into(&framed, usize::MAX, &mut out).unwrap();
+        assert_eq!(out, msg);
+        // (Vec's smallest allocation for bytes is 8)
+        assert_eq!(out.capacity(), n.max(8).min(n * 8), "one exact allocation");
+    }
+    // Hostile: 1,000 tiny chunks that each claim 64 KiB (62.5 MiB in 13 kB)
+    // make the hint no larger than valid snappy could expand them to.
+    let block = [0x80, 0x80, 0x04, 0x00, 0x61];
+    let mut framed = ID.to_vec();
+    for _ in 0..1000 {
+        framed.extend_from_slice(&[0x00, 9, 0, 0, 0, 0, 0, 0]);
+        framed.extend_from_slice(&block);
+    }
+    assert_eq!(declared_len(&framed, usize::MAX), framed.len() * 22);
+    assert_eq!(declared_len(&framed, 4096), 4096);
+    assert!(decompress(&framed, usize::MAX).is_err());
+    // Truncated and garbage input: a hint of what is there, no panic.
+    assert_eq!(declared_len(&framed[..20], usize::MAX), 0);
+    assert_eq!(declared_len(&[0xff; 3], usize::MAX), 0);
+}
+
+#[test]
 fn hostile_streams_give_clean_errors() {
     // Missing identifier.
     assert_eq!(
