@@ -38,6 +38,7 @@ mod cluster;
 pub mod config;
 pub mod ctl;
 mod grpc;
+pub mod heap;
 mod http;
 mod identity;
 mod manager;
@@ -420,6 +421,20 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heap::TRIM_EVERY);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|v| *v) => return,
+                    _ = tick.tick() => {}
+                }
+                let _ = tokio::task::spawn_blocking(heap::trim).await;
+            }
+        });
+    }
     if let Some(tickets) = tls.as_ref().and_then(|(t, _)| t.tickets.clone()) {
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {

@@ -71,6 +71,8 @@ fn main() -> ExitCode {
         // No colour codes into pipes, files or the journal.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before any thread: packet memory is reused, not re-faulted (heap.rs).
+    let _ = elkeid_center::heap::tune();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("elkeid-center")
