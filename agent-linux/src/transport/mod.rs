@@ -491,12 +491,7 @@ async fn send_loop(agent: &Transport, mut tx: grpc::Sender) -> Result<(), Sessio
                     .buffer
                     .release_idle_pages(crate::buffer::RELEASE_MIN_BYTES);
                 if n > 0 {
-                    tracing::debug!(
-                        bytes = n,
-                        reused = packets.reused,
-                        fresh = packets.fresh,
-                        "ring pages released after a burst"
-                    );
+                    tracing::debug!(bytes = n, "ring pages released after a burst");
                 }
                 buf = Vec::new();
                 packets.clear();

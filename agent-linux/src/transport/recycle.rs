@@ -27,7 +27,7 @@ pub(crate) struct Recycler {
     held: Vec<(Bytes, usize)>,
     held_bytes: usize,
     max_bytes: usize,
-    /// Buffers reused / freshly allocated (tests and the debug log).
+    /// Buffers reused / freshly allocated (tests).
     pub(crate) reused: u64,
     pub(crate) fresh: u64,
 }
