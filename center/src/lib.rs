@@ -421,39 +421,19 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(heap::TRIM_EVERY);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.wait_for(|v| *v) => return,
-                    _ = tick.tick() => {}
-                }
-                let _ = tokio::task::spawn_blocking(heap::trim).await;
-            }
-        });
-    }
+    every(heap::TRIM_EVERY, stop_rx.clone(), heap::trim, |_| {});
     if let Some(tickets) = tls.as_ref().and_then(|(t, _)| t.tickets.clone()) {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(tickets::ROTATE_CHECK);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.wait_for(|v| *v) => return,
-                    _ = tick.tick() => {}
-                }
-                let t = tickets.clone();
-                match tokio::task::spawn_blocking(move || t.rotate()).await {
-                    Ok(Ok(true)) => tracing::info!("tls ticket key rotated"),
-                    Ok(Ok(false)) => {}
-                    Ok(Err(error)) => tracing::warn!(%error, "tls ticket key rotation failed"),
-                    Err(error) => tracing::warn!(%error, "tls ticket key rotation task failed"),
-                }
-            }
-        });
+        every(
+            tickets::ROTATE_CHECK,
+            stop_rx.clone(),
+            move || tickets.rotate(),
+            |r| match r {
+                Ok(Ok(true)) => tracing::info!("tls ticket key rotated"),
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "tls ticket key rotation failed"),
+                Err(error) => tracing::warn!(%error, "tls ticket key rotation task failed"),
+            },
+        );
     }
     let grpc_cfg = config.grpc.clone();
     let grpc_pool = pool.clone();
@@ -572,6 +552,30 @@ pub(crate) fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Runs `work` on the blocking pool every `period` (the first time one
+/// period after the start) until `stop` turns true; `done` sees each
+/// outcome.
+fn every<T, W, D>(period: Duration, mut stop: tokio::sync::watch::Receiver<bool>, work: W, done: D)
+where
+    T: Send + 'static,
+    W: Fn() -> T + Clone + Send + 'static,
+    D: Fn(Result<T, tokio::task::JoinError>) + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => return,
+                _ = tick.tick() => {}
+            }
+            let w = work.clone();
+            let outcome = tokio::task::spawn_blocking(w).await;
+            done(outcome);
+        }
+    });
 }
 
 /// Entry points for the criterion benches in `center/benches/` (and the
