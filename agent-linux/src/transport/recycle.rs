@@ -5,8 +5,8 @@
 //! its snappy-framed copy lives until h2 has written it. Allocating a fresh
 //! buffer for each would be free with glibc, whose heap keeps the pages, but
 //! musl's allocator maps every allocation above 128 KiB and unmaps it on
-//! free: every packet then page-faults (and zeroes) its pages twice, about a
-//! quarter of the shipped agent's CPU per record under a flood
+//! free: every packet then page-faulted (and zeroed) its pages more than
+//! once, about 40 % of the shipped agent's CPU per record under a flood
 //! (docs/BENCHMARKS.md, "Buffer reuse on the send path").
 //!
 //! [`Recycler`] keeps a clone of the last few buffers it handed out. A clone
