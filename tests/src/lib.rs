@@ -162,6 +162,15 @@ impl Center {
     }
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `RssAnon`...),
+/// `None` if the process or the field is gone.
+pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Current Unix time in seconds (the one clock helper of the tests, the
 /// test plugins included).
 pub fn unix_now() -> i64 {

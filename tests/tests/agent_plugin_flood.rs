@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use elkeid_tests::plugin::{Agent, FileServer, field, push_flood, records, wait_connected};
-use elkeid_tests::{Center, wait_for};
+use elkeid_tests::{Center, proc_status_kb, wait_for};
 
 const N: u64 = 100_000;
 
@@ -61,7 +61,7 @@ async fn flood_is_delivered_without_loss() {
     // memory, from the high-water mark); about a second after the ring went
     // idle the agent gives them back.
     let pid = agent.child.0.id();
-    let kb = |key: &str| status_kb(pid, key);
+    let kb = |key: &str| proc_status_kb(pid, key).unwrap_or(0);
     let peak_anon = kb("VmHWM").saturating_sub(kb("RssFile") + kb("RssShmem"));
     // (7.2 MiB measured with the debug agent; 1.5 MiB once idle)
     assert!(
@@ -77,13 +77,4 @@ async fn flood_is_delivered_without_loss() {
         "anonymous memory back under 3 MiB after the flood (peak {peak_anon} kB, now {} kB)",
         kb("RssAnon")
     );
-}
-
-/// A `kB` field of `/proc/<pid>/status` (0 if absent).
-fn status_kb(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }

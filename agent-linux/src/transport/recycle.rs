@@ -9,7 +9,7 @@
 //! once, about 40 % of the shipped agent's CPU per record under a flood
 //! (docs/BENCHMARKS.md, "Buffer reuse on the send path").
 //!
-//! [`Recycler`] keeps a clone of the last few buffers it handed out. A clone
+//! [`Recycler`] keeps a clone of the recent buffers it handed out. A clone
 //! costs nothing while the window or h2 holds the buffer anyway; once every
 //! other handle is gone (acknowledged, written), [`Recycler::take`] turns it
 //! back into a `Vec` with its pages still resident. The clones it keeps

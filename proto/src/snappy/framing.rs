@@ -185,8 +185,7 @@ pub fn decompress_into(framed: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(
             return Err(SnappyError::Truncated);
         };
         let chunk_type = header[0];
-        let len =
-            usize::from(header[1]) | usize::from(header[2]) << 8 | usize::from(header[3]) << 16;
+        let len = chunk_len(header);
         if tail.len() < len {
             return Err(SnappyError::Truncated);
         }
@@ -243,6 +242,11 @@ pub fn decompress_into(framed: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(
     Ok(())
 }
 
+/// Body length of a chunk: the 3-byte little-endian field after the type.
+fn chunk_len(header: &[u8; CHUNK_HEADER_LEN]) -> usize {
+    usize::from(header[1]) | usize::from(header[2]) << 8 | usize::from(header[3]) << 16
+}
+
 /// Most bytes one snappy block can decode to per input byte: a 3-byte copy
 /// element emits at most 64 bytes.
 const MAX_EXPANSION: usize = 22;
@@ -256,8 +260,7 @@ pub(super) fn declared_len(framed: &[u8], max: usize) -> usize {
     let mut total = 0usize;
     let mut rest = framed;
     while let Some((header, tail)) = rest.split_first_chunk::<CHUNK_HEADER_LEN>() {
-        let len =
-            usize::from(header[1]) | usize::from(header[2]) << 8 | usize::from(header[3]) << 16;
+        let len = chunk_len(header);
         let Some((body, tail)) = tail.split_at_checked(len) else {
             break;
         };

@@ -20,9 +20,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use elkeid_tests::KillOnDrop;
 use elkeid_tests::center::{http, signed_headers, unix_now};
 use elkeid_tests::plugin::{FileServer, component, sha256_hex};
+use elkeid_tests::{KillOnDrop, proc_status_kb};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -85,23 +85,8 @@ fn proc_stat(pid: u32) -> (u64, u64) {
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let hwm = proc_status_kb(pid, "VmHWM").unwrap_or(0);
     (ticks, hwm)
-}
-
-/// VmRSS of `pid`, kB (0 if unreadable).
-fn vm_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 async fn received(addr: std::net::SocketAddr) -> u64 {
@@ -259,7 +244,7 @@ async fn main() {
     // The agent releases its ring's pages about a second after the ring
     // went empty: its RSS once the flood is over.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss_after = vm_rss(apid);
+    let rss_after = proc_status_kb(apid, "VmRSS").unwrap_or(0);
     println!(
         "records written by the plugin : {} (+1 end marker), {}-byte frame bodies",
         args.records, args.size

@@ -157,9 +157,7 @@ fn main() {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    elkeid_tests::proc_status_kb(pid, "VmRSS")
 }
 
 /// utime + stime of `pid` in clock ticks (USER_HZ, 100 on Linux).
