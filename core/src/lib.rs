@@ -36,6 +36,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod ack;
+pub mod copy;
 pub mod frame;
 pub mod packet;
 pub mod payload;

@@ -145,8 +145,8 @@ pub fn encode_packet_vec<'r>(
         // `hdr` always has room for a key of field 1 and a 64-bit varint.
         if w.len_header(RECORDS, r.len()).is_ok() {
             let n = w.position();
-            out.extend_from_slice(&hdr[..n]);
-            out.extend_from_slice(r);
+            crate::copy::extend(out, &hdr[..n]);
+            crate::copy::extend(out, r);
         }
     }
     out.extend_from_slice(meta);

@@ -315,7 +315,7 @@ impl<'a> Writer<'a> {
     #[inline]
     pub fn bytes(&mut self, b: &[u8]) -> Result<(), EncodeError> {
         self.need(b.len())?;
-        self.buf[self.pos..self.pos + b.len()].copy_from_slice(b);
+        crate::copy::copy(&mut self.buf[self.pos..self.pos + b.len()], b);
         self.pos += b.len();
         Ok(())
     }
