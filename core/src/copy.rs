@@ -134,7 +134,11 @@ mod tests {
                 let mut dst = vec![0xAAu8; n + 2];
                 copy(&mut dst[1..=n], s);
                 assert_eq!(&dst[1..=n], s, "copy n={n} off={off}");
-                assert_eq!((dst[0], dst[n + 1]), (0xAA, 0xAA), "copy wrote outside, n={n}");
+                assert_eq!(
+                    (dst[0], dst[n + 1]),
+                    (0xAA, 0xAA),
+                    "copy wrote outside, n={n}"
+                );
                 let mut v = vec![9u8, 8];
                 extend(&mut v, s);
                 assert_eq!(&v[..2], [9, 8]);

@@ -62,19 +62,26 @@ mod hw {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "sse4.2")]
     pub(super) fn update(crc: u32, data: &[u8]) -> u32 {
+        use std::arch::x86_64::_mm_crc32_u64;
+        // the instruction leaves the upper 32 bits zero
+        #[allow(clippy::cast_possible_truncation)]
+        let step = |c: u32, w: &[u8; 8]| _mm_crc32_u64(u64::from(c), u64::from_le_bytes(*w)) as u32;
+        interleaved(crc, data, step, |c, d| serial(c, d))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "sse4.2")]
+    fn serial(crc: u32, data: &[u8]) -> u32 {
         use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
         let mut c = u64::from(crc);
-        let mut words = data.chunks_exact(8);
-        for w in &mut words {
-            c = _mm_crc32_u64(
-                c,
-                u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]),
-            );
+        let (words, rest) = data.as_chunks::<8>();
+        for w in words {
+            c = _mm_crc32_u64(c, u64::from_le_bytes(*w));
         }
         // the instruction leaves the upper 32 bits zero
         #[allow(clippy::cast_possible_truncation)]
         let mut c = c as u32;
-        for &b in words.remainder() {
+        for &b in rest {
             c = _mm_crc32_u8(c, b);
         }
         c
@@ -84,20 +91,115 @@ mod hw {
     #[cfg(target_arch = "aarch64")]
     #[target_feature(enable = "crc")]
     pub(super) fn update(crc: u32, data: &[u8]) -> u32 {
+        use std::arch::aarch64::__crc32cd;
+        let step = |c: u32, w: &[u8; 8]| __crc32cd(c, u64::from_le_bytes(*w));
+        interleaved(crc, data, step, |c, d| serial(c, d))
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[target_feature(enable = "crc")]
+    fn serial(crc: u32, data: &[u8]) -> u32 {
         use std::arch::aarch64::{__crc32cb, __crc32cd};
         let mut c = crc;
-        let mut words = data.chunks_exact(8);
-        for w in &mut words {
-            c = __crc32cd(
-                c,
-                u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]),
-            );
+        let (words, rest) = data.as_chunks::<8>();
+        for w in words {
+            c = __crc32cd(c, u64::from_le_bytes(*w));
         }
-        for &b in words.remainder() {
+        for &b in rest {
             c = __crc32cb(c, b);
         }
         c
     }
+
+    /// Bytes each of the three interleaved lanes takes per round.
+    const LANE: usize = 512;
+
+    /// `SHIFT[j][b]`: the register holding byte `b` at byte `j`, multiplied
+    /// by x^(8·LANE) mod P, i.e. advanced over `LANE` zero bytes.
+    static SHIFT: [[u32; 256]; 4] = super::shift_tables(LANE);
+
+    /// The register advanced over `LANE` zero bytes (linear in `c`: one
+    /// table per byte of it).
+    #[inline(always)]
+    fn shift(c: u32) -> u32 {
+        SHIFT[0][(c & 0xff) as usize]
+            ^ SHIFT[1][((c >> 8) & 0xff) as usize]
+            ^ SHIFT[2][((c >> 16) & 0xff) as usize]
+            ^ SHIFT[3][(c >> 24) as usize]
+    }
+
+    /// The instruction has a latency of about three cycles but can start
+    /// one per cycle, so one dependent chain uses a third of it. Three
+    /// chains run over three consecutive `LANE`-byte pieces of each round,
+    /// then are joined: CRC(A‖B) = CRC(A) advanced over |B| zero bytes,
+    /// xor CRC(B) started from 0 (the register update is linear).
+    #[inline(always)]
+    fn interleaved(
+        crc: u32,
+        data: &[u8],
+        step: impl Fn(u32, &[u8; 8]) -> u32,
+        serial: impl Fn(u32, &[u8]) -> u32,
+    ) -> u32 {
+        let mut c = crc;
+        let (rounds, rest) = data.as_chunks::<{ 3 * LANE }>();
+        for r in rounds {
+            let (a, bc) = r.split_at(LANE);
+            let (b, cc) = bc.split_at(LANE);
+            let (a, b, cc) = (
+                a.as_chunks::<8>().0,
+                b.as_chunks::<8>().0,
+                cc.as_chunks::<8>().0,
+            );
+            let (mut x, mut y, mut z) = (c, 0, 0);
+            for ((wa, wb), wc) in a.iter().zip(b).zip(cc) {
+                x = step(x, wa);
+                y = step(y, wb);
+                z = step(z, wc);
+            }
+            c = shift(shift(x) ^ y) ^ z;
+        }
+        serial(c, rest)
+    }
+}
+
+/// Tables advancing a CRC register over `n` zero bytes (see `hw::SHIFT`).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const fn shift_tables(n: usize) -> [[u32; 256]; 4] {
+    // x^(8n) mod P: the register of x^0 (bit 31, reflected) advanced over n
+    // zero bytes
+    let mut k = 1u32 << 31;
+    let mut i = 0;
+    while i < n {
+        k = (k >> 8) ^ TABLES[0][(k & 0xff) as usize];
+        i += 1;
+    }
+    let mut t = [[0u32; 256]; 4];
+    let mut j = 0;
+    while j < 4 {
+        let mut b = 0;
+        while b < 256 {
+            t[j][b] = mul_mod((b as u32) << (8 * j), k);
+            b += 1;
+        }
+        j += 1;
+    }
+    t
+}
+
+/// `a · b mod P` in the reflected representation (bit 31 is x^0).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const fn mul_mod(a: u32, mut b: u32) -> u32 {
+    let mut p = 0;
+    let mut m = 1u32 << 31;
+    while m != 0 {
+        if a & m != 0 {
+            p ^= b;
+        }
+        // b · x
+        b = if b & 1 == 1 { (b >> 1) ^ POLY } else { b >> 1 };
+        m >>= 1;
+    }
+    p
 }
 
 /// CRC-32C of `data` by the tables (any CPU).
@@ -168,6 +270,29 @@ mod tests {
         for n in 0..data.len() {
             assert_eq!(crc32c(&data[..n]), crc_bitwise(&data[..n]), "len {n}");
             assert_eq!(crc32c_table(&data[..n]), crc_bitwise(&data[..n]), "len {n}");
+        }
+    }
+
+    #[test]
+    fn interleaved_rounds_match_the_tables() {
+        // lengths around the 3 x 512-byte rounds of the hardware path
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let round = 3 * 512;
+        for n in [
+            round - 1,
+            round,
+            round + 1,
+            2 * round + 7,
+            4096,
+            65_536,
+            70_000,
+        ] {
+            assert_eq!(crc32c(&data[..n]), crc32c_table(&data[..n]), "len {n}");
+        }
+        for n in (0..3 * round).step_by(37) {
+            assert_eq!(crc32c(&data[..n]), crc_bitwise(&data[..n]), "len {n}");
         }
     }
 
