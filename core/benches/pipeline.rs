@@ -104,6 +104,35 @@ fn pipeline(c: &mut Criterion) {
         });
     });
 
+    // The same, the packet appended to a reused `Vec` as the agent does
+    // (`encode_packet_vec`).
+    let mut vec_out: Vec<u8> = Vec::with_capacity(DEFAULT_BATCH_BYTES + 64 * 1024);
+    g.bench_function("decode_push_drain_vec_200B", |b| {
+        b.iter(|| {
+            let mut sent = 0usize;
+            let mut drain = |ring: &mut Ring| {
+                while let Some(batch) = ring.begin_batch(2048, DEFAULT_BATCH_BYTES) {
+                    vec_out.clear();
+                    packet::encode_packet_vec(ring.batch_records(&batch), &meta, &mut vec_out);
+                    black_box(&vec_out);
+                    sent += batch.len();
+                    ring.commit(batch);
+                }
+            };
+            for chunk in stream.chunks(READ) {
+                decoder.push(chunk);
+                while let Some(rec) = decoder.next_record().unwrap() {
+                    if ring.push_frame(Class::Plugin, &rec).is_err() {
+                        drain(&mut ring);
+                        ring.push_frame(Class::Plugin, &rec).unwrap();
+                    }
+                }
+                drain(&mut ring);
+            }
+            assert_eq!(sent, RECORDS);
+        });
+    });
+
     // The pieces alone, for context.
     g.bench_function("decode_only_200B", |b| {
         b.iter(|| {

@@ -545,7 +545,13 @@ fn a_kept_scratch_gives_the_same_stream_as_a_fresh_one() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
     let mut scratch = Vec::new();
-    for msg in [sample(10), sample(400_000), sample(3), noise.clone(), sample(65_537)] {
+    for msg in [
+        sample(10),
+        sample(400_000),
+        sample(3),
+        noise.clone(),
+        sample(65_537),
+    ] {
         let mut out = vec![7u8];
         compress_with(&msg, &mut out, &mut scratch);
         assert_eq!(out[0], 7, "appends");
