@@ -14,6 +14,8 @@
 //! - [`payload`]: `Payload` map entry writers (Elkeid number formatting via
 //!   `core::fmt`, no heap) and an allocation-free entry reader.
 //! - [`packet`]: `PackagedData` encoding around a drained batch.
+//! - [`copy`]: the short record copies of the ring push and the packet
+//!   encode, inline on x86_64 (musl's `memcpy` is slow for them).
 //! - [`ack`]: the acknowledged-delivery extension: packet identity fields
 //!   and the unacknowledged window (re-send order, non-acking center and
 //!   stall detection).

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use elkeid_proto::snappy::{compress, decompress};
+use elkeid_proto::snappy::{compress, decompress, masked_crc32c};
 
 /// ~4 MiB of PackagedData-like bytes: repeated key/value records with
 /// varying numbers, like a batch of heartbeats and process events.
@@ -38,6 +38,15 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("decompress", |b| {
         b.iter(|| decompress(std::hint::black_box(&framed), 10 << 20).unwrap())
+    });
+    g.finish();
+    // The checksum alone over one 64 KiB framing chunk (CPU instruction,
+    // three interleaved chains, where the CPU has one).
+    let chunk = &data[..65_536];
+    let mut g = c.benchmark_group("crc32c_64KiB");
+    g.throughput(Throughput::Bytes(chunk.len() as u64));
+    g.bench_function("masked_crc32c", |b| {
+        b.iter(|| masked_crc32c(std::hint::black_box(chunk)))
     });
     g.finish();
     eprintln!(

@@ -226,7 +226,7 @@ fn crc32c_table(data: &[u8]) -> u32 {
 
 /// The masked checksum stored in snappy framing chunks:
 /// `((c >> 15) | (c << 17)) + 0xa282ead8` (wrapping), `c` the CRC-32C.
-pub(crate) fn masked_crc32c(data: &[u8]) -> u32 {
+pub fn masked_crc32c(data: &[u8]) -> u32 {
     let c = crc32c(data);
     c.rotate_right(15).wrapping_add(0xa282_ead8)
 }

@@ -39,7 +39,8 @@
 //! # Layout
 //! - `framing`: [`compress`] / [`decompress`] of one message, [`SnappyError`],
 //!   the [`DEFAULT_MAX_DECOMPRESSED`] cap.
-//! - `crc32c`: CRC-32C and its snappy masking.
+//! - `crc32c`: CRC-32C and its snappy masking ([`masked_crc32c`], public for
+//!   tools and the benchmark).
 //! - `transcode`: sans-IO rewriting of a gRPC message stream split at
 //!   arbitrary chunk boundaries (5-byte prefixes, flag 0/1).
 //! - `body`: the `http_body::Body` running a transcoder, and the abort slot
@@ -64,6 +65,7 @@ mod tests;
 
 pub use client::{SnappyClient, SnappyClientFuture, SnappyClientLayer};
 pub use counters::{SnappyCounters, counters};
+pub use crc32c::masked_crc32c;
 pub use framing::{
     DEFAULT_MAX_DECOMPRESSED, MAX_CHUNK_UNCOMPRESSED, STREAM_IDENTIFIER, SnappyError, compress,
     compress_into, compress_with, decompress, decompress_into, max_framed_len,
