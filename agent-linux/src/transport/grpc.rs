@@ -128,6 +128,7 @@ pub(crate) async fn start(
             stream,
             counters: counters.clone(),
             framed: Recycler::new(FRAMED_RECYCLE_BYTES),
+            scratch: Vec::new(),
         },
         response,
     ))
@@ -140,18 +141,20 @@ pub(crate) struct Sender {
     counters: Arc<ByteCounters>,
     /// The framed buffers come back once h2 wrote them (`recycle.rs`).
     framed: Recycler,
+    /// The snappy encoder's output scratch (`snappy::compress_with`).
+    scratch: Vec<u8>,
 }
 
 impl Sender {
     /// Sends one already-encoded protobuf message (snappy-compressed when
     /// not empty); returns once h2 took all of it.
     pub(crate) async fn send(&mut self, msg: &[u8]) -> Result<(), GrpcError> {
-        // room for the worst case (nothing compresses), so compress_into
+        // room for the worst case (nothing compresses), so compress_with
         // never grows it: a reused buffer then serves every message
         let mut framed = self
             .framed
             .take(PREFIX_LEN + snappy::max_framed_len(msg.len()));
-        encode(msg, &mut framed)?;
+        encode(msg, &mut framed, &mut self.scratch)?;
         let n = framed.len() as u64;
         let framed = self.framed.hand_out(framed);
         self.write(framed).await?;
@@ -179,6 +182,7 @@ impl Sender {
     /// Forgets the framed buffers kept for reuse (the ring went idle).
     pub(crate) fn release_buffers(&mut self) {
         self.framed.clear();
+        self.scratch = Vec::new();
     }
 
     /// Ends the request stream (END_STREAM on an empty DATA frame).
@@ -288,10 +292,10 @@ impl Receiver {
 
 /// One request message on the wire: prefix + snappy framing stream (flag
 /// 1), or the bare prefix (flag 0) for an empty message.
-fn encode(msg: &[u8], framed: &mut Vec<u8>) -> Result<(), GrpcError> {
+fn encode(msg: &[u8], framed: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(), GrpcError> {
     framed.clear();
     framed.extend_from_slice(&[u8::from(!msg.is_empty()), 0, 0, 0, 0]);
-    snappy::compress_into(msg, framed);
+    snappy::compress_with(msg, framed, scratch);
     let len = u32::try_from(framed.len() - PREFIX_LEN)
         .map_err(|_| GrpcError::Protocol("message over 4 GiB".into()))?;
     framed[1..PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
@@ -430,7 +434,7 @@ mod tests {
         // one buffer for all: encode starts from a clear one
         let mut framed = vec![1u8; 3];
         for msg in [&b""[..], b"x", &[9u8; 200_000][..], b"y"] {
-            encode(msg, &mut framed).unwrap();
+            encode(msg, &mut framed, &mut Vec::new()).unwrap();
             let len = (framed.len() - PREFIX_LEN) as u32;
             assert_eq!(framed[1..PREFIX_LEN], len.to_be_bytes());
             if msg.is_empty() {

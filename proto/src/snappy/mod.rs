@@ -68,7 +68,7 @@ pub use counters::{SnappyCounters, counters};
 pub use crc32c::masked_crc32c;
 pub use framing::{
     DEFAULT_MAX_DECOMPRESSED, MAX_CHUNK_UNCOMPRESSED, STREAM_IDENTIFIER, SnappyError, compress,
-    compress_into, decompress, decompress_into, max_framed_len,
+    compress_into, compress_with, decompress, decompress_into, max_framed_len,
 };
 pub use headers::ENCODING_NAME;
 pub use server::{SnappyServer, SnappyServerFuture, SnappyServerLayer};

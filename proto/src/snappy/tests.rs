@@ -536,3 +536,27 @@ mod props {
         }
     }
 }
+
+#[test]
+fn a_kept_scratch_gives_the_same_stream_as_a_fresh_one() {
+    // sizes that grow, shrink and grow the scratch, incompressible data
+    // (stored chunks) included
+    let noise: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let mut scratch = Vec::new();
+    for msg in [
+        sample(10),
+        sample(400_000),
+        sample(3),
+        noise.clone(),
+        sample(65_537),
+    ] {
+        let mut out = vec![7u8];
+        compress_with(&msg, &mut out, &mut scratch);
+        assert_eq!(out[0], 7, "appends");
+        assert_eq!(out[1..], compress(&msg)[..]);
+        assert_eq!(decompress(&out[1..], usize::MAX).unwrap(), msg);
+        assert!(scratch.len() <= snap::raw::max_compress_len(MAX_CHUNK_UNCOMPRESSED));
+    }
+}
