@@ -113,17 +113,23 @@ pub fn compress(msg: &[u8]) -> Vec<u8> {
 
 /// Like [`compress`], appending to `out`.
 pub fn compress_into(msg: &[u8], out: &mut Vec<u8>) {
-    compress_with(msg, out, &mut Vec::new());
+    compress_chunks(msg, out, None);
 }
 
 /// Like [`compress_into`], with the encoder's scratch buffer kept by the
-/// caller between messages. The encoder needs an initialised output of its
-/// worst-case size (`scratch` grows to at most about 75 KiB and is zeroed
-/// only when it grows); the compressed bytes are copied from it into `out`.
-/// Zeroing that worst case in `out` for every 64 KiB chunk, as before, cost
-/// more than the copy, and a fresh scratch per message would be allocated
-/// and unmapped each time by musl's allocator.
+/// caller between messages (the agent's send path). The encoder needs an
+/// initialised output of its worst-case size: [`compress_into`] zeroes that
+/// (about 75 KiB) in `out` for every 64 KiB chunk and compresses in place;
+/// here `scratch` is zeroed only when it grows and the compressed bytes are
+/// copied out of it. With a kept scratch this cost the agent 4-10 % less
+/// CPU per packet; with a fresh scratch per message (a one-off call) the
+/// copy made compression slower, so [`compress_into`] keeps the in-place
+/// path (docs/BENCHMARKS.md, "Round 5").
 pub fn compress_with(msg: &[u8], out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+    compress_chunks(msg, out, Some(scratch));
+}
+
+fn compress_chunks(msg: &[u8], out: &mut Vec<u8>, mut scratch: Option<&mut Vec<u8>>) {
     if msg.is_empty() {
         return;
     }
@@ -131,20 +137,42 @@ pub fn compress_with(msg: &[u8], out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
     out.reserve(STREAM_IDENTIFIER.len() + chunks * (CHUNK_HEADER_LEN + CRC_LEN) + msg.len());
     out.extend_from_slice(&STREAM_IDENTIFIER);
     let mut encoder = snap::raw::Encoder::new();
-    let need = snap::raw::max_compress_len(msg.len().min(MAX_CHUNK_UNCOMPRESSED));
-    if scratch.len() < need {
-        scratch.resize(need, 0);
+    if let Some(s) = scratch.as_deref_mut() {
+        let need = snap::raw::max_compress_len(msg.len().min(MAX_CHUNK_UNCOMPRESSED));
+        if s.len() < need {
+            s.resize(need, 0);
+        }
     }
     for chunk in msg.chunks(MAX_CHUNK_UNCOMPRESSED) {
         let crc = masked_crc32c(chunk);
         let start = out.len();
-        out.extend_from_slice(&[0; CHUNK_HEADER_LEN + CRC_LEN]);
-        let (chunk_type, data_len) = match encoder.compress(chunk, scratch) {
-            Ok(n) if n < chunk.len() - chunk.len() / 8 => {
-                out.extend_from_slice(&scratch[..n]);
-                (CHUNK_COMPRESSED, n)
+        let data_at = start + CHUNK_HEADER_LEN + CRC_LEN;
+        let compressed = match scratch.as_deref_mut() {
+            Some(s) => {
+                out.resize(data_at, 0);
+                match encoder.compress(chunk, s) {
+                    Ok(n) if n < chunk.len() - chunk.len() / 8 => {
+                        out.extend_from_slice(&s[..n]);
+                        Some(n)
+                    }
+                    _ => None,
+                }
             }
-            _ => {
+            None => {
+                out.resize(data_at + snap::raw::max_compress_len(chunk.len()), 0);
+                match encoder.compress(chunk, &mut out[data_at..]) {
+                    Ok(n) if n < chunk.len() - chunk.len() / 8 => {
+                        out.truncate(data_at + n);
+                        Some(n)
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let (chunk_type, data_len) = match compressed {
+            Some(n) => (CHUNK_COMPRESSED, n),
+            None => {
+                out.truncate(data_at);
                 out.extend_from_slice(chunk);
                 (CHUNK_STORED, chunk.len())
             }
@@ -153,7 +181,7 @@ pub fn compress_with(msg: &[u8], out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
         let body_len = (data_len + CRC_LEN) as u32;
         let len = body_len.to_le_bytes();
         let crc = crc.to_le_bytes();
-        out[start..start + CHUNK_HEADER_LEN + CRC_LEN].copy_from_slice(&[
+        out[start..data_at].copy_from_slice(&[
             chunk_type, len[0], len[1], len[2], crc[0], crc[1], crc[2], crc[3],
         ]);
     }
