@@ -9,7 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use elkeid_core::frame::{self, FrameDecoder};
 use elkeid_core::packet;
 use elkeid_core::payload::PayloadWriter;
-use elkeid_core::ring::{Class, DEFAULT_BATCH_BYTES, Ring, RingConfig};
+use elkeid_core::ring::{Batch, Class, DEFAULT_BATCH_BYTES, Ring, RingConfig};
 
 /// Records per iteration.
 const RECORDS: usize = 8192;
@@ -47,6 +47,37 @@ fn stream() -> Vec<u8> {
     out
 }
 
+/// Decodes `stream` in `READ`-byte reads, pushes every record into the
+/// ring and drains it in 2048-record batches through `encode` (when the
+/// ring is full, and after each read, like the agent's send tick); returns
+/// the records sent.
+fn feed(
+    stream: &[u8],
+    decoder: &mut FrameDecoder,
+    ring: &mut Ring,
+    mut encode: impl FnMut(&Ring, &Batch),
+) -> usize {
+    let mut sent = 0usize;
+    let mut drain = |ring: &mut Ring| {
+        while let Some(batch) = ring.begin_batch(2048, DEFAULT_BATCH_BYTES) {
+            encode(ring, &batch);
+            sent += batch.len();
+            ring.commit(batch);
+        }
+    };
+    for chunk in stream.chunks(READ) {
+        decoder.push(chunk);
+        while let Some(rec) = decoder.next_record().unwrap() {
+            if ring.push_frame(Class::Plugin, &rec).is_err() {
+                drain(ring);
+                ring.push_frame(Class::Plugin, &rec).unwrap();
+            }
+        }
+        drain(ring);
+    }
+    sent
+}
+
 fn pipeline(c: &mut Criterion) {
     let stream = stream();
     let body_len = u32::from_le_bytes(stream[..4].try_into().unwrap()) as usize;
@@ -76,31 +107,11 @@ fn pipeline(c: &mut Criterion) {
     g.throughput(Throughput::Elements(RECORDS as u64));
     g.bench_function("decode_push_drain_200B", |b| {
         b.iter(|| {
-            let mut sent = 0usize;
-            let mut packets = 0usize;
-            let mut drain = |ring: &mut Ring| {
-                while let Some(batch) = ring.begin_batch(2048, DEFAULT_BATCH_BYTES) {
-                    let n =
-                        packet::encode_packet(ring.batch_records(&batch), &meta, &mut out).unwrap();
-                    black_box(&out[..n]);
-                    sent += batch.len();
-                    packets += 1;
-                    ring.commit(batch);
-                }
-            };
-            for chunk in stream.chunks(READ) {
-                decoder.push(chunk);
-                while let Some(rec) = decoder.next_record().unwrap() {
-                    if ring.push_frame(Class::Plugin, &rec).is_err() {
-                        drain(&mut ring);
-                        ring.push_frame(Class::Plugin, &rec).unwrap();
-                    }
-                }
-                // Like the agent's send tick: ship what has accumulated.
-                drain(&mut ring);
-            }
+            let sent = feed(&stream, &mut decoder, &mut ring, |ring, batch| {
+                let n = packet::encode_packet(ring.batch_records(batch), &meta, &mut out).unwrap();
+                black_box(&out[..n]);
+            });
             assert_eq!(sent, RECORDS);
-            black_box(packets)
         });
     });
 
@@ -109,26 +120,11 @@ fn pipeline(c: &mut Criterion) {
     let mut vec_out: Vec<u8> = Vec::with_capacity(DEFAULT_BATCH_BYTES + 64 * 1024);
     g.bench_function("decode_push_drain_vec_200B", |b| {
         b.iter(|| {
-            let mut sent = 0usize;
-            let mut drain = |ring: &mut Ring| {
-                while let Some(batch) = ring.begin_batch(2048, DEFAULT_BATCH_BYTES) {
-                    vec_out.clear();
-                    packet::encode_packet_vec(ring.batch_records(&batch), &meta, &mut vec_out);
-                    black_box(&vec_out);
-                    sent += batch.len();
-                    ring.commit(batch);
-                }
-            };
-            for chunk in stream.chunks(READ) {
-                decoder.push(chunk);
-                while let Some(rec) = decoder.next_record().unwrap() {
-                    if ring.push_frame(Class::Plugin, &rec).is_err() {
-                        drain(&mut ring);
-                        ring.push_frame(Class::Plugin, &rec).unwrap();
-                    }
-                }
-                drain(&mut ring);
-            }
+            let sent = feed(&stream, &mut decoder, &mut ring, |ring, batch| {
+                vec_out.clear();
+                packet::encode_packet_vec(ring.batch_records(batch), &meta, &mut vec_out);
+                black_box(&vec_out);
+            });
             assert_eq!(sent, RECORDS);
         });
     });
