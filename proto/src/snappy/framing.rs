@@ -121,8 +121,8 @@ pub fn compress_into(msg: &[u8], out: &mut Vec<u8>) {
 /// initialised output of its worst-case size: [`compress_into`] zeroes that
 /// (about 75 KiB) in `out` for every 64 KiB chunk and compresses in place;
 /// here `scratch` is zeroed only when it grows and the compressed bytes are
-/// copied out of it. With a kept scratch this cost the agent 4-10 % less
-/// CPU per packet; with a fresh scratch per message (a one-off call) the
+/// copied out of it. With a kept scratch the agent spent 4-10 % less CPU
+/// per record in alternated runs; with a fresh scratch per message (a one-off call) the
 /// copy made compression slower, so [`compress_into`] keeps the in-place
 /// path (docs/BENCHMARKS.md, "Round 5").
 pub fn compress_with(msg: &[u8], out: &mut Vec<u8>, scratch: &mut Vec<u8>) {

@@ -549,7 +549,7 @@ fn a_kept_scratch_gives_the_same_stream_as_a_fresh_one() {
         sample(10),
         sample(400_000),
         sample(3),
-        noise.clone(),
+        noise,
         sample(65_537),
     ] {
         let mut out = vec![7u8];
