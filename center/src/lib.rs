@@ -34,6 +34,7 @@
 
 mod ack;
 mod budget;
+mod certcache;
 mod cluster;
 pub mod config;
 pub mod ctl;
@@ -208,6 +209,7 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let metrics = Arc::new(metrics::Metrics::default());
 
     // TLS material: configured files, or the generated dev PKI.
     let material = if config.grpc.tls || config.http.tls {
@@ -217,7 +219,16 @@ pub async fn run(
     };
     let tls = match (&material, config.grpc.tls) {
         (Some((ca, cert, key)), true) => Some((
-            tls::server_config(ca, cert, key, Some(&dir.join(TICKET_KEYS_FILE)))?,
+            tls::server_config(
+                ca,
+                cert,
+                key,
+                Some(&dir.join(TICKET_KEYS_FILE)),
+                tls::ChainCache {
+                    capacity: config.grpc.conn_limit,
+                    counters: metrics.chain_counters(),
+                },
+            )?,
             config.tls_handshake_timeout,
         )),
         _ => {
@@ -258,7 +269,6 @@ pub async fn run(
         Default::default()
     };
 
-    let metrics = Arc::new(metrics::Metrics::default());
     let ack_metrics = Arc::new(ack::AckMetrics::default());
     // Acknowledged delivery is on unless ELKEID_CENTER_TEST_NO_ACKS is set
     // (tests only: the center then behaves exactly as Elkeid's, no identity
@@ -582,6 +592,33 @@ where
 /// encoder tests): not a stable API.
 #[doc(hidden)]
 pub mod bench {
+    /// The gRPC listener's rustls configuration over the dev PKI in `dir`
+    /// (made if missing), no session tickets; `chain_cache` as the center
+    /// runs it, or off (every chain checked against the CA). Also returns
+    /// the PEM of the CA, the client certificate and its key.
+    pub fn grpc_tls(
+        dir: &std::path::Path,
+        chain_cache: bool,
+    ) -> Result<(std::sync::Arc<rustls::ServerConfig>, [Vec<u8>; 3]), String> {
+        let pki = crate::pki::ensure_dev_pki(dir).map_err(|e| e.to_string())?;
+        let cache = crate::tls::ChainCache {
+            capacity: if chain_cache { 1024 } else { 0 },
+            ..Default::default()
+        };
+        let tls =
+            crate::tls::server_config(&pki.ca_cert, &pki.server_cert, &pki.server_key, None, cache)
+                .map_err(|e| e.to_string())?;
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| e.to_string());
+        Ok((
+            tls.config,
+            [
+                read(&pki.ca_cert)?,
+                read(&pki.client_cert)?,
+                read(&pki.client_key)?,
+            ],
+        ))
+    }
+
     use elkeid_proto::grpc::{EncodedRecord, PackagedData};
 
     use crate::ack::PacketId;

@@ -40,6 +40,7 @@ pub(crate) const MAX_DATA_TYPES: usize = 1024;
 type SinkLabel = [(&'static str, &'static str); 1];
 /// `listener` (`grpc`, `http`) and `reason` (`timeout`, `failed`).
 type TlsLabel = [(&'static str, &'static str); 2];
+type ResultLabel = [(&'static str, &'static str); 1];
 
 /// All counters of the center.
 #[derive(Debug)]
@@ -80,6 +81,9 @@ pub(crate) struct Metrics {
     tls_handshakes: Family<TlsLabel, Counter>,
     /// TLS handshakes completed, by listener and kind (full, resumed).
     tls_done: Family<TlsLabel, Counter>,
+    /// Client certificate chains of the gRPC listener, by how they were
+    /// accepted (see [`crate::certcache`]).
+    tls_chains: Family<ResultLabel, Counter>,
     sink_errors: Family<SinkLabel, Counter>,
     sink_dropped: Family<SinkLabel, Counter>,
     /// Per-`data_type` record counts and the scrape-time values.
@@ -305,6 +309,12 @@ impl Default for Metrics {
             "TLS handshakes completed (kind full: certificates exchanged; resumed: session ticket)",
             tls_done.clone(),
         );
+        let tls_chains = Family::<ResultLabel, Counter>::default();
+        r.register(
+            "elkeid_center_tls_client_chains",
+            "gRPC client certificate chains checked (result verified: against the CA, accepted or refused; cached: the same chain accepted before and still inside its validity)",
+            tls_chains.clone(),
+        );
         let sink_errors = Family::<SinkLabel, Counter>::default();
         let sink_dropped = Family::<SinkLabel, Counter>::default();
         r.register(
@@ -378,6 +388,7 @@ impl Default for Metrics {
             task_queue_bytes,
             tls_handshakes,
             tls_done,
+            tls_chains,
             sink_errors,
             sink_dropped,
             live,
@@ -523,6 +534,22 @@ impl Metrics {
         self.tls_done
             .get_or_create(&[("listener", listener), ("kind", kind)])
             .inc();
+    }
+
+    /// The counters of the gRPC listener's chain cache.
+    pub(crate) fn chain_counters(&self) -> crate::certcache::ChainCounters {
+        // One statement per lookup: a family's read guard lives to the end of
+        // its statement, and a second get_or_create (write lock) inside the
+        // same statement would wait for it forever.
+        let cached = self
+            .tls_chains
+            .get_or_create(&[("result", "cached")])
+            .clone();
+        let verified = self
+            .tls_chains
+            .get_or_create(&[("result", "verified")])
+            .clone();
+        crate::certcache::ChainCounters { cached, verified }
     }
 
     /// Counts a sink failure (`dropped` = by explicit drop policy).

@@ -53,15 +53,31 @@ async fn agents_without_a_certificate_from_the_ca_are_refused() {
         ca: good.ca.clone(),
         identity: Some((cert, key)),
     };
-    let e = try_agent(&center, &foreign, "foreign-cert")
-        .await
-        .expect_err("foreign CA: refused");
-    eprintln!("foreign CA -> {e}");
+    // a refused chain is never remembered: each attempt is checked, and refused
+    for _ in 0..2 {
+        let e = try_agent(&center, &foreign, "foreign-cert")
+            .await
+            .expect_err("foreign CA: refused");
+        eprintln!("foreign CA -> {e}");
+    }
+    let verified = "elkeid_center_tls_client_chains_total{result=\"verified\"}";
+    let cached = "elkeid_center_tls_client_chains_total{result=\"cached\"}";
+    // (at least: the client's channel may redial in the background)
+    let refused = center.metric(verified).await;
+    assert!(refused >= 2, "{refused}");
+    assert_eq!(center.metric(cached).await, 0);
 
-    // The center keeps serving properly authenticated agents.
+    // The center keeps serving properly authenticated agents; the second
+    // connection with the same (accepted) chain skips the chain check.
     let ok = try_agent(&center, &good, "good-cert")
         .await
         .expect("good agent accepted");
+    let again = try_agent(&center, &good, "good-cert-2")
+        .await
+        .expect("good agent accepted again");
+    assert!(center.metric(verified).await > refused);
+    assert_eq!(center.metric(cached).await, 1);
+    drop(again);
     let list = center.conn_list().await;
     assert!(list.contains(&"good-cert".to_string()), "{list:?}");
     assert!(
@@ -219,6 +235,10 @@ async fn a_reconnect_resumes_the_tls_session_even_after_a_center_restart() {
     drop(s);
     assert_eq!(center.metric(resumed_metric).await, 1);
     assert_eq!(center.metric(full_metric).await, 1);
+    // the chain restored from the ticket is checked again: a cache hit
+    let chains = |r: &str| format!("elkeid_center_tls_client_chains_total{{result=\"{r}\"}}");
+    assert_eq!(center.metric(&chains("verified")).await, 1);
+    assert_eq!(center.metric(&chains("cached")).await, 1);
 
     // the ticket keys live in the data dir, private to the center's user
     let keys = dir.path().join("tls-ticket-keys");

@@ -152,7 +152,9 @@ fn client_config_from_der(
     key: PrivateKeyDer<'static>,
     name: &str,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    prefer_fast_suites(&mut provider.cipher_suites, aes_in_hardware());
+    let provider = Arc::new(provider);
     let mut roots = RootCertStore::empty();
     for c in cas {
         roots.add(c)?;
@@ -171,6 +173,42 @@ fn client_config_from_der(
         .with_client_auth_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Whether this CPU has AES and carry-less multiply instructions (AES-GCM
+/// at full speed).
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// Orders the TLS 1.3 cipher suites the agent offers, as Go's TLS client
+/// does: AES-128-GCM first where the CPU has AES instructions (cheapest
+/// there, and its SHA-256 key schedule is cheaper for the center than
+/// SHA-384), ChaCha20-Poly1305 first elsewhere (MIPS, ARMv7 and RISC-V
+/// boxes, where software AES is several times slower). The set itself is
+/// unchanged; the center picks the first it supports.
+fn prefer_fast_suites(suites: &mut [rustls::SupportedCipherSuite], aes: bool) {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256};
+    let first = if aes {
+        TLS13_AES_128_GCM_SHA256
+    } else {
+        TLS13_CHACHA20_POLY1305_SHA256
+    };
+    // stable: the others keep their order
+    suites.sort_by_key(|s| s.suite() != first);
 }
 
 /// Builds the client configuration from the agent configuration.
@@ -352,6 +390,14 @@ mod tests {
 
     /// Real handshake over 127.0.0.1 (an IP, verified as `name`).
     async fn handshake(p: &Pki, name: &str) -> Result<Option<Vec<u8>>, std::io::Error> {
+        handshake_suite(p, name).await.map(|(alpn, _)| alpn)
+    }
+
+    /// [`handshake`], also returning the negotiated cipher suite.
+    async fn handshake_suite(
+        p: &Pki,
+        name: &str,
+    ) -> Result<(Option<Vec<u8>>, Option<rustls::CipherSuite>), std::io::Error> {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let sc = server_config(p);
@@ -383,7 +429,11 @@ mod tests {
             let mut b = [0u8; 4];
             t.read_exact(&mut b).await?;
             assert_eq!(&b, b"ping");
-            Ok(t.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+            let c = t.get_ref().1;
+            Ok((
+                c.alpn_protocol().map(<[u8]>::to_vec),
+                c.negotiated_cipher_suite().map(|s| s.suite()),
+            ))
         }
         .await;
         server.abort();
@@ -411,6 +461,53 @@ mod tests {
         let alpn = handshake(&p, "elkeid.com").await.unwrap();
         assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
         assert!(handshake(&p, "other.example").await.is_err());
+    }
+
+    #[test]
+    fn suites_ordered_by_the_cpu() {
+        use rustls::CipherSuite::*;
+        let names = |aes| {
+            let mut v = rustls::crypto::ring::default_provider().cipher_suites;
+            prefer_fast_suites(&mut v, aes);
+            v.iter().map(|s| s.suite()).collect::<Vec<_>>()
+        };
+        let default: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let (aes, soft) = (names(true), names(false));
+        assert_eq!(
+            aes[..2],
+            [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384]
+        );
+        assert_eq!(
+            soft[..3],
+            [
+                TLS13_CHACHA20_POLY1305_SHA256,
+                TLS13_AES_256_GCM_SHA384,
+                TLS13_AES_128_GCM_SHA256
+            ]
+        );
+        // the same set: only the order changes
+        for mut v in [aes, soft] {
+            let mut d = default.clone();
+            v.sort_by_key(|s| u16::from(*s));
+            d.sort_by_key(|s| u16::from(*s));
+            assert_eq!(v, d);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_server_takes_the_agents_first_suite() {
+        let p = pki("elkeid.com", false);
+        let (_, suite) = handshake_suite(&p, "elkeid.com").await.unwrap();
+        let want = if aes_in_hardware() {
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        } else {
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        };
+        assert_eq!(suite, Some(want));
     }
 
     #[tokio::test]
