@@ -13,6 +13,8 @@
 //! verified against the CA, with a small DER walker ([`subject_cn`]) that
 //! never panics and allocates only the returned string.
 
+use crate::der::{SEQUENCE, tlv};
+
 /// How the center decides who an agent is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AgentIdentity {
@@ -34,29 +36,6 @@ impl std::str::FromStr for AgentIdentity {
     }
 }
 
-/// One DER element: (tag, contents, rest). `None` on malformed input.
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
 const OID: u8 = 0x06;
 /// 2.5.4.3 (commonName).

@@ -38,6 +38,7 @@ mod certcache;
 mod cluster;
 pub mod config;
 pub mod ctl;
+mod der;
 mod grpc;
 pub mod heap;
 mod http;
