@@ -23,12 +23,20 @@
 //! - the trust anchors cannot change under a cache: a new CA means a new
 //!   server configuration, and a new, empty cache.
 //!
+//! This holds because the inner verifier's answer depends on nothing but
+//! the chain's bytes and the time: it has no certificate revocation lists.
+//! A verifier with CRLs must not be wrapped (a revoked chain would stay
+//! accepted from the cache until it expires); `tls::server_config` says so
+//! where the verifier is built.
+//!
 //! The cache holds at most `capacity` chains (oldest forgotten first),
-//! about 100 bytes each. Hits and misses are counted
+//! about 100 bytes each. An agent holding a valid key can make several
+//! entries of its leaf by sending different unused intermediates, pushing
+//! other chains out: those are then verified again (CPU, not a bypass). Hits and misses are counted
 //! (`elkeid_center_tls_client_chains_total{result="cached"|"verified"}`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -100,9 +108,9 @@ impl CachedClientVerifier {
     }
 
     fn lookup(&self, key: &Key, now: u64) -> bool {
-        let Ok(entries) = self.entries.lock() else {
-            return false;
-        };
+        // a panic while holding the lock left the map consistent (inserts
+        // and removals are single calls): keep using it
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
             .map
             .get(key)
@@ -110,9 +118,7 @@ impl CachedClientVerifier {
     }
 
     fn remember(&self, key: Key, window: Window) {
-        let Ok(mut entries) = self.entries.lock() else {
-            return;
-        };
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.map.insert(key, window).is_some() {
             return;
         }

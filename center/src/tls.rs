@@ -142,6 +142,9 @@ pub(crate) fn server_config(
     )
     .build()
     .map_err(|e| pem_err("grpc.ca_file", ca, format!("unusable CA: {e}")))?;
+    // No CRLs: the verifier's answer depends only on the chain and the time,
+    // which is what makes caching its accepted chains sound. Adding
+    // `.with_crls(..)` above would need the cache gone (see certcache).
     let verifier: Arc<dyn ClientCertVerifier> = if cache.capacity == 0 {
         verifier
     } else {
