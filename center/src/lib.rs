@@ -593,10 +593,16 @@ where
 /// encoder tests): not a stable API.
 #[doc(hidden)]
 pub mod bench {
+    use elkeid_proto::grpc::{EncodedRecord, PackagedData};
+
+    use crate::ack::PacketId;
+    use crate::sinks::PacketBatch;
+    use crate::sinks::ndjson::line::PacketJson;
+
     /// The gRPC listener's rustls configuration over the dev PKI in `dir`
-    /// (made if missing), no session tickets; `chain_cache` as the center
-    /// runs it, or off (every chain checked against the CA). Also returns
-    /// the PEM of the CA, the client certificate and its key.
+    /// (made if missing), without a ticket-keys file; `chain_cache` as the
+    /// center runs it, or off (every chain checked against the CA). Also
+    /// returns the PEM of the CA, the client certificate and its key.
     pub fn grpc_tls(
         dir: &std::path::Path,
         chain_cache: bool,
@@ -619,12 +625,6 @@ pub mod bench {
             ],
         ))
     }
-
-    use elkeid_proto::grpc::{EncodedRecord, PackagedData};
-
-    use crate::ack::PacketId;
-    use crate::sinks::PacketBatch;
-    use crate::sinks::ndjson::line::PacketJson;
 
     /// One received packet as the NDJSON sink sees it.
     #[derive(Debug)]
