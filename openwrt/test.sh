@@ -14,8 +14,11 @@
 #   bash openwrt/test.sh
 #
 # Agent binaries for the ipks: target/ship/<t>/elkeid-agent (targets/build.sh)
-# when present, else the release-small or debug build of that target, else a
-# debug build is made (stripped before packaging).
+# when present, else the release-small or debug build of that target (in
+# OPENWRT_AGENT_DIR/<t>/debug first when that is set: .ci/run points it at
+# its cross test builds), else a debug build is made (stripped before
+# packaging). The host agent that must accept the generated TOML is built
+# with `cargo build`, or OPENWRT_HOST_AGENT=<path> names one.
 # shellcheck disable=SC2086 # $sh holds a command and its arguments: split on purpose
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +81,8 @@ done < <(git ls-files --cached --others --exclude-standard | grep -v '^target/' 
 echo "# 2. ipk packages"
 agent_bin_for() { # rust target -> a stripped static agent binary for it
     local t=$1 b=""
-    for cand in "target/ship/$t/elkeid-agent" "target/$t/release-small/elkeid-agent" "target/$t/debug/elkeid-agent"; do
+    for cand in "target/ship/$t/elkeid-agent" "target/$t/release-small/elkeid-agent" \
+        ${OPENWRT_AGENT_DIR:+"$OPENWRT_AGENT_DIR/$t/debug/elkeid-agent"} "target/$t/debug/elkeid-agent"; do
         if [ -f "$cand" ]; then b=$cand; break; fi
     done
     if [ -z "$b" ]; then
@@ -315,7 +319,8 @@ done
 # The real agent (host build) accepts the generated configuration: it gets
 # past configuration parsing (exit code 64 on a bad key) and logs its start.
 # TLS material: one self-signed P-256 certificate serves as CA and client cert.
-cargo build -q -p elkeid-agent --bin elkeid-agent
+host_agent=${OPENWRT_HOST_AGENT:-target/debug/elkeid-agent}
+[ -n "${OPENWRT_HOST_AGENT:-}" ] || cargo build -q -p elkeid-agent --bin elkeid-agent
 pki=$TMP/fx/pki
 mkdir -p "$pki"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=elkeid-test \
@@ -328,7 +333,7 @@ for fx in full option-form; do
     tls=()
     # option-form relies on material embedded at build time; the test build has none.
     [ "$fx" = option-form ] && tls=(--ca "$pki/ca.crt" --cert "$pki/client.crt" --key "$pki/client.key")
-    target/debug/elkeid-agent --config "$toml" "${tls[@]}" --foreground >"$out" 2>&1 &
+    "$host_agent" --config "$toml" "${tls[@]}" --foreground >"$out" 2>&1 &
     AGENT_PID=$!
     started=no
     for _ in $(seq 1 600); do

@@ -9,9 +9,13 @@
 # 1. builds the host elkeid-center (debug) and, for the target, elkeid-agent
 #    and the example plugin (core/src/bin/elkeid-example-plugin.rs);
 #    SMOKE_PROFILE=release-small uses the shipped profile for the agent
-#    (default: dev, which shares its build with targets/qemu-test.sh);
+#    (default: dev; not shared with targets/qemu-test.sh, whose build
+#    resolves dependency features with the dev-dependencies', e.g. tokio's
+#    test-util, so this compiles the agent's dependencies again);
 #    SMOKE_AGENT=<path> runs that agent binary instead (e.g. the shipped
-#    target/ship/<target>/elkeid-agent from targets/build.sh);
+#    target/ship/<target>/elkeid-agent from targets/build.sh, or
+#    target/<target>/debug/elkeid-agent right after qemu-test.sh, as
+#    .ci/run does);
 #    SMOKE_AGENT_LOG="<flags>" replaces the agent's `--log-level debug
 #    --foreground` (e.g. SMOKE_AGENT_LOG= for the defaults: info, to the
 #    log files only, as the footprint figures are taken);
