@@ -14,8 +14,8 @@
 #    test-util, so this compiles the agent's dependencies again);
 #    SMOKE_AGENT=<path> runs that agent binary instead (e.g. the shipped
 #    target/ship/<target>/elkeid-agent from targets/build.sh, or
-#    target/<target>/debug/elkeid-agent right after qemu-test.sh, as
-#    .ci/run does);
+#    <target dir>/<target>/debug/elkeid-agent right after qemu-test.sh, as
+#    .ci/run does with target/ci-cross);
 #    SMOKE_AGENT_LOG="<flags>" replaces the agent's `--log-level debug
 #    --foreground` (e.g. SMOKE_AGENT_LOG= for the defaults: info, to the
 #    log files only, as the footprint figures are taken);
